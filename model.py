@@ -1,0 +1,297 @@
+"""
+One decoder-only Transformer for the GPT-2 and Llama families, a static KV cache, and DeepSeek-V3-style MTP heads.
+
+What is here: the config, the network, the cache, the heads. What is not: loading weights (load.py), losses
+(distill.py), generation loops (decode.py).
+
+Conventions used everywhere in the project:
+- `pos` holds the absolute position of every input token, shape (B, T). RoPE (or GPT-2's learned positions) reads it,
+  and the KV cache stores a token's keys and values in slot `pos`. A query at position p sees the cache slots 0..p.
+  Stale slots beyond p (rejected drafts, mask tokens, padding) are therefore invisible until they are overwritten,
+  which is all the "rollback" speculative decoding ever needs.
+- `mask`, when given, is a boolean (B, T, S) "may attend" matrix that replaces the position rule (Paper A's
+  blocked-causal training layout needs it). S is T without a cache, the cache length with one.
+- The forward pass returns logits for every position and, on request, the last block's output (the residual stream
+  before the final norm), which the MTP heads consume.
+"""
+
+import math
+from dataclasses import dataclass, field, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Config:
+    arch: str = "llama"            # "llama" (RMSNorm, SwiGLU, RoPE) or "gpt2" (LayerNorm, GELU, learned positions)
+    vocab_size: int = 49152
+    n_layer: int = 30
+    n_head: int = 9
+    n_kv_head: int = 3             # grouped-query attention: n_head must be a multiple of n_kv_head
+    n_embd: int = 576
+    head_dim: int = 64
+    intermediate_size: int = 1536  # MLP width
+    max_seq_len: int = 2048        # size of the position table and the default KV cache
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None   # {"rope_type": "llama3" | "linear", ...} as in a Hugging Face config
+    tie_embeddings: bool = True
+    bias: bool = False             # biases in linear layers (GPT-2: True)
+    n_mtp_heads: int = 0           # DeepSeek-style MTP modules (Paper B)
+
+    def __post_init__(self):
+        if self.arch not in ("llama", "gpt2"):
+            raise ValueError(f"unsupported architecture {self.arch!r}: expected 'llama' or 'gpt2'")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
+
+    def to_dict(self):
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# building blocks
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * self.weight.float()).type_as(x)
+
+
+def make_norm(cfg):
+    if cfg.arch == "gpt2":
+        return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
+    return RMSNorm(cfg.n_embd, cfg.norm_eps)
+
+
+def rope_inv_freq(cfg):
+    """Inverse frequencies of the rotary embedding, with the Hugging Face rope_scaling variants we support."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv_freq
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind in (None, "default"):
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / rs["factor"]
+    if kind == "llama3":
+        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+        old_ctx = rs["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)        # long waves: scaled
+        mid = (wavelen <= old_ctx / lo) & (wavelen >= old_ctx / hi)                       # between: blended
+        return torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3)")
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, n_head, T, head_dim); cos, sin: (B, 1, T, head_dim). Split-half layout (Hugging Face).
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values of one attention layer, written at explicit positions (slot = position)."""
+
+    def __init__(self, batch_size, max_len, n_kv_head, head_dim, device=None, dtype=None):
+        super().__init__()
+        shape = (batch_size, max_len, n_kv_head, head_dim)   # (B, S, n_kv_head, head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, pos, k, v):
+        # pos: (B, T); k, v: (B, T, n_kv_head, head_dim). Advanced indexing writes every row at its own positions.
+        rows = torch.arange(k.size(0), device=k.device)[:, None]
+        self.k[rows, pos] = k
+        self.v[rows, pos] = v
+        return self.k, self.v
+
+
+def make_caches(cfg, n_layer, batch_size, max_len, device, dtype):
+    return [KVCache(batch_size, max_len, cfg.n_kv_head, cfg.head_dim, device, dtype) for _ in range(n_layer)]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        hd = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * hd, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * hd, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * hd, bias=cfg.bias)
+        self.o_proj = nn.Linear(cfg.n_head * hd, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x, pos, rope, cache=None, mask=None):
+        B, T, _ = x.shape
+        hd = self.cfg.head_dim
+        q = self.q_proj(x).view(B, T, self.cfg.n_head, hd)
+        k = self.k_proj(x).view(B, T, self.cfg.n_kv_head, hd)
+        v = self.v_proj(x).view(B, T, self.cfg.n_kv_head, hd)
+        if rope is not None:
+            cos, sin = rope                                       # (B, 1, T, hd)
+            q = apply_rope(q.transpose(1, 2), cos, sin).transpose(1, 2)
+            k = apply_rope(k.transpose(1, 2), cos, sin).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(pos, k, v)                        # (B, S, n_kv_head, hd), S = cache length
+            key_pos = torch.arange(k.size(1), device=x.device)[None, :]
+        else:
+            key_pos = pos
+        if mask is None:
+            mask = key_pos[:, None, :] <= pos[:, :, None]         # (B, T, S): a query sees keys at or before it
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),   # (B, heads, T or S, hd)
+            attn_mask=mask[:, None], enable_gqa=self.cfg.n_kv_head != self.cfg.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gated = cfg.arch == "llama"
+        if self.gated:
+            self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x):
+        if self.gated:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, pos, rope, cache=None, mask=None):
+        x = x + self.attn(self.attn_norm(x), pos, rope, cache, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class MTPHead(nn.Module):
+    """One DeepSeek-V3 MTP module: h' = W [norm(h_prev); norm(emb(next token))], then one Transformer block.
+    The embedding, the final norm and the output head are the main model's (shared)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.h_norm = make_norm(cfg)
+        self.e_norm = make_norm(cfg)
+        self.proj = nn.Linear(2 * cfg.n_embd, cfg.n_embd, bias=False)
+        self.block = Block(cfg)
+
+    def forward(self, h_prev, emb, pos, rope, cache=None, mask=None):
+        x = self.proj(torch.cat([self.h_norm(h_prev), self.e_norm(emb)], dim=-1))
+        return self.block(x, pos, rope, cache, mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the model
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        if cfg.arch == "gpt2":
+            self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.heads = nn.ModuleList(MTPHead(cfg) for _ in range(cfg.n_mtp_heads))
+        if cfg.arch == "llama":
+            self.register_buffer("inv_freq", rope_inv_freq(cfg).float(), persistent=False)
+
+    # --- pieces shared by the backbone and the heads
+
+    def rope(self, pos):
+        """cos/sin of the rotary embedding at positions pos (B, T), shaped (B, 1, T, head_dim); None for GPT-2."""
+        if self.cfg.arch != "llama":
+            return None
+        angles = pos[..., None].float() * self.inv_freq           # (B, T, head_dim/2)
+        angles = torch.cat([angles, angles], dim=-1)[:, None]     # (B, 1, T, head_dim)
+        dtype = self.embed.weight.dtype
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def logits(self, h, rows=None):
+        """Output head on the residual stream h. rows: optional LongTensor restricting the vocabulary (draft vocab)."""
+        h = self.norm(h)
+        if rows is None:
+            return self.lm_head(h)
+        return F.linear(h, self.lm_head.weight[rows])
+
+    @staticmethod
+    def default_pos(idx):
+        return torch.arange(idx.size(1), device=idx.device).expand(idx.size(0), -1)
+
+    # --- the backbone
+
+    def forward(self, idx, pos=None, caches=None, mask=None, return_hidden=False, logits_rows=None):
+        """idx (B, T) token ids -> logits (B, T, vocab) [, hidden (B, T, n_embd)].
+        pos (B, T) absolute positions (default 0..T-1); caches: list of KVCache, one per layer, or None."""
+        if pos is None:
+            pos = self.default_pos(idx)
+        if int(pos.max()) >= self.cfg.max_seq_len:
+            raise ValueError(f"position {int(pos.max())} is beyond the model's context of {self.cfg.max_seq_len}")
+        x = self.embed(idx)
+        if self.cfg.arch == "gpt2":
+            x = x + self.pos_embed(pos)
+        rope = self.rope(pos)
+        for i, block in enumerate(self.blocks):
+            x = block(x, pos, rope, None if caches is None else caches[i], mask)
+        logits = self.logits(x, logits_rows)
+        return (logits, x) if return_hidden else logits
+
+    # --- the MTP heads
+
+    def head_forward(self, module, h_prev, next_idx, pos, cache=None, mask=None):
+        """Run MTP module `module` (an index into self.heads): h_prev (B, T, C) is the previous depth's hidden
+        state at positions pos, next_idx (B, T) the token one step further. Returns this depth's hidden state."""
+        return self.heads[module](h_prev, self.embed(next_idx), pos, self.rope(pos), cache, mask)
+
+    def make_caches(self, batch_size, max_len=None, n_depths=0, device=None, dtype=None):
+        """KV caches for the backbone and, if n_depths > 0, one single-layer cache per draft depth."""
+        max_len = max_len or self.cfg.max_seq_len
+        device = device or self.embed.weight.device
+        dtype = dtype or self.embed.weight.dtype
+        main = make_caches(self.cfg, self.cfg.n_layer, batch_size, max_len, device, dtype)
+        depths = [make_caches(self.cfg, 1, batch_size, max_len, device, dtype)[0] for _ in range(n_depths)]
+        return main, depths
+
+    def add_heads(self, n, init="last_block"):
+        """Append n new MTP modules. init: "last_block" copies the last backbone block (residual outputs zeroed so
+        the new head starts as the identity on its input), "random" uses the default init (outputs also zeroed)."""
+        for _ in range(n):
+            head = MTPHead(self.cfg).to(self.embed.weight.device, self.embed.weight.dtype)
+            if init == "last_block":
+                head.block.load_state_dict(self.blocks[-1].state_dict())
+            elif init != "random":
+                raise ValueError(f"unknown head init {init!r} (expected 'last_block' or 'random')")
+            # proj maps [norm(h); norm(e)] to the width: start as "take h" so the block sees the backbone's state
+            with torch.no_grad():
+                head.proj.weight.zero_()
+                head.proj.weight[:, :self.cfg.n_embd].copy_(torch.eye(self.cfg.n_embd))
+                head.block.attn.o_proj.weight.zero_()
+                head.block.mlp.down_proj.weight.zero_()
+            self.heads.append(head)
+        self.cfg.n_mtp_heads = len(self.heads)
+
+    def num_params(self, heads=True):
+        params = {id(p): p for name, p in self.named_parameters() if heads or not name.startswith("heads.")}
+        return sum(p.numel() for p in params.values())
