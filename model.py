@@ -40,6 +40,9 @@ class Config:
     tie_embeddings: bool = True
     bias: bool = False             # biases in linear layers (GPT-2: True)
     n_mtp_heads: int = 0           # DeepSeek-style MTP modules (Paper B)
+    mask_token_ids: list = field(default_factory=list)  # Paper A's <mtp> token(s), appended to the vocabulary
+    lora_rank: int = 0             # LoRA adapters on every linear layer of the blocks (0 = none)
+    lora_gated: bool = False       # adapters act on mask-token positions only: next-token predictions stay exact
 
     def __post_init__(self):
         if self.arch not in ("llama", "gpt2"):
@@ -101,6 +104,23 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+class Linear(nn.Linear):
+    """nn.Linear with an optional LoRA adapter, y = W x + b + gate * B A x * scale. gate (B, T, 1) switches the
+    adapter per position (gated LoRA); None means on everywhere. B starts at zero, so a new adapter changes nothing."""
+
+    def add_lora(self, rank, alpha=None):
+        self.lora_scale = (alpha or rank) / rank
+        self.lora_A = nn.Parameter(torch.randn(rank, self.in_features, device=self.weight.device) / self.in_features ** 0.5)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=self.weight.device))
+
+    def forward(self, x, gate=None):
+        y = super().forward(x)
+        if not hasattr(self, "lora_A"):
+            return y
+        delta = F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.lora_scale
+        return y + (delta if gate is None else delta * gate)
+
+
 class KVCache(nn.Module):
     """Preallocated keys and values of one attention layer, written at explicit positions (slot = position)."""
 
@@ -127,17 +147,17 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         hd = cfg.head_dim
-        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * hd, bias=cfg.bias)
-        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * hd, bias=cfg.bias)
-        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * hd, bias=cfg.bias)
-        self.o_proj = nn.Linear(cfg.n_head * hd, cfg.n_embd, bias=cfg.bias)
+        self.q_proj = Linear(cfg.n_embd, cfg.n_head * hd, bias=cfg.bias)
+        self.k_proj = Linear(cfg.n_embd, cfg.n_kv_head * hd, bias=cfg.bias)
+        self.v_proj = Linear(cfg.n_embd, cfg.n_kv_head * hd, bias=cfg.bias)
+        self.o_proj = Linear(cfg.n_head * hd, cfg.n_embd, bias=cfg.bias)
 
-    def forward(self, x, pos, rope, cache=None, mask=None):
+    def forward(self, x, pos, rope, cache=None, mask=None, gate=None):
         B, T, _ = x.shape
         hd = self.cfg.head_dim
-        q = self.q_proj(x).view(B, T, self.cfg.n_head, hd)
-        k = self.k_proj(x).view(B, T, self.cfg.n_kv_head, hd)
-        v = self.v_proj(x).view(B, T, self.cfg.n_kv_head, hd)
+        q = self.q_proj(x, gate).view(B, T, self.cfg.n_head, hd)
+        k = self.k_proj(x, gate).view(B, T, self.cfg.n_kv_head, hd)
+        v = self.v_proj(x, gate).view(B, T, self.cfg.n_kv_head, hd)
         if rope is not None:
             cos, sin = rope                                       # (B, 1, T, hd)
             q = apply_rope(q.transpose(1, 2), cos, sin).transpose(1, 2)
@@ -152,7 +172,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),   # (B, heads, T or S, hd)
             attn_mask=mask[:, None], enable_gqa=self.cfg.n_kv_head != self.cfg.n_head)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1), gate)
 
 
 class MLP(nn.Module):
@@ -160,14 +180,14 @@ class MLP(nn.Module):
         super().__init__()
         self.gated = cfg.arch == "llama"
         if self.gated:
-            self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
-        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.bias)
+            self.gate_proj = Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
+        self.up_proj = Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.bias)
 
-    def forward(self, x):
+    def forward(self, x, gate=None):
         if self.gated:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+            return self.down_proj(F.silu(self.gate_proj(x, gate)) * self.up_proj(x, gate), gate)
+        return self.down_proj(F.gelu(self.up_proj(x, gate), approximate="tanh"), gate)
 
 
 class Block(nn.Module):
@@ -178,9 +198,9 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, pos, rope, cache=None, mask=None):
-        x = x + self.attn(self.attn_norm(x), pos, rope, cache, mask)
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x, pos, rope, cache=None, mask=None, gate=None):
+        x = x + self.attn(self.attn_norm(x), pos, rope, cache, mask, gate)
+        return x + self.mlp(self.mlp_norm(x), gate)
 
 
 class MTPHead(nn.Module):
@@ -218,6 +238,14 @@ class Transformer(nn.Module):
         if cfg.arch == "llama":
             self.register_buffer("inv_freq", rope_inv_freq(cfg).float(), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .to_empty() would cast or wipe the RoPE frequencies: they are derived, so derive them again
+        # in float32 (bf16 frequencies are off by whole radians at long positions)
+        super()._apply(fn, recurse)
+        if self.cfg.arch == "llama":
+            self.inv_freq = rope_inv_freq(self.cfg).float().to(self.inv_freq.device)
+        return self
+
     # --- pieces shared by the backbone and the heads
 
     def rope(self, pos):
@@ -232,9 +260,12 @@ class Transformer(nn.Module):
     def logits(self, h, rows=None):
         """Output head on the residual stream h. rows: optional LongTensor restricting the vocabulary (draft vocab)."""
         h = self.norm(h)
-        if rows is None:
-            return self.lm_head(h)
-        return F.linear(h, self.lm_head.weight[rows])
+        if rows is not None:
+            return F.linear(h, self.lm_head.weight[rows])
+        logits = self.lm_head(h)
+        if self.cfg.mask_token_ids:   # mask tokens are inputs only (appended last): never predict one
+            logits[..., self.cfg.mask_token_ids[0]:] = float("-inf")
+        return logits
 
     @staticmethod
     def default_pos(idx):
@@ -242,21 +273,65 @@ class Transformer(nn.Module):
 
     # --- the backbone
 
-    def forward(self, idx, pos=None, caches=None, mask=None, return_hidden=False, logits_rows=None):
-        """idx (B, T) token ids -> logits (B, T, vocab) [, hidden (B, T, n_embd)].
+    def hidden(self, idx, pos=None, caches=None, mask=None):
+        """idx (B, T) token ids -> the last block's output (B, T, n_embd), before the final norm.
         pos (B, T) absolute positions (default 0..T-1); caches: list of KVCache, one per layer, or None."""
         if pos is None:
             pos = self.default_pos(idx)
-        if int(pos.max()) >= self.cfg.max_seq_len:
+        if self.cfg.arch == "gpt2" and int(pos.max()) >= self.cfg.max_seq_len:  # RoPE has no such table
             raise ValueError(f"position {int(pos.max())} is beyond the model's context of {self.cfg.max_seq_len}")
         x = self.embed(idx)
         if self.cfg.arch == "gpt2":
             x = x + self.pos_embed(pos)
         rope = self.rope(pos)
+        gate = self.lora_gate(idx)
         for i, block in enumerate(self.blocks):
-            x = block(x, pos, rope, None if caches is None else caches[i], mask)
-        logits = self.logits(x, logits_rows)
+            x = block(x, pos, rope, None if caches is None else caches[i], mask, gate)
+        return x
+
+    def forward(self, idx, pos=None, caches=None, mask=None, return_hidden=False):
+        """idx (B, T) token ids -> logits (B, T, vocab) [, hidden (B, T, n_embd)]; arguments as in hidden()."""
+        x = self.hidden(idx, pos, caches, mask)
+        logits = self.logits(x)
         return (logits, x) if return_hidden else logits
+
+    # --- Paper A: mask tokens and (gated) LoRA
+
+    def lora_gate(self, idx):
+        """(B, T, 1) gate of the LoRA adapters: 1 at mask tokens, 0 elsewhere; None when adapters are always on."""
+        if not (self.cfg.lora_rank and self.cfg.lora_gated):
+            return None
+        mask_ids = torch.tensor(self.cfg.mask_token_ids, device=idx.device)
+        return torch.isin(idx, mask_ids)[..., None].to(self.embed.weight.dtype)
+
+    def add_lora(self, rank, gated):
+        """LoRA adapters on every linear layer of the backbone blocks (the MTP heads keep theirs plain)."""
+        for block in self.blocks:
+            for module in block.modules():
+                if isinstance(module, Linear):
+                    module.add_lora(rank)
+        self.cfg.lora_rank, self.cfg.lora_gated = rank, gated
+
+    def add_mask_tokens(self, n):
+        """Grow the vocabulary by n mask tokens; their embedding (and untied output) rows are drawn from the mean
+        and spread of the existing rows. Returns the new ids."""
+        old = self.cfg.vocab_size
+        ids = list(range(old, old + n))
+
+        def grown(weight):
+            new = weight.detach().mean(0) + weight.detach().std(0) * torch.randn(n, weight.size(1), device=weight.device)
+            return nn.Parameter(torch.cat([weight.detach(), new.to(weight.dtype)]))
+
+        self.embed.weight = grown(self.embed.weight)
+        self.embed.num_embeddings = old + n
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        else:
+            self.lm_head.weight = grown(self.lm_head.weight)
+        self.lm_head.out_features = old + n
+        self.cfg.vocab_size = old + n
+        self.cfg.mask_token_ids = self.cfg.mask_token_ids + ids
+        return ids
 
     # --- the MTP heads
 

@@ -1,0 +1,132 @@
+"""
+Reading a prepared data folder: the small API train.py and bench.py use.
+
+What is here: `load_meta`, `check_tokenizer` (is this the tokenizer the data was made with?), `load_tokenizer` (the one
+saved beside the data), `TokenData.get_batch` (random training windows with their loss mask), `read_prompts` (held-out
+prompts with gold answers). What is not: making the files (data/prepare.py writes them).
+
+A prepared folder holds, per split (train, val, test):
+    {split}.bin           all tokens of the split, examples back to back, uint16 if the vocabulary fits, else uint32
+    {split}_mask.bin      uint8, 1 where the token is answer (trained on), 0 where it is prompt; absent for plain text
+    {split}_index.bin     int64 (n_examples, 3): start offset, prompt length, total length of each example
+    {split}_prompts.jsonl {"prompt": text exactly as fed to the model, "answer": gold answer or reference}, if prompts
+plus meta.json (tokenizer fingerprint, dtype, counts, the arguments that made it) and tokenizer/ (the tokenizer).
+"""
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import torch
+
+# Encoded by every tokenizer at preparation and at check time; a different encoding means a different tokenizer.
+PROBE = "Maya has 48 apples. She gives 24 away: 48 - 24 = 24.\n#### 24 The quick brown fox, (x) [y] {z}!?"
+
+
+def dtype_for(vocab_size):
+    return "uint16" if vocab_size <= 2 ** 16 else "uint32"
+
+
+def fingerprint(tok):
+    """What identifies a tokenizer: vocabulary size, end-of-text id, and a hash of the probe's encoding."""
+    probe = hashlib.sha256(json.dumps([int(i) for i in tok.encode(PROBE)]).encode()).hexdigest()[:16]
+    # a readable name: the tokenizer's own, else the file it came from (load.py's Tokenizer keeps it in .source)
+    name = getattr(tok, "name", None) or os.path.basename(str(getattr(tok, "source", type(tok).__name__)))
+    return {"name": name, "vocab_size": int(tok.vocab_size),
+            "eos_id": int(tok.eos_id), "probe_sha256": probe}
+
+
+def load_meta(folder):
+    path = os.path.join(folder, "meta.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: not found; prepare the folder first with data/prepare.py")
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_tokenizer(meta, tok, folder):
+    """Raise ValueError unless `tok` is the tokenizer that tokenized the data in `folder`. A tokenizer that only
+    appended special tokens after the data's vocabulary (Paper A's mask token) is accepted."""
+    want, have = meta["tokenizer"], fingerprint(tok)
+    extra = set(range(want["vocab_size"], have["vocab_size"]))
+    grown_by_specials = have["vocab_size"] > want["vocab_size"] and extra <= set(tok.special.values())
+    if (have["probe_sha256"] != want["probe_sha256"] or have["eos_id"] != want["eos_id"]
+            or (have["vocab_size"] != want["vocab_size"] and not grown_by_specials)):
+        raise ValueError(
+            f"{os.path.join(folder, 'meta.json')}: the data was tokenized with {want['name']!r} (vocab "
+            f"{want['vocab_size']}, eos {want['eos_id']}, probe {want['probe_sha256']}) but the model's tokenizer is "
+            f"{have['name']!r} (vocab {have['vocab_size']}, eos {have['eos_id']}, probe {have['probe_sha256']}); "
+            f"prepare the data again with the model's tokenizer (data/prepare.py --tokenizer ...)")
+
+
+def load_tokenizer(folder):
+    """The tokenizer saved with the data (folder/tokenizer): a CharTokenizer or load.py's Tokenizer."""
+    from data.chars import CharTokenizer, FILE_NAME
+    tdir = os.path.join(folder, "tokenizer")
+    if os.path.exists(os.path.join(tdir, FILE_NAME)):
+        return CharTokenizer.load(tdir)
+    from load import Tokenizer
+    return Tokenizer.load(tdir)
+
+
+def read_prompts(folder, split):
+    """The held-out prompts of a split: a list of {"prompt": str, "answer": str | None}."""
+    path = os.path.join(folder, f"{split}_prompts.jsonl")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no prompts for split {split!r} (plain-text data has none)")
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+class TokenData:
+    """The token files of a prepared folder, memory-mapped. get_batch draws random windows for training."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.meta = load_meta(folder)
+        self.dtype = np.dtype(self.meta["dtype"])
+
+    def _path(self, name):
+        path = os.path.join(self.folder, name)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: missing (splits here: {sorted(self.meta['splits'])})")
+        return path
+
+    def tokens(self, split):
+        return np.memmap(self._path(f"{split}.bin"), dtype=self.dtype, mode="r")
+
+    def mask(self, split):
+        """1 where the token is trained on (answers); all ones for plain text."""
+        if not self.meta["has_prompts"]:
+            return None
+        return np.memmap(self._path(f"{split}_mask.bin"), dtype=np.uint8, mode="r")
+
+    def index(self, split):
+        """(n_examples, 3) int64: start offset, prompt length, total length."""
+        return np.memmap(self._path(f"{split}_index.bin"), dtype=np.int64, mode="r").reshape(-1, 3)
+
+    def get_batch(self, split, batch_size, seq_len, generator=None, device="cpu", align=False):
+        """Random windows of seq_len tokens -> (x, y, loss_mask), each (batch_size, seq_len): x the inputs, y the
+        next tokens, loss_mask[b, t] = 1 when y[b, t] is an answer token (float, same shape as y). Windows start
+        anywhere (align=False) or at the start of a random example (align=True, so every answer sees its prompt);
+        they run across example boundaries. Deterministic for a CPU torch.Generator."""
+        data, mask = self.tokens(split), self.mask(split)
+        if len(data) < seq_len + 1:
+            raise ValueError(f"{self.folder}/{split}.bin: {len(data)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+        if align:
+            starts = self.index(split)[:, 0]
+            starts = starts[starts <= len(data) - seq_len - 1]
+            pick = torch.randint(len(starts), (batch_size,), generator=generator)
+            ix = [int(starts[i]) for i in pick]
+        else:
+            ix = torch.randint(len(data) - seq_len, (batch_size,), generator=generator).tolist()
+        x = torch.from_numpy(np.stack([data[i:i + seq_len].astype(np.int64) for i in ix]))
+        y = torch.from_numpy(np.stack([data[i + 1:i + 1 + seq_len].astype(np.int64) for i in ix]))
+        if mask is None:
+            m = torch.ones(batch_size, seq_len)
+        else:
+            m = torch.from_numpy(np.stack([mask[i + 1:i + 1 + seq_len] for i in ix])).float()
+        if torch.device(device).type == "cuda":
+            return tuple(t.pin_memory().to(device, non_blocking=True) for t in (x, y, m))
+        return x.to(device), y.to(device), m.to(device)

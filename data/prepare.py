@@ -1,0 +1,327 @@
+"""
+Prepare a dataset into token files: the one command line of data/.
+
+    python data/prepare.py synthmath --out data/synthmath --seed 0                         # from-scratch math
+    python data/prepare.py selfgen --init_from smollm2 --out data/chat --n 16384 --batch_size 512 --device cuda
+    python data/prepare.py jsonl --file MetaMathQA-395K.json --format metamathqa --tokenizer smollm2 --out data/mmqa
+    python data/prepare.py jsonl --file train.jsonl --format field --prompt_field q --answer_field a --out ...
+    python data/prepare.py text --file input.txt --tokenizer chars --out data/text
+
+What is here: the command line, prompt formatting, splitting, and writing a folder (layout in data/dataset.py).
+What is not: the generators and readers (data/synthmath.py, data/selfgen.py, data/readers.py), reading the folder back
+(data/dataset.py). The same arguments always give byte-identical files; an existing folder is only replaced with
+--overwrite, and only if it is a prepared folder (has meta.json).
+"""
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+# `python data/prepare.py` puts data/ on the path; the project's modules (load.py, decode.py, data/) live one level up
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from data.chars import CharTokenizer  # noqa: E402
+from data.dataset import dtype_for, fingerprint  # noqa: E402
+from data.readers import read_jsonl, read_text  # noqa: E402
+
+PLAIN_PROMPT = "Question: {question}\nAnswer:\n"   # the prompt format of models without a chat template
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tokenizers and prompts
+
+def get_tokenizer(name, device="cpu", dtype=None, with_model=False):
+    """'chars' -> CharTokenizer(); a source load.load() takes -> its tokenizer, read without the weights (seconds
+    faster) unless with_model, which returns (tokenizer, model)."""
+    if name == "chars":
+        return (CharTokenizer(), None) if with_model else CharTokenizer()
+    from load import BUNDLED, Tokenizer, bundled_gguf, load
+    if with_model:
+        import torch
+        model, tok = load(name, device=device, dtype=dtype or torch.float32)
+        return tok, model
+    path = bundled_gguf() if name == BUNDLED else Path(name)
+    if path.suffix == ".gguf" and path.is_file():
+        return Tokenizer.from_gguf(path)
+    if (path / Tokenizer.FILE).is_file():    # a nanoMTP checkpoint
+        return Tokenizer.load(path)
+    if path.is_dir():
+        return Tokenizer.from_hf(path)
+    raise FileNotFoundError(f"{name}: not 'chars', {BUNDLED!r}, a .gguf file or a model folder")
+
+
+def use_chat(tok, chat):
+    """--chat auto: chat format whenever the tokenizer has a (ChatML) chat template."""
+    has_template = hasattr(tok, "chat_prompt") and "<|im_end|>" in tok.special
+    if chat == "yes" and not has_template:
+        raise ValueError(f"--chat yes: tokenizer {fingerprint(tok)['name']!r} has no ChatML chat template")
+    return has_template if chat == "auto" else chat == "yes"
+
+
+def encode_pair(tok, question, answer, chat, system=None):
+    """(prompt text as fed to the model, prompt ids, answer ids ending with the end-of-turn token)."""
+    prompt = tok.chat_prompt(question, system=system) if chat else PLAIN_PROMPT.format(question=question)
+    end = tok.special["<|im_end|>"] if chat else tok.eos_id
+    return prompt, tok.encode(prompt), tok.encode(answer) + [end]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# writing a folder
+
+def check_out(out, overwrite):
+    """Fail before any work if `out` would be silently replaced."""
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        if not overwrite:
+            raise FileExistsError(f"{out}: already exists; pass --overwrite to replace it")
+        if not os.path.exists(os.path.join(out, "meta.json")):
+            raise FileExistsError(f"{out}: exists and is not a prepared data folder (no meta.json); "
+                                  f"refusing to delete it even with --overwrite")
+
+
+def write_split(folder, split, rows, dtype, has_prompts):
+    """rows: (prompt_text, prompt_ids, answer_ids, answer_for_prompts_jsonl). Returns the split's counts."""
+    lengths = np.array([len(p) + len(a) for _, p, a, _ in rows], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    tokens = np.empty(int(lengths.sum()), dtype=dtype)
+    mask = np.zeros(len(tokens), dtype=np.uint8)
+    index = np.empty((len(rows), 3), dtype=np.int64)
+    for i, (_, p, a, _) in enumerate(tqdm(rows, desc=f"writing {split}", unit=" ex", leave=False)):
+        s = int(starts[i])
+        tokens[s:s + len(p)] = p
+        tokens[s + len(p):s + len(p) + len(a)] = a
+        mask[s + len(p):s + len(p) + len(a)] = 1      # the answer is what the loss sees
+        index[i] = (s, len(p), len(p) + len(a))
+    tokens.tofile(os.path.join(folder, f"{split}.bin"))
+    index.tofile(os.path.join(folder, f"{split}_index.bin"))
+    if has_prompts:
+        mask.tofile(os.path.join(folder, f"{split}_mask.bin"))
+        with open(os.path.join(folder, f"{split}_prompts.jsonl"), "w", encoding="utf-8") as f:
+            for prompt, _, _, answer in rows:
+                f.write(json.dumps({"prompt": prompt, "answer": answer}, ensure_ascii=False) + "\n")
+    return {"examples": len(rows), "tokens": len(tokens), "answer_tokens": int(mask.sum())}
+
+
+def write_folder(out, tok, splits, task, has_prompts, chat, args, extra=None):
+    """Write {split: rows} and meta.json into `out`, through a .partial folder so a crash leaves no valid-looking
+    half folder. Empty splits are left out; nothing at all is an error."""
+    splits = {k: v for k, v in splits.items() if v}
+    if not splits:
+        raise ValueError(f"{out}: nothing to write: every split is empty (see the filter counts above)")
+    tmp = out.rstrip("/") + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    dtype = dtype_for(tok.vocab_size)
+    counts = {split: write_split(tmp, split, rows, dtype, has_prompts) for split, rows in splits.items()}
+    os.makedirs(os.path.join(tmp, "tokenizer"))
+    tok.save(os.path.join(tmp, "tokenizer"))
+    # the arguments that made the folder, less the ones that do not change its contents
+    recorded = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", "device")}
+    meta = {"format": "nanomtp-data-1", "source": args.source, "task": task, "chat": chat, "has_prompts": has_prompts,
+            "tokenizer": fingerprint(tok), "dtype": dtype, "splits": counts, "args": recorded, **(extra or {})}
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+        f.write("\n")
+    if os.path.exists(out):
+        shutil.rmtree(out)   # check_out allowed it: --overwrite and a prepared folder
+    os.rename(tmp, out)
+    for split, c in counts.items():
+        print(f"{out}/{split}: {c['examples']:,} examples, {c['tokens']:,} tokens ({c['answer_tokens']:,} answer)")
+
+
+def split_examples(items, n_val, n_test, seed):
+    """Shuffle (deterministically) and cut into val, test, train: held-out splits first, the rest trains."""
+    items = list(items)
+    random.Random(seed).shuffle(items)
+    if n_val + n_test > len(items):
+        raise ValueError(f"--n_val {n_val} + --n_test {n_test} exceed the {len(items)} distinct examples")
+    return {"val": items[:n_val], "test": items[n_val:n_val + n_test], "train": items[n_val + n_test:]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the four sources
+
+def prepare_synthmath(args):
+    from data.synthmath import make_splits
+    tok = get_tokenizer(args.tokenizer)
+    chat = use_chat(tok, args.chat)
+    knobs = dict(min_steps=args.min_steps, max_steps=args.max_steps, max_number=args.max_number,
+                 max_factor=args.max_factor)
+    problems = make_splits(args.seed, {"val": args.n_val, "test": args.n_test, "train": args.n_train}, **knobs)
+    splits = {}
+    for split, probs in problems.items():
+        rows = []
+        for pr in tqdm(probs, desc=f"tokenizing {split}", unit=" ex", leave=False):
+            prompt, p, a = encode_pair(tok, pr.question, pr.solution, chat, args.system)
+            rows.append((prompt, p, a, str(pr.answer)))
+        splits[split] = rows
+    write_folder(args.out, tok, splits, "math", True, chat, args)
+
+
+def prepare_selfgen(args):
+    import torch
+    from data.selfgen import self_generate
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    tok, model = get_tokenizer(args.init_from, args.device, dtype, with_model=True)
+    model.eval()
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    n_total = args.n + args.n_val + args.n_test
+    with torch.no_grad():
+        records, counts = self_generate(
+            model, tok, n_total, args.batch_size, question_temperature=args.question_temperature,
+            question_top_p=args.question_top_p, max_question_tokens=args.max_question_tokens,
+            min_question_chars=args.min_question_chars, answer_temperature=args.answer_temperature,
+            max_answer_tokens=args.max_answer_tokens, min_answer_tokens=args.min_answer_tokens,
+            keep_truncated=not args.drop_truncated, system=args.system, generator=generator)
+    print(f"kept {len(records)} of {n_total} asked; filter counts: {counts}")
+    rows = [(prompt, pids, aids, tok.decode([t for t in aids if t not in tok.stop_ids]))
+            for _, prompt, pids, aids in records]
+    # questions are distinct, so held-out splits taken first share no question with train
+    splits = {"val": rows[:args.n_val], "test": rows[args.n_val:args.n_val + args.n_test],
+              "train": rows[args.n_val + args.n_test:]}
+    write_folder(args.out, tok, splits, "chat", True, True, args, {"filter_counts": counts})
+
+
+def encode_example(tok, e, documents, chat, system):
+    if documents:
+        return "", [], tok.encode(e.answer) + [tok.eos_id], None
+    prompt, p, a = encode_pair(tok, e.prompt, e.answer, chat, system)
+    return prompt, p, a, e.gold if e.gold is not None else e.answer
+
+
+def prepare_jsonl(args):
+    tok = get_tokenizer(args.tokenizer)
+    examples, skipped = read_jsonl(args.file, args.format, args.field, args.prompt_field, args.answer_field,
+                                   args.skip_bad)
+    if skipped:
+        print(f"{args.file}: skipped {skipped} malformed lines (--skip_bad)")
+    if not examples:
+        raise ValueError(f"{args.file}: no examples read")
+    documents = args.format == "field" and args.field is not None
+    chat = False if documents else use_chat(tok, args.chat)
+    # duplicates would leak across splits: keep the first of each prompt (of each text, for documents)
+    first = {}
+    for e in examples:
+        first.setdefault(e.answer if documents else e.prompt, e)
+    distinct = list(first.values())
+    print(f"{args.file}: {len(examples)} examples, {len(distinct)} distinct")
+    splits = {}
+    for split, exs in split_examples(distinct, args.n_val, args.n_test, args.seed).items():
+        rows = []
+        for e in tqdm(exs, desc=f"tokenizing {split}", unit=" ex", leave=False):
+            try:
+                rows.append(encode_example(tok, e, documents, chat, args.system))
+            except ValueError as err:   # e.g. a character the chars tokenizer lacks
+                raise ValueError(f"{args.file}: example {e.prompt[:60]!r}: {err}") from None
+        splits[split] = rows
+    task = "text" if documents else ("math" if args.format in ("gsm8k", "metamathqa") else "qa")
+    write_folder(args.out, tok, splits, task, not documents, chat, args, {"skipped_lines": skipped})
+
+
+def prepare_text(args):
+    tok = get_tokenizer(args.tokenizer)
+    (doc,) = read_text(args.file)
+    try:
+        ids = tok.encode(doc.answer) + [tok.eos_id]
+    except ValueError as e:   # e.g. a character the chars tokenizer lacks
+        raise ValueError(f"{args.file}: {e}") from None
+    # contiguous cuts, nanoGPT style: train | val | test
+    n_val, n_test = int(len(ids) * args.val_frac), int(len(ids) * args.test_frac)
+    n_train = len(ids) - n_val - n_test
+    cuts = {"train": ids[:n_train], "val": ids[n_train:n_train + n_val], "test": ids[n_train + n_val:]}
+    splits = {k: [("", [], v, None)] if v else [] for k, v in cuts.items()}
+    write_folder(args.out, tok, splits, "text", False, False, args)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Prepare a dataset into token files for train.py and bench.py.")
+    sub = ap.add_subparsers(dest="source", required=True, metavar="SOURCE")
+
+    def common(p, tokenizer_default):
+        p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing prepared folder at --out")
+        p.add_argument("--seed", type=int, default=0, help="seed of generation, shuffling and sampling")
+        if tokenizer_default is not None:
+            p.add_argument("--tokenizer", default=tokenizer_default,
+                           help="'chars' (character level, for from-scratch models) or a model load.load() takes "
+                                "(smollm2, a Hugging Face folder, a .gguf file); must match the model trained on it")
+
+    def prompting(p):
+        p.add_argument("--chat", choices=["auto", "yes", "no"], default="auto",
+                       help="wrap questions in the tokenizer's chat template (auto: when it has one); otherwise "
+                            "'Question: ...\\nAnswer:\\n'")
+        p.add_argument("--system", default=None, help="system prompt for the chat template (default: the template's)")
+
+    p = sub.add_parser("synthmath", help="synthetic grade-school math problems (data/synthmath.py)")
+    common(p, "chars")
+    prompting(p)
+    p.add_argument("--n_train", type=int, default=100_000, help="training problems")
+    p.add_argument("--n_val", type=int, default=500, help="validation problems")
+    p.add_argument("--n_test", type=int, default=500, help="test problems (bench.py's held-out prompts)")
+    p.add_argument("--min_steps", type=int, default=1, help="fewest reasoning steps per problem")
+    p.add_argument("--max_steps", type=int, default=3, help="most reasoning steps per problem")
+    p.add_argument("--max_number", type=int, default=100, help="largest number in a problem, intermediate results too")
+    p.add_argument("--max_factor", type=int, default=5, help="largest multiplier / divisor")
+
+    p = sub.add_parser("selfgen", help="Magpie-style chat data written and answered by the model itself")
+    common(p, None)
+    p.add_argument("--init_from", default="smollm2", help="the instruct model (anything load.load() takes)")
+    p.add_argument("--n", type=int, default=16384, help="training examples to aim for (before answer filters)")
+    p.add_argument("--n_val", type=int, default=256, help="validation examples")
+    p.add_argument("--n_test", type=int, default=256, help="test examples (bench.py's held-out prompts)")
+    p.add_argument("--batch_size", type=int, default=512, help="sequences per generate call (256-1024 on a GPU)")
+    p.add_argument("--device", default="cuda", help="cuda or cpu")
+    p.add_argument("--dtype", default=None,
+                   help="model dtype: bfloat16, float16 or float32 (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--system", default=None, help="system prompt for the chat template (default: the template's)")
+    p.add_argument("--question_temperature", type=float, default=1.0, help="sampling temperature of the questions")
+    p.add_argument("--question_top_p", type=float, default=0.95, help="top-p of the questions")
+    p.add_argument("--max_question_tokens", type=int, default=96, help="longer questions are dropped as truncated")
+    p.add_argument("--min_question_chars", type=int, default=10, help="shorter questions are dropped")
+    p.add_argument("--answer_temperature", type=float, default=0.0,
+                   help="0 = greedy answers (what distillation needs; sampled answers trained clearly worse)")
+    p.add_argument("--max_answer_tokens", type=int, default=256,
+                   help="answers are cut here (and kept, see --drop_truncated)")
+    p.add_argument("--min_answer_tokens", type=int, default=2, help="shorter answers are dropped")
+    p.add_argument("--drop_truncated", action="store_true",
+                   help="drop answers cut at --max_answer_tokens (kept by default: still the model's greedy tokens)")
+
+    p = sub.add_parser("jsonl", help="a JSONL file: MetaMathQA, GSM8K, or chosen fields")
+    common(p, "smollm2")
+    prompting(p)
+    p.add_argument("--file", required=True, help="the .jsonl file, one JSON object per line")
+    p.add_argument("--format", required=True, choices=["metamathqa", "gsm8k", "field"],
+                   help="metamathqa: query/response; gsm8k: question/answer with '#### N'; field: see --field")
+    p.add_argument("--field", default=None, help="format field: the one text field of plain documents")
+    p.add_argument("--prompt_field", default=None, help="format field: the prompt field (with --answer_field)")
+    p.add_argument("--answer_field", default=None, help="format field: the answer field (with --prompt_field)")
+    p.add_argument("--n_val", type=int, default=500, help="validation examples")
+    p.add_argument("--n_test", type=int, default=500, help="test examples")
+    p.add_argument("--skip_bad", action="store_true", help="skip and count malformed lines instead of stopping")
+
+    p = sub.add_parser("text", help="a plain UTF-8 text file")
+    common(p, "chars")
+    p.add_argument("--file", required=True, help="the text file")
+    p.add_argument("--val_frac", type=float, default=0.1, help="fraction of tokens, from the end, for validation")
+    p.add_argument("--test_frac", type=float, default=0.0, help="fraction of tokens, at the very end, for test")
+
+    args = ap.parse_args(argv)
+    check_out(args.out, args.overwrite)
+    t0 = time.time()
+    {"synthmath": prepare_synthmath, "selfgen": prepare_selfgen, "jsonl": prepare_jsonl,
+     "text": prepare_text}[args.source](args)
+    print(f"done in {time.time() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""
+The training losses of both papers, and Paper A's packed training layout with its attention mask.
+
+Paper B (MTP-D): `mtp_loss` - every MTP head gets cross-entropy against the data plus a KL term that pulls it towards
+the main head's (detached) distribution for the same target token, over the main head's top-N tokens.
+
+Paper A (standalone MTP via mask tokens): `pack_regions` lays out a batch with "MTP regions" of k-1 mask tokens and
+builds the blocked-causal mask; `mask_loss` is the student-forced distillation loss against a frozen teacher.
+
+Nothing here owns an optimizer or a data loader (train.py does).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Paper B: MTP heads with self-distillation from the main head
+
+def topn_kl(student_logits, teacher_logits, top_n=None, direction="forward"):
+    """KL between teacher and student restricted to the teacher's top_n tokens (both renormalised there).
+    direction "forward" = KL(teacher || student), "reverse" = KL(student || teacher). Mean over positions."""
+    if top_n is not None and top_n < teacher_logits.size(-1):
+        idx = teacher_logits.topk(top_n, dim=-1).indices
+        teacher_logits, student_logits = teacher_logits.gather(-1, idx), student_logits.gather(-1, idx)
+    t = F.log_softmax(teacher_logits.float(), -1)
+    s = F.log_softmax(student_logits.float(), -1)
+    if direction == "reverse":
+        t, s = s, t
+    elif direction != "forward":
+        raise ValueError(f"unknown KL direction {direction!r} (forward or reverse)")
+    return (t.exp() * (t - s)).sum(-1)
+
+
+@dataclass
+class MTPLossConfig:
+    alpha: float = 1.0          # weight of each head's cross-entropy against the data
+    beta: float = 1.0           # weight of each head's KL to the main head (0 = plain MTP, no self-distillation)
+    top_n: int | None = 10_000  # KL over the main head's top-N logits (Paper B: 10k of a 123k vocabulary)
+    kl_direction: str = "forward"
+    main_loss: bool = True      # include the main head's next-token loss (off when the backbone is frozen)
+
+
+def mtp_loss(model, idx, loss_mask=None, cfg=MTPLossConfig(), heads=None, schedule=None):
+    """Loss of the main model and its MTP heads on token ids idx (B, T).
+
+    Head at depth d (1-based) runs module schedule[d-1] on (depth d-1's hidden state at i, token i+d) and predicts
+    token i+d+1; the main head at position i+d predicts the same token, so its (detached) distribution there is the
+    distillation target. loss_mask (B, T) marks which tokens count as targets (e.g. answers only).
+    heads: how many depths to train (default: all modules). Returns (loss, metrics dict)."""
+    schedule = schedule or list(range(len(model.heads)))
+    depths = heads or len(schedule)
+    T = idx.size(1)
+    mask = torch.ones_like(idx, dtype=torch.float) if loss_mask is None else loss_mask.float()
+    train_main = cfg.main_loss and any(p.requires_grad for p in model.blocks.parameters())
+    with torch.set_grad_enabled(train_main and torch.is_grad_enabled()):
+        main_logits, h = model(idx, return_hidden=True)
+    metrics = {}
+    loss = torch.zeros((), device=idx.device)
+    if cfg.main_loss:
+        ce = F.cross_entropy(main_logits[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten(), reduction="none")
+        loss = loss + _masked_mean(ce, mask[:, 1:])
+        metrics["main_loss"] = loss.item()
+    teacher = main_logits.detach()
+    pos = model.default_pos(idx)
+    for d in range(1, depths + 1):
+        n = T - d - 1                                   # positions with a target inside the sequence
+        if n <= 0:
+            break
+        h = model.head_forward(schedule[d - 1], h[:, :n], idx[:, d:d + n], pos[:, :n])
+        logits = model.logits(h)                        # (B, n, V): predictions of tokens d+1 .. d+n
+        target, m = idx[:, d + 1:d + 1 + n], mask[:, d + 1:d + 1 + n]
+        ce = _masked_mean(F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="none"), m)
+        head_loss = cfg.alpha * ce
+        if cfg.beta:
+            kl = _masked_mean(topn_kl(logits, teacher[:, d:d + n], cfg.top_n, cfg.kl_direction).flatten(), m)
+            head_loss = head_loss + cfg.beta * kl
+            metrics[f"kl{d}"] = kl.item()
+        loss = loss + head_loss
+        pred = logits.argmax(-1)
+        metrics[f"ce{d}"] = ce.item()
+        metrics[f"acc{d}"] = _masked_mean((pred == target).float().flatten(), m).item()           # vs the data
+        metrics[f"agree{d}"] = _masked_mean((pred == teacher[:, d:d + n].argmax(-1)).float().flatten(), m).item()
+    return loss, metrics
+
+
+def _masked_mean(values, mask):
+    mask = mask.flatten().to(values.dtype)
+    return (values.flatten() * mask).sum() / mask.sum().clamp_min(1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Paper A: MTP regions and the blocked-causal mask
+
+@dataclass
+class Regions:
+    idx: torch.Tensor        # (L,) token ids: the real tokens with k-1 mask tokens after each region's anchor
+    pos: torch.Tensor        # (L,) positions: a mask takes the position the real token it stands for would have
+    span: torch.Tensor       # (L,) region number of each mask token, -1 for real tokens
+    anchor: torch.Tensor     # (L,) position of the last real token a query may see
+    slots: torch.Tensor      # (R, k) indices into idx of each region's k prediction slots (anchor, then masks)
+    targets: torch.Tensor    # (R, k) the real tokens those slots predict (ground truth)
+
+
+def pack_regions(tokens, k, n_regions, mask_ids, generator=None):
+    """Insert n_regions MTP regions into one sequence of real tokens (N,).
+
+    A region after real token a holds k-1 mask tokens standing for tokens a+1 .. a+k-1; its k slots (token a and
+    the masks) predict tokens a+1 .. a+k. The real tokens continue after the region with their own positions.
+    Anchors are drawn at random (at least k apart, so regions never overlap in what they predict)."""
+    N = tokens.numel()
+    n_regions = min(n_regions, (N - 1) // k)
+    if n_regions < 1:
+        raise ValueError(f"a sequence of {N} tokens has no room for a region of k={k}")
+    # choose anchors a_1 < a_2 < ... with a_{j+1} - a_j >= k and a_R + k <= N - 1: draw gaps and spread the slack
+    slack = N - 1 - n_regions * k
+    cuts = torch.sort(torch.randint(0, slack + 1, (n_regions,), generator=generator)).values
+    anchors = cuts + torch.arange(n_regions) * k                         # (R,)
+    masks = list(mask_ids) if len(mask_ids) > 1 else list(mask_ids) * (k - 1)
+    masks = torch.tensor(masks[:k - 1], dtype=torch.long)
+    pieces, pos, span, anchor, slots = [], [], [], [], []
+    start, length = 0, 0
+    for r, a in enumerate(anchors.tolist()):
+        real = torch.arange(start, a + 1)                                # real tokens up to and including the anchor
+        pieces += [tokens[start:a + 1], masks]
+        pos += [real, torch.arange(a + 1, a + k)]
+        span += [torch.full((len(real),), -1), torch.full((k - 1,), r)]
+        anchor += [real, torch.full((k - 1,), a)]
+        length += len(real)
+        slots.append(torch.arange(length - 1, length + k - 1))
+        length += k - 1
+        start = a + 1
+    pieces.append(tokens[start:])
+    pos.append(torch.arange(start, N))
+    span.append(torch.full((N - start,), -1))
+    anchor.append(torch.arange(start, N))
+    targets = torch.stack([tokens[a + 1:a + k + 1] for a in anchors.tolist()])
+    return Regions(torch.cat(pieces), torch.cat(pos), torch.cat(span), torch.cat(anchor), torch.stack(slots), targets)
+
+
+def region_mask(regions):
+    """Blocked-causal "may attend" matrix (L, L): every query sees the real tokens up to its anchor; a mask token
+    also sees the masks of its own region up to itself. Real tokens never see a mask."""
+    r = regions
+    q, k = torch.arange(len(r.idx))[:, None], torch.arange(len(r.idx))[None, :]
+    real_k = (r.span == -1)[None, :]
+    sees_real = real_k & (r.pos[None, :] <= r.anchor[:, None])
+    same_span = (r.span[:, None] == r.span[None, :]) & (r.span[:, None] >= 0) & (k <= q)
+    return sees_real | same_span
+
+
+def pack_batch(batch, k, n_regions, mask_ids, generator=None):
+    """pack_regions for every row of batch (B, N) with the same k and region count: returns idx, pos, mask (B, L, L),
+    slots (B, R, k), targets (B, R, k). Rows get the same layout length because the counts are equal."""
+    packed = [pack_regions(row, k, n_regions, mask_ids, generator) for row in batch]
+    stack = lambda name: torch.stack([getattr(p, name) for p in packed])
+    return stack("idx"), stack("pos"), torch.stack([region_mask(p) for p in packed]), stack("slots"), stack("targets")
+
+
+@dataclass
+class MaskLossConfig:
+    target: str = "hard"           # "hard": teacher argmax (default), "soft": KL(teacher || student), "data": ground truth
+    prefix_loss: float = 0.0       # weight of an extra next-token loss on the real (prefix) positions
+
+
+def mask_loss(student, teacher, idx, pos, attn_mask, slots, targets, cfg=MaskLossConfig(), n_real_vocab=None):
+    """Student-forced distillation (Paper A). The student predicts k tokens per region; its argmax proposals
+    replace the masks; the frozen teacher scores that text with the same layout, which gives, at every slot, the
+    teacher's next token given the prefix and the student's own earlier proposals. The student is trained to match.
+    teacher may be the student itself when its adapters are gated (a proposal is no mask: no adapter runs).
+    Returns (loss, metrics)."""
+    V = n_real_vocab or student.cfg.vocab_size
+    logits = student(idx, pos, mask=attn_mask)[..., :V]                   # (B, L, V)
+    B, R, k = slots.shape
+    rows = torch.arange(B, device=idx.device)[:, None, None]
+    s = logits[rows, slots]                                                # (B, R, k, V)
+    proposals = s.argmax(-1)
+    metrics = {}
+    if cfg.target == "data":
+        loss = F.cross_entropy(s.flatten(0, 2).float(), targets.flatten())
+    else:
+        forced = idx.clone()
+        forced[rows, slots[..., 1:]] = proposals[..., :-1]                 # masks -> the student's own proposals
+        with torch.no_grad():
+            t = teacher(forced, pos, mask=attn_mask)[..., :V][rows, slots]  # (B, R, k, V)
+        if cfg.target == "hard":
+            loss = F.cross_entropy(s.flatten(0, 2).float(), t.argmax(-1).flatten())
+        elif cfg.target == "soft":
+            loss = topn_kl(s, t).mean()
+        else:
+            raise ValueError(f"unknown mask-loss target {cfg.target!r} (hard, soft or data)")
+        agree = (proposals == t.argmax(-1)).float()
+        metrics.update({f"agree{j + 1}": agree[..., j].mean().item() for j in range(k)})
+    if cfg.prefix_loss:
+        real = ~torch.isin(idx, torch.tensor(student.cfg.mask_token_ids, dtype=torch.long, device=idx.device))
+        metrics["prefix_loss"] = _prefix_loss(logits, idx, pos, real)
+        loss = loss + cfg.prefix_loss * metrics["prefix_loss"]
+        metrics["prefix_loss"] = metrics["prefix_loss"].item()
+    metrics["acc"] = (proposals == targets).float().mean().item()
+    return loss, metrics
+
+
+def _prefix_loss(logits, idx, pos, real):
+    """Next-token cross-entropy at real tokens whose successor (position + 1) is the next real token in the row."""
+    B = idx.size(0)
+    losses = []
+    for b in range(B):
+        r = real[b].nonzero().squeeze(1)
+        cur, nxt = r[:-1], r[1:]
+        ok = pos[b, nxt] == pos[b, cur] + 1
+        losses.append(F.cross_entropy(logits[b, cur[ok]].float(), idx[b, nxt[ok]], reduction="none"))
+    return torch.cat(losses).mean()

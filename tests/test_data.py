@@ -1,0 +1,357 @@
+"""Tests of data/: the synthetic math generator and scorer, the readers, the self-generation loop, the written
+folders and the reader API. CPU only, a few seconds."""
+
+import json
+import os
+import random
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from data import prepare
+from data.chars import CharTokenizer
+from data.dataset import TokenData, check_tokenizer, load_meta, load_tokenizer, read_prompts
+from data.readers import read_jsonl, read_text
+from data.selfgen import query_prefix, self_generate
+from data.synthmath import extract_answer, make_problem, make_splits, score
+from model import Config, Transformer
+
+
+def files_of(folder):
+    out = {}
+    for root, _, names in os.walk(folder):
+        for n in names:
+            with open(os.path.join(root, n), "rb") as f:
+                out[os.path.relpath(os.path.join(root, n), folder)] = f.read()
+    return out
+
+
+def run(*argv):
+    prepare.main([str(a) for a in argv])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# synthetic math
+
+def test_synthmath_deterministic_and_disjoint():
+    a = make_splits(3, {"val": 50, "test": 50, "train": 500})
+    b = make_splits(3, {"val": 50, "test": 50, "train": 500})
+    assert a == b
+    assert make_splits(4, {"val": 50})["val"] != a["val"]
+    qs = {k: {p.question for p in v} for k, v in a.items()}
+    assert all(len(qs[k]) == len(a[k]) for k in a)
+    assert not (qs["val"] & qs["test"]) and not (qs["train"] & (qs["val"] | qs["test"]))
+    # held-out splits do not move when the training set grows
+    assert make_splits(3, {"val": 50, "test": 50, "train": 900})["test"] == a["test"]
+
+
+LINE = re.compile(r"^(\d+) ([-+*/]) (\d+) = (\d+)$")
+
+
+@pytest.mark.parametrize("knobs", [{}, {"min_steps": 1, "max_steps": 6, "max_number": 20, "max_factor": 3},
+                                   {"min_steps": 4, "max_steps": 4, "max_number": 1000, "max_factor": 9}])
+def test_synthmath_solutions_evaluate_to_the_answer(knobs):
+    rng = random.Random(0)
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}
+    max_number = knobs.get("max_number", 100)
+    for _ in range(1000):
+        pr = make_problem(rng, **knobs)
+        *lines, last = pr.solution.split("\n")
+        assert len(lines) == pr.steps and knobs.get("min_steps", 1) <= pr.steps <= knobs.get("max_steps", 3)
+        prev = None
+        for line in lines:
+            a, op, b, c = LINE.match(line).groups()
+            assert ops[op](int(a), int(b)) == int(c), line   # exact integer results, division included
+            assert 1 <= int(c) <= max_number
+            assert prev is None or int(a) == prev            # each step works on the previous result
+            prev = int(c)
+        assert last == f"#### {pr.answer}" and prev == pr.answer
+        assert score(pr.solution, pr.answer) and pr.question.endswith("?")
+
+
+@pytest.mark.parametrize("text, want", [
+    ("#### 42", "42"),
+    ("48 / 2 = 24\n24 + 18 = 42\n#### 42", "42"),
+    ("The answer is 42.", "42"),
+    ("The answer is: $1,234.", "1234"),
+    ("42", "42"),
+    ("so she has 1,234 stamps", "1234"),
+    ("#### -7", "-7"),
+    ("The answer is -3 apples.", "-3"),
+    ("5-3 = 2", "2"),
+    ("#### 19\nQuestion: Tom has 3 pens. How many?\nAnswer:\n3 * 4 = 12\n#### 12", "19"),   # keeps going
+    ("#### 2.50", "2.5"),
+    ("#### 7.0", "7"),
+    ("I do not know.", None),
+    ("", None),
+])
+def test_extract_answer(text, want):
+    assert extract_answer(text) == want
+
+
+def test_score():
+    assert score("13 + 5 = 18\n#### 18<|endoftext|>", 18)
+    assert score("#### 1,234", "1234")
+    assert not score("#### 17", "18") and not score("no idea", "18")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# files: determinism, overwrite, the reader API
+
+def test_prepare_synthmath_byte_identical_and_overwrite(tmp_path):
+    args = ["synthmath", "--n_train", 300, "--n_val", 20, "--n_test", 30, "--seed", 1]
+    run(*args, "--out", tmp_path / "a")
+    run(*args, "--out", tmp_path / "b")
+    a, b = files_of(tmp_path / "a"), files_of(tmp_path / "b")
+    assert a == b and "train.bin" in a and "test_prompts.jsonl" in a
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        run(*args, "--out", tmp_path / "a")
+    run(*args, "--out", tmp_path / "a", "--overwrite")
+    assert files_of(tmp_path / "a") == b
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="not a prepared data folder"):
+        run(*args, "--out", tmp_path / "mine", "--overwrite")
+
+    meta = load_meta(tmp_path / "a")
+    assert meta["splits"]["test"]["examples"] == 30 and meta["dtype"] == "uint16" and meta["task"] == "math"
+    prompts = read_prompts(tmp_path / "a", "test")
+    assert len(prompts) == 30 and prompts[0]["prompt"].startswith("Question: ")
+    assert prompts[0]["prompt"].endswith("\nAnswer:\n") and prompts[0]["answer"].isdigit()
+    tok = load_tokenizer(tmp_path / "a")
+    check_tokenizer(meta, tok, tmp_path / "a")
+    # the token files hold exactly prompt + solution + eos, the mask covers solution + eos
+    data = TokenData(tmp_path / "a")
+    toks, mask, index = data.tokens("test"), data.mask("test"), data.index("test")
+    s, n_prompt, n = index[0]
+    assert tok.decode(toks[s:s + n_prompt]) == prompts[0]["prompt"]
+    answer = tok.decode(toks[s + n_prompt:s + n - 1])
+    assert toks[s + n - 1] == tok.eos_id and score(answer, prompts[0]["answer"]) and answer.startswith(
+        tuple("0123456789"))
+    assert mask[s:s + n_prompt].sum() == 0 and mask[s + n_prompt:s + n].all()
+    assert index[-1, 0] + index[-1, 2] == len(toks)
+
+
+def test_get_batch_shapes_alignment_determinism(tmp_path):
+    run("synthmath", "--n_train", 200, "--n_val", 10, "--n_test", 10, "--out", tmp_path / "d")
+    data = TokenData(tmp_path / "d")
+    toks, mask = np.asarray(data.tokens("train")), np.asarray(data.mask("train"))
+    for align in (False, True):
+        g = torch.Generator().manual_seed(0)
+        x, y, m = data.get_batch("train", 8, 64, generator=g, align=align)
+        assert x.shape == y.shape == m.shape == (8, 64) and x.dtype == torch.int64 and m.dtype == torch.float32
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        for row in range(8):   # find the window again: the mask belongs to the targets y
+            s = toks.tobytes().find(x[row].numpy().astype(toks.dtype).tobytes()) // toks.itemsize
+            assert (toks[s + 1:s + 65] == y[row].numpy()).all() and (mask[s + 1:s + 65] == m[row].numpy()).all()
+        if align:
+            assert (m[:, 0] == 0).all()   # an example's first target is a prompt token
+        g2 = torch.Generator().manual_seed(0)
+        x2, y2, m2 = data.get_batch("train", 8, 64, generator=g2, align=align)
+        assert torch.equal(x, x2) and torch.equal(m, m2)
+    with pytest.raises(ValueError, match="fewer than seq_len"):
+        data.get_batch("val", 1, 10 ** 6)
+
+
+def test_check_tokenizer_mismatch(tmp_path):
+    run("synthmath", "--n_train", 50, "--n_val", 5, "--n_test", 5, "--out", tmp_path / "d")
+    meta = load_meta(tmp_path / "d")
+    other = CharTokenizer(["<|endoftext|>", "\n", *(chr(c) for c in range(126, 31, -1))])  # same size, other ids
+    with pytest.raises(ValueError, match=r"meta.json: the data was tokenized with 'chars'.*prepare the data again"):
+        check_tokenizer(meta, other, tmp_path / "d")
+    # appending a special token (Paper A's mask) keeps the data valid, and survives save/load
+    grown = CharTokenizer()
+    assert grown.add_special("<|mask|>") == 97 and grown.encode("1<|mask|>") == [19, 97]
+    grown.save(tmp_path / "tok")
+    check_tokenizer(meta, CharTokenizer.load(tmp_path / "tok"), tmp_path / "d")
+    # a larger vocabulary that is not explained by specials is refused
+    bigger = CharTokenizer([*CharTokenizer().tokens, "\t"])
+    with pytest.raises(ValueError, match="tokenized with"):
+        check_tokenizer(meta, bigger, tmp_path / "d")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# readers
+
+def write_lines(path, lines):
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_read_gsm8k_and_metamathqa(tmp_path):
+    g = write_lines(tmp_path / "g.jsonl", [
+        json.dumps({"question": "Natalia sold 48 clips. How many?", "answer": "48/2 = <<48/2=24>>24\n#### 1,024"}),
+        "",
+        json.dumps({"question": "Q2?", "answer": "2+2=<<2+2=4>>4\n#### 4"})])
+    ex, skipped = read_jsonl(g, "gsm8k")
+    assert skipped == 0 and [e.gold for e in ex] == ["1024", "4"]
+    assert ex[0].answer == "48/2 = 24\n#### 1,024" and ex[0].prompt.startswith("Natalia")
+    m = write_lines(tmp_path / "m.jsonl", [
+        json.dumps({"query": "What is 2+3?", "response": "2+3=5.\nThe answer is: 5"}),
+        json.dumps({"query": "x?", "response": "no final line"})])
+    ex, _ = read_jsonl(m, "metamathqa")
+    assert [e.gold for e in ex] == ["5", None]
+
+
+@pytest.mark.parametrize("bad, problem", [
+    ('{"question": "Q?", "answer": "#### 3"', "not valid JSON"),
+    ('["a list"]', "expected a JSON object"),
+    ('{"question": "Q?"}', "missing field 'answer'"),
+    ('{"question": 3, "answer": "#### 3"}', "field 'question' is not a non-empty string"),
+    ('{"question": "Q?", "answer": "3"}', "GSM8K answer has no '#### <answer>' line"),
+])
+def test_read_jsonl_malformed_lines(tmp_path, bad, problem):
+    good = json.dumps({"question": "Q?", "answer": "#### 3"})
+    f = write_lines(tmp_path / "bad.jsonl", [good, good, bad, good])
+    with pytest.raises(ValueError, match=re.escape(f"{f}:3: {problem}")):
+        read_jsonl(f, "gsm8k")
+    ex, skipped = read_jsonl(f, "gsm8k", skip_bad=True)
+    assert len(ex) == 3 and skipped == 1
+
+
+def test_read_field_formats_and_text(tmp_path):
+    f = write_lines(tmp_path / "f.jsonl", [json.dumps({"q": f"question {i}", "a": f"answer {i}", "t": f"doc {i}"})
+                                           for i in range(5)])
+    ex, _ = read_jsonl(f, "field", prompt_field="q", answer_field="a")
+    assert ex[2].prompt == "question 2" and ex[2].answer == "answer 2" and ex[2].gold is None
+    ex, _ = read_jsonl(f, "field", field="t")
+    assert ex[4].prompt == "" and ex[4].answer == "doc 4"
+    with pytest.raises(ValueError, match="needs either --field"):
+        read_jsonl(f, "field", field="t", prompt_field="q")
+    (tmp_path / "t.txt").write_text("hello world\n")
+    assert read_text(tmp_path / "t.txt")[0].answer == "hello world\n"
+    (tmp_path / "e.txt").write_text("  \n")
+    with pytest.raises(ValueError, match="e.txt: the file is empty"):
+        read_text(tmp_path / "e.txt")
+    (tmp_path / "b.txt").write_bytes(b"ok\xff\xfe")
+    with pytest.raises(ValueError, match="b.txt: not UTF-8"):
+        read_text(tmp_path / "b.txt")
+
+
+def test_prepare_jsonl_and_text(tmp_path):
+    f = write_lines(tmp_path / "qa.jsonl", [json.dumps({"q": f"What is {i} + 1?", "a": f"It is {i + 1}."})
+                                            for i in range(40)] + [json.dumps({"q": "What is 0 + 1?", "a": "dup"})])
+    run("jsonl", "--file", f, "--format", "field", "--prompt_field", "q", "--answer_field", "a",
+        "--tokenizer", "chars", "--n_val", 5, "--n_test", 5, "--out", tmp_path / "qa")
+    meta = load_meta(tmp_path / "qa")
+    assert {k: v["examples"] for k, v in meta["splits"].items()} == {"val": 5, "test": 5, "train": 30}
+    prompts = {s: {p["prompt"] for p in read_prompts(tmp_path / "qa", s)} for s in ("val", "test", "train")}
+    assert not (prompts["val"] & prompts["test"]) and not (prompts["train"] & (prompts["val"] | prompts["test"]))
+    assert all(p.startswith("Question: What is") for p in prompts["test"])
+
+    empty = write_lines(tmp_path / "empty.jsonl", ["{oops", ""])
+    with pytest.raises(ValueError, match="no examples read"):
+        run("jsonl", "--file", empty, "--format", "gsm8k", "--tokenizer", "chars", "--skip_bad", "--out",
+            tmp_path / "e")
+    assert not os.path.exists(tmp_path / "e")
+
+    (tmp_path / "t.txt").write_text("abcdefghij" * 100)
+    run("text", "--file", tmp_path / "t.txt", "--val_frac", 0.1, "--out", tmp_path / "t")
+    data = TokenData(tmp_path / "t")
+    assert len(data.tokens("train")) == 901 and len(data.tokens("val")) == 100 and data.mask("train") is None
+    x, y, m = data.get_batch("val", 2, 16, generator=torch.Generator().manual_seed(0))
+    assert m.shape == (2, 16) and bool((m == 1).all())
+    (tmp_path / "u.txt").write_text("caf\u00e9")
+    with pytest.raises(ValueError, match=r"u.txt: CharTokenizer: character 'é'"):
+        run("text", "--file", tmp_path / "u.txt", "--out", tmp_path / "u")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# self-generation
+
+class ChatChars(CharTokenizer):
+    """A character tokenizer with the ChatML specials and template: the fake of the bundled model's tokenizer."""
+    def __init__(self):
+        specials = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+        super().__init__([*specials, *CharTokenizer().tokens[1:]], specials)
+        self.stop_ids = [self.special["<|im_end|>"], self.eos_id]
+
+    def chat_prompt(self, messages, system=None):
+        system = system or "Be brief."
+        return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{messages}<|im_end|>\n"
+                "<|im_start|>assistant\n")
+
+
+def tiny_model(vocab_size):
+    torch.manual_seed(0)
+    cfg = Config(arch="llama", vocab_size=vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_dim=8,
+                 intermediate_size=64, max_seq_len=256)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():   # small tied embeddings: near-uniform next-token distributions, so stop tokens do come up
+        model.embed.weight.mul_(0.1)
+    return model
+
+
+def test_selfgen_tiny_random_model():
+    from decode import generate
+    tok = ChatChars()
+    assert query_prefix(tok) == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
+    model = tiny_model(tok.vocab_size)
+    kw = dict(max_question_tokens=12, min_question_chars=1, max_answer_tokens=10, min_answer_tokens=1,
+              keep_truncated=True, max_rounds=10)
+    with torch.no_grad():
+        recs, counts = self_generate(model, tok, 4, 32, generator=torch.Generator().manual_seed(0), **kw)
+        again, _ = self_generate(model, tok, 4, 32, generator=torch.Generator().manual_seed(0), **kw)
+    assert recs == again and len(recs) == 4
+    assert len({q for q, *_ in recs}) == 4
+    specials = set(tok.special.values())
+    for q, prompt, pids, aids in recs:
+        assert prompt == tok.chat_prompt(q) and pids == tok.encode(prompt)
+        assert 1 <= len(aids) <= 11 and not (specials & set(tok.encode(q)))
+        # a stop token only at the end; an answer without one was cut at max_answer_tokens
+        assert not (specials & set(aids[:-1]))
+        assert aids[-1] in tok.stop_ids or len(aids) == 10
+        with torch.no_grad():
+            greedy = generate(model, [pids], 10, stop_ids=tok.stop_ids)[0]
+        assert greedy == aids   # the answers are the model's own greedy continuations
+
+
+def scripted_generate(questions, answers):
+    """A stand-in for decode.generate that returns fixed texts: questions for the query prefix, answers after."""
+    def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=(),
+                 generator=None):
+        tok = model
+        if prompts[0] == tok.encode(query_prefix(tok)):
+            return [tok.encode(questions.pop(0)) if questions else tok.encode("x<|im_end|>") for _ in prompts]
+        return [tok.encode(answers[tok.decode(p).split("user\n")[1].split("<|im_end|>")[0]]) for p in prompts]
+    return generate
+
+
+def test_selfgen_filters():
+    tok = ChatChars()
+    questions = ["What is the capital of France?<|im_end|>",
+                 "what is the  Capital of France?<|im_end|>",           # duplicate up to case and spacing
+                 "Hi?<|im_end|>",                                        # too short
+                 "A question that goes on and on without ever stopping",  # truncated (no stop, max length)
+                 "Tell me <|im_start|> something<|im_end|>",             # a special token inside
+                 "Name three colours.",                                  # stopped without echoing the stop token
+                 "Why is the sky blue?<|endoftext|>",
+                 "How do I boil an egg?<|im_end|>"]
+    answers = {"What is the capital of France?": "Paris.<|im_end|>",
+               "Name three colours.": "Red, green, blue.",               # no stop token returned: <|im_end|> added
+               "Why is the sky blue?": "Because of Rayleigh scattering and more and more and more and more and",
+               "How do I boil an egg?": "K<|im_end|>"}                   # too short
+    recs, counts = self_generate(tok, tok, 10, 1, max_question_tokens=30, min_question_chars=5,
+                                 max_answer_tokens=40, min_answer_tokens=2, keep_truncated=False,
+                                 max_rounds=len(questions), generate=scripted_generate(questions, answers))
+    assert [r[0] for r in recs] == ["What is the capital of France?", "Name three colours."]
+    assert tok.decode(recs[0][3]) == "Paris.<|im_end|>" and tok.decode(recs[1][3]) == "Red, green, blue.<|im_end|>"
+    assert counts == dict(question_truncated=1, question_short=1, question_special=1, question_duplicate=1,
+                          answer_truncated=1, answer_short=1, answer_special=0, kept_truncated_answers=0)
+
+
+def test_prepare_selfgen_writes_chat_folder(tmp_path, monkeypatch):
+    tok = ChatChars()
+    model = tiny_model(tok.vocab_size)
+    monkeypatch.setattr(prepare, "get_tokenizer", lambda name, device, dtype, with_model: (tok, model))
+    args = ["selfgen", "--n", 3, "--n_val", 1, "--n_test", 1, "--batch_size", 32, "--device", "cpu",
+            "--max_question_tokens", 12, "--min_question_chars", 1, "--max_answer_tokens", 8]
+    run(*args, "--out", tmp_path / "a")
+    run(*args, "--out", tmp_path / "b")
+    assert files_of(tmp_path / "a") == files_of(tmp_path / "b")
+    meta = load_meta(tmp_path / "a")
+    assert meta["task"] == "chat" and meta["chat"] and meta["splits"]["train"]["examples"] == 3
+    (p,) = read_prompts(tmp_path / "a", "test")
+    assert p["prompt"].startswith("<|im_start|>system\n") and p["prompt"].endswith("<|im_start|>assistant\n")

@@ -1,0 +1,389 @@
+"""
+Decoding tests on tiny random models, CPU, no weights: every lossless method reproduces plain greedy decoding token
+for token, speculative sampling keeps the target distribution (statistically, with tests shown to have power), the
+static KV cache agrees with recomputation, ConfAdapt's emission rule, error messages, and bench.py end to end.
+
+Random models draft badly, so some models here are made "bigram-like" (tiny residual branches, heads reading only the
+next token's embedding) so their heads agree with the main model most of the time: the tests assert, through Stats,
+that drafts were both accepted and rejected, at several depths.
+"""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import decode   # the repository is on sys.path through conftest.py
+import model
+from decode import Sampling, Stats, generate
+
+V = 60
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)   # tiny models: threads only add overhead
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(seed, arch="llama", vocab=V, heads=0, std=0.4, residual=None, **kw):
+    """A tiny random model with all parameters drawn with a large std (so outputs are not degenerate).
+    residual=r (e.g. 0.01) makes it bigram-like: unit norms, residual branches scaled by r, heads that read only the
+    next token's embedding, untied embeddings, so head drafts agree with the main model often."""
+    torch.manual_seed(seed)
+    cfg = dict(arch=arch, vocab_size=vocab, n_layer=2, n_head=4, n_kv_head=2 if arch == "llama" else 4, n_embd=32,
+               head_dim=8, intermediate_size=64, max_seq_len=256, bias=arch == "gpt2",
+               tie_embeddings=residual is None)   # tied + bigram-like would just repeat the last token
+    cfg.update(kw)
+    m = model.Transformer(model.Config(**cfg))
+    if heads:
+        m.add_heads(heads, init="random")
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.normal_(0.0, std)
+            if residual is not None:
+                if "norm" in name and name.endswith("weight"):
+                    p.fill_(1.0)
+                if name.endswith(("o_proj.weight", "down_proj.weight")):
+                    p.mul_(residual)
+        if residual is not None:
+            for h in m.heads:
+                h.proj.weight.zero_()
+                h.proj.weight[:, cfg["n_embd"]:] = torch.eye(cfg["n_embd"])   # take norm(emb(next token))
+    return m.eval()
+
+
+def prompt(seed, n, vocab=V):
+    g = torch.Generator().manual_seed(1000 + seed)
+    return torch.randint(0, vocab - 4, (n,), generator=g).tolist()   # the last ids stay free for mask tokens
+
+
+def assert_exercised(stats, depths=1):
+    """Some drafts accepted and some rejected at each of the first `depths` depths."""
+    assert len(stats.proposed) >= depths, stats
+    for d in range(depths):
+        assert 0 < stats.accepted[d] < stats.proposed[d], f"depth {d + 1}: {stats}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# lossless: speculative greedy == plain greedy
+
+# (model seed, residual) pairs: fully random models (drafts mostly rejected) and bigram-like ones (mostly accepted)
+MODELS = [(0, None), (1, 0.005), (2, 0.01), (3, 0.02)]
+_cache = {}
+
+
+def case(seed, residual, arch="llama"):
+    """A model with two heads, two prompts (lengths from 1 to 20) and their greedy ar outputs; built once."""
+    key = (seed, residual, arch)
+    if key not in _cache:
+        m = tiny(seed, arch=arch, heads=2, residual=residual)
+        prompts = [prompt(seed, 1 + 3 * seed), prompt(seed + 50, 20 - seed)]
+        _cache[key] = m, [(p, generate(m, [p], 24, method="ar")) for p in prompts]
+    return _cache[key]
+
+
+@pytest.mark.parametrize("method, opts", [
+    ("mtp@1", {}), ("mtp@2", {}), ("mtp@4", {}),
+    ("mtp@3", {"schedule": [0, 0, 0]}),                       # one head looped to three depths
+    ("mtp@4", {"schedule": [1, 0, 1, 0]}),
+    ("mtp@3", {"draft_vocab": torch.arange(40)}),             # drafts restricted to a sub-vocabulary
+])
+def test_mtp_greedy_equals_ar(method, opts):
+    stats = Stats()
+    for seed, residual in MODELS:
+        m, cases = case(seed, residual)
+        for p, ref in cases:
+            assert generate(m, [p], 24, method=method, stats=stats, **opts) == ref, (seed, len(p), method)
+    assert_exercised(stats, depths=min(2, decode.parse_method(method)[1]))
+
+
+def test_mtp_greedy_equals_ar_gpt2():
+    stats = Stats()
+    for seed, residual in MODELS:
+        m, cases = case(seed, residual, arch="gpt2")
+        for p, ref in cases:
+            assert generate(m, [p], 24, method="mtp@3", stats=stats) == ref, seed
+    assert_exercised(stats, depths=1)
+
+
+def with_mask_oracle(m, mask_ids, ref, wrong=lambda pos: pos % 3 == 0):
+    """Make the mask positions of m predict the reference text `ref` (prompt + greedy output) except where
+    wrong(pos): random models' mask drafts are almost never right, and the acceptance path needs testing too.
+    Only rows holding a mask token change, so the model's next-token predictions (the verifier) are untouched."""
+    plain = m.forward
+    masks = torch.tensor(mask_ids)
+
+    def forward(idx, pos=None, caches=None, mask=None, return_hidden=False):
+        out = plain(idx, pos, caches, mask, return_hidden)
+        logits = out[0] if return_hidden else out
+        pos = m.default_pos(idx) if pos is None else pos
+        for b, t in torch.isin(idx, masks).nonzero().tolist():
+            target = int(pos[b, t]) + 1        # a mask at position p stands for the token at p, predicts p + 1
+            if target < len(ref) and not wrong(target):
+                logits[b, t] = -10.0
+                logits[b, t, ref[target]] = 10.0
+        return out
+
+    m.forward = forward
+    return m
+
+
+@pytest.mark.parametrize("k, mask_ids", [(2, [V - 1]), (4, [V - 1]), (4, [V - 1, V - 2, V - 3])])
+def test_verified_greedy_equals_ar(k, mask_ids):
+    stats = Stats()
+    for seed, residual in MODELS:
+        for p, ref in case(seed, residual)[1]:
+            m = tiny(seed, heads=2, residual=residual)      # the same model as case's, free to change
+            assert generate(m, [p], 24, method=f"verified@{k}", mask_ids=mask_ids) == ref   # the model as is
+            with_mask_oracle(m, mask_ids, p + ref[0])                                       # good drafts
+            assert generate(m, [p], 24, method=f"verified@{k}", mask_ids=mask_ids, stats=stats) == ref, (seed, n)
+    assert_exercised(stats, depths=k - 1)
+
+
+def test_stop_token_inside_accepted_run(monkeypatch):
+    """A stop id that the drafts carry past: the output ends at it, as ar's does."""
+    chunks = []
+    step = decode.HeadDrafts.step
+
+    def recording_step(self):
+        new, accepted = step(self)
+        chunks.append(new)
+        return new, accepted
+    monkeypatch.setattr(decode.HeadDrafts, "step", recording_step)
+    inside = 0
+    for seed in (1, 5):
+        m = tiny(seed, heads=2, residual=0.01)
+        p = prompt(seed, 5)
+        full = generate(m, [p], 30, method="ar")[0]
+        for stop in list(dict.fromkeys(full))[:8]:   # distinct tokens, in order of first appearance
+            chunks.clear()
+            ref = generate(m, [p], 30, method="ar", stop_ids=[stop])
+            assert ref[0][-1] == stop and ref[0] == full[:full.index(stop) + 1]
+            assert generate(m, [p], 30, method="mtp@4", stop_ids=[stop]) == ref
+            inside += any(stop in c[:-1] for c in chunks)
+    assert inside > 0, "no stop token landed inside an accepted run: the test lost its point"
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_full_context(arch):
+    """Prompt + max_new_tokens == max_seq_len: drafts and masks must not reach past the position table."""
+    for seed, n in ((1, 1), (2, 9), (3, 17)):
+        m = tiny(seed, arch=arch, heads=2, residual=0.01, max_seq_len=32)
+        p = prompt(seed, n)
+        ref = generate(m, [p], 32 - n)
+        for method in ("mtp@4", "verified@4"):
+            assert generate(m, [p], 32 - n, method=method, mask_ids=[V - 1]) == ref, (method, seed)
+        for method in ("static@5", "confadapt@0.0"):
+            assert len(generate(m, [p], 32 - n, method=method, mask_ids=[V - 1])[0]) == 32 - n
+
+
+def test_batched_ar_equals_single():
+    for seed, arch in ((0, "llama"), (1, "gpt2")):
+        m = tiny(seed, arch=arch)
+        prompts = [prompt(seed + i, n) for i, n in enumerate((1, 9, 4, 17))]
+        single = [generate(m, [p], 20)[0] for p in prompts]
+        assert generate(m, prompts, 20) == single
+        stop = single[0][3]                      # a stop id that ends some rows early
+        single = [generate(m, [p], 20, stop_ids=[stop])[0] for p in prompts]
+        assert generate(m, prompts, 20, stop_ids=[stop]) == single
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# exact speculative sampling
+
+def tv(counts, probs):
+    return 0.5 * (counts / counts.sum() - probs).abs().sum().item()
+
+
+def always_accept(drafts, draft_probs, target_logits, sampling, generator=None):
+    return len(drafts), int(torch.multinomial(sampling.probs(target_logits[-1]), 1, generator=generator))
+
+
+def resample_from_target(drafts, draft_probs, target_logits, sampling, generator=None):
+    """A plausible bug: on rejection, sample from p instead of norm(max(0, p - q))."""
+    p = sampling.probs(target_logits)
+    for i, x in enumerate(drafts.tolist()):
+        if torch.rand((), generator=generator) * draft_probs[i, x] > p[i, x]:
+            return i, int(torch.multinomial(p[i], 1, generator=generator))
+    return len(drafts), int(torch.multinomial(p[-1], 1, generator=generator))
+
+
+def first_two(verify, p_logits, q, n, seed=0):
+    """Empirical joint of the first two emitted tokens from drafts of depth len(q), n trials. The target
+    distribution of the second token does not depend on the first (a valid, if simple, model)."""
+    g = torch.Generator().manual_seed(seed)
+    V, s = q.size(-1), Sampling(temperature=1.0)
+    drafts = torch.stack([torch.multinomial(qd, n, replacement=True, generator=g) for qd in q], 1)   # (n, D)
+    second = torch.multinomial(s.probs(p_logits[1]), n, replacement=True, generator=g).tolist()
+    counts = torch.zeros(V, V)
+    for i in range(n):
+        k, nxt = verify(drafts[i], q, p_logits, s, g)
+        out = drafts[i, :k].tolist() + [nxt, second[i]]  # after a rejection: the next step's first token
+        counts[out[0], out[1]] += 1
+    return counts
+
+
+def test_verify_sampling_distribution():
+    g = torch.Generator().manual_seed(0)
+    V = 6
+    p_logits = 1.5 * torch.randn(3, V, generator=g)
+    q = torch.softmax(1.5 * torch.randn(2, V, generator=g), -1)
+    p = torch.softmax(p_logits, -1)
+    assert 0.5 * (p[0] - q[0]).abs().sum() > 0.2         # drafts far from the target: bugs will show
+
+    # depth 1: the first token (sampling noise at these sizes: TV ~0.005-0.01)
+    assert tv(first_two(decode.verify, p_logits[1:], q[1:], 8000).sum(1), p[1]) < 0.02
+    assert tv(first_two(always_accept, p_logits[1:], q[1:], 1000).sum(1), p[1]) > 0.2            # power
+    assert tv(first_two(resample_from_target, p_logits[1:], q[1:], 2000).sum(1), p[1]) > 0.04     # power
+    # depth 2: joint of the first two tokens (36 cells: noise ~0.02)
+    joint = torch.outer(p[0], p[1]).flatten()
+    assert tv(first_two(decode.verify, p_logits, q, 8000).flatten(), joint) < 0.035
+    assert tv(first_two(always_accept, p_logits, q, 1000).flatten(), joint) > 0.3
+
+
+def test_verify_greedy():
+    target = torch.tensor([[0.0, 5, 1], [3, 0, 1], [0, 0, 9], [2, 1, 0]])   # argmax 1, 0, 2, 0
+    for drafts, want in (([1, 0, 2], (3, 0)), ([1, 2, 2], (1, 0)), ([0, 0, 2], (0, 1))):
+        assert decode.verify(torch.tensor(drafts), None, target, Sampling()) == want
+
+
+def e2e_tv(monkeypatch, verify, n):
+    """TV between mtp@2's sampled 2-token outputs and the exact distribution of plain sampling."""
+    monkeypatch.setattr(decode, "verify", verify)
+    m = tiny(7, vocab=5, heads=2, std=0.5, n_layer=1, n_embd=16, head_dim=8, n_head=2, n_kv_head=1,
+             intermediate_size=32, max_seq_len=16)
+    p = [1, 3, 2]
+    with torch.no_grad():   # exact: P(x1) P(x2 | x1) from one batched forward over the 5 continuations
+        idx = torch.tensor([p + [x] for x in range(5)])
+        probs = torch.softmax(m(idx).float(), -1)
+        exact = (probs[0, 2][:, None] * probs[:, 3]).flatten()
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(25)
+    for _ in range(n):
+        a, b = generate(m, [p], 2, temperature=1.0, generator=g, method="mtp@2")[0]
+        counts[5 * a + b] += 1
+    return tv(counts, exact)
+
+
+def test_mtp_sampling_end_to_end(monkeypatch):
+    assert e2e_tv(monkeypatch, decode.verify, 1000) < 0.12     # 25 cells, 1000 samples: noise ~0.05-0.07
+    assert e2e_tv(monkeypatch, always_accept, 300) > 0.2       # the test has power
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# mask tokens: ConfAdapt, static-k, the cache
+
+def crafted(confidences, k=5):
+    """Logits (k, 8) whose row i has top-1 probability confidences[i] on token i."""
+    rows = []
+    for i, c in enumerate(confidences):
+        p = torch.full((8,), (1 - c) / 7)
+        p[i] = c
+        rows.append(p.log())
+    return torch.stack(rows)
+
+
+def test_confadapt_emit():
+    def emit(tau, conf):
+        stub = SimpleNamespace(tau=tau, sampling=Sampling(), generator=None)
+        return decode.MaskDrafts.emit(stub, crafted(conf))
+    assert emit(0.9, [0.99, 0.95, 0.5, 0.99, 0.99]) == [0, 1]          # stops at the first unsure position
+    assert emit(0.9, [0.5, 0.99, 0.99, 0.99, 0.99]) == [0]             # always at least one token
+    assert emit(0.9, [0.99] * 5) == [0, 1, 2, 3, 4]
+    assert emit(None, [0.5, 0.2, 0.99, 0.3, 0.99]) == [0, 1, 2, 3, 4]  # static keeps all k
+
+
+def test_confadapt_stop_token():
+    m = tiny(3)
+    p = prompt(3, 6)
+    full = generate(m, [p], 40, method="confadapt@0.0", mask_ids=[V - 1])[0]   # tau 0: chunks of k_max=16
+    assert len(full) == 40
+    for stop in (full[5], full[20]):
+        out = generate(m, [p], 40, method="confadapt@0.0", mask_ids=[V - 1], stop_ids=[stop])[0]
+        assert out == full[:full.index(stop) + 1]
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_static_cache_equals_recompute(k):
+    for seed in range(3):
+        m = tiny(seed, arch="gpt2" if seed == 2 else "llama")
+        p = prompt(seed, 2 + 5 * seed)
+        text, out = list(p), []
+        with torch.no_grad():
+            while len(out) < 25:   # no cache: the whole text plus k-1 masks, emit the last k predictions
+                logits = m(torch.tensor([text + [V - 1] * (k - 1)]))[0, -k:]
+                new = logits.argmax(-1).tolist()
+                out, text = out + new, text + new
+        assert generate(m, [p], 25, method=f"static@{k}", mask_ids=[V - 1]) == [out[:25]], (seed, k)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# errors, stats, bench
+
+def test_errors():
+    m = tiny(0)
+    with pytest.raises(ValueError, match="unknown method"):
+        generate(m, [[1, 2]], 4, method="beam@3")
+    with pytest.raises(ValueError, match="context"):
+        generate(m, [[1] * 200], 57)
+    with pytest.raises(ValueError, match="heads"):
+        generate(m, [[1, 2]], 4, method="mtp@2")
+    with pytest.raises(ValueError, match="mask"):
+        generate(m, [[1, 2]], 4, method="static@3")
+
+
+def test_stats_definitions():
+    m = tiny(2, heads=2, residual=0.01)
+    ar, mtp = Stats(), Stats()
+    p = prompt(0, 5)
+    generate(m, [p, p[:3]], 20, method="ar", stats=ar)
+    assert ar.tokens_per_forward == 1.0 and ar.steps == 0
+    out = generate(m, [p], 20, method="mtp@3", stats=mtp)[0]
+    assert mtp.tokens == len(out) == 20
+    # per step: 1 + accepted tokens; prefill (one forward, one token) left out of tokens per forward
+    assert mtp.forwards - 1 == mtp.steps and mtp.tokens_per_forward > 1
+    assert sum(mtp.accepted) + mtp.steps >= 19
+    assert mtp.cum_acceptance_rate[0] == mtp.accepted[0] / mtp.steps
+    assert mtp.tokens_per_forward == pytest.approx((20 - 1) / mtp.steps)
+    static = Stats()   # the prefill forward yields k tokens: left out with it
+    generate(m, [p], 24, method="static@3", mask_ids=[V - 1], stats=static)
+    assert static.tokens_per_forward == 3.0
+    verified = Stats()
+    generate(m, [p], 24, method="verified@3", mask_ids=[V - 1], stats=verified)
+    assert verified.steps < verified.forwards - 1     # forwards with nothing to verify are not steps
+
+
+class FakeTokenizer:
+    """Characters as ids: enough for bench.run."""
+    stop_ids = [0]
+
+    def encode(self, text):
+        return [1 + ord(c) % (V - 5) for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+    def chat_prompt(self, q):
+        return q
+
+
+def test_bench_runs_tiny():
+    import bench
+    m = tiny(2, heads=2, residual=0.01)
+    prompts = [{"prompt": "what is 2+2?", "answer": "4"}, {"prompt": "hello there", "answer": None}, "a plain one"]
+    res = bench.run(m, FakeTokenizer(), ["ar", "mtp@3", "verified@3", "static@3"], prompts, max_new_tokens=16,
+                    options={"mask_ids": [V - 1]})
+    methods = res["methods"]
+    keys = {"tok_s", "tokens_per_forward", "speedup", "exact_match", "acceptance_rate", "cum_acceptance_rate", "nll",
+            "accuracy", "ttft_ms", "wall_s", "lossy"}
+    for name in ("ar", "mtp@3", "verified@3", "static@3"):
+        assert keys <= set(methods[name]), name
+    assert methods["ar"]["exact_match"] == 1.0 and methods["mtp@3"]["exact_match"] == 1.0
+    assert methods["verified@3"]["exact_match"] == 1.0
+    assert methods["ar"]["speedup"] == 1.0 and methods["ar"]["tokens_per_forward"] == 1.0
+    assert methods["mtp@3"]["tokens_per_forward"] > 1.0 and len(methods["mtp@3"]["acceptance_rate"]) == 3
+    assert methods["static@3"]["lossy"] and not methods["mtp@3"]["lossy"]
+    assert methods["ar"]["nll"] == pytest.approx(methods["mtp@3"]["nll"])

