@@ -222,7 +222,11 @@ def load_models(args):
         return tiny_setup(args.device, dtype, args.seed)
     import load
     if hasattr(load, "load_for_decoding"):
-        return load.load_for_decoding(args.init_from, args.device, dtype, heads=args.heads, mask=args.mask)
+        # attach only what the methods use: a gated adapter costs every forward its (zeroed) low-rank products
+        kinds = {decode.parse_method(m)[0] for m in args.methods.split(",")}
+        heads = args.heads or (None if "mtp" in kinds else "none")
+        mask = args.mask or (None if kinds & {"static", "confadapt", "verified"} else "none")
+        return load.load_for_decoding(args.init_from, args.device, dtype, heads=heads, mask=mask)
     if args.heads or args.mask:
         raise SystemExit("--heads and --mask need load.load_for_decoding, which this load.py does not have yet")
     model, tok = load.load(args.init_from, args.device, dtype)

@@ -148,6 +148,8 @@ class HeadDrafts:
             raise ValueError(f"head schedule {self.schedule} does not fit {depths} depths and {len(model.heads)} heads")
         self.model, self.depths, self.sampling, self.generator = model, depths, sampling, generator
         self.draft_vocab = draft_vocab
+        # the output rows of the draft vocabulary, gathered once (a reduced vocabulary makes each draft cheaper)
+        self.draft_head = None if draft_vocab is None else model.lm_head.weight[draft_vocab]
         dev, C = model.embed.weight.device, model.cfg.n_embd
         self.limit = max_len             # positions >= limit hold tokens that can never be emitted
         self.max_len = max_len + depths + 1
@@ -181,7 +183,7 @@ class HeadDrafts:
                                         self.tokens[:, start + d:L + d], pos, self.depth_caches[d - 1])
             self.hidden[d, :, start:L] = h
             self.done[d] = max(L - d + 1, 0)
-            logits = self.model.logits(h[:, -1], self.draft_vocab)[0]       # predicts the token at L + d
+            logits = self.model.logits(h[:, -1], self.draft_head)[0]        # predicts the token at L + d
             q = None if self.sampling.greedy else self.sampling.probs(logits)
             tok = self.sampling.pick(logits, self.generator) if q is None else \
                 torch.multinomial(q, 1, generator=self.generator)[0]
@@ -424,7 +426,10 @@ def main():
     args = parser.parse_args()
 
     from load import load_for_decoding
-    model, _, tok, options = load_for_decoding(args.init_from, args.device, args.dtype, args.heads, args.mask)
+    kind = parse_method(args.method)[0]   # attach only what the method uses
+    heads = args.heads or (None if kind == "mtp" else "none")
+    mask = args.mask or (None if kind in ("static", "confadapt", "verified") else "none")
+    model, _, tok, options = load_for_decoding(args.init_from, args.device, args.dtype, heads, mask)
     prompt = args.prompt if args.raw or not hasattr(tok, "chat_prompt") else tok.chat_prompt(args.prompt)
     ids = tok.encode(prompt)
     generator = torch.Generator(args.device).manual_seed(args.seed)

@@ -22,11 +22,9 @@ import re
 import shutil
 from pathlib import Path
 
-import gguf
 import numpy as np
 import tiktoken
 import torch
-from gguf.quants import dequantize
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -289,6 +287,7 @@ def load_hf(folder, hf):
 
 def open_gguf(path):
     try:
+        import gguf   # only GGUF sources need the package
         return gguf.GGUFReader(path)
     except Exception as e:   # the reader fails on damaged files with whatever numpy raises first
         raise ValueError(f"{path}: not a readable GGUF file, truncated or corrupt ({type(e).__name__}: {e})") from e
@@ -338,6 +337,7 @@ def unpermute(w, n_head):
 
 
 def load_gguf(path, reader=None):
+    import gguf
     reader = reader or open_gguf(path)
     arch = gguf_value(reader, "general.architecture", path)
     if arch != "llama":
@@ -346,7 +346,7 @@ def load_gguf(path, reader=None):
     for t in reader.tensors:
         shape = tuple(int(n) for n in reversed(t.shape))   # GGUF lists dimensions innermost first
         try:
-            w = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+            w = np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
         except Exception as e:
             raise ValueError(f"{path}: cannot read tensor {t.name} ({type(e).__name__}: {e})") from e
         tensors[t.name] = torch.from_numpy(w)
@@ -433,8 +433,10 @@ def load_tokenizer(folder):
 # ----------------------------------------------------------------------------------------------------------------
 # small shippable files on top of a base model: MTP heads (Paper B) and mask-token adapters (Paper A)
 
-DEFAULT_HEADS = {BUNDLED: Path(__file__).parent / "checkpoints" / "smollm2_heads.safetensors"}
-DEFAULT_MASK = {BUNDLED: Path(__file__).parent / "checkpoints" / "smollm2_mask.safetensors"}
+CHECKPOINTS = Path(__file__).parent / "checkpoints"
+# one file per trained head: 8.4 MB each in bf16 (the second one comes from looped extension of the first)
+DEFAULT_HEADS = {BUNDLED: [CHECKPOINTS / "smollm2_head1.safetensors", CHECKPOINTS / "smollm2_head2.safetensors"]}
+DEFAULT_MASK = {BUNDLED: CHECKPOINTS / "smollm2_mask.safetensors"}
 
 
 def _save_small(path, tensors, meta):
@@ -470,23 +472,30 @@ def _load_small(path, kind, model):
     return tensors, meta
 
 
-def save_heads(path, model, draft_vocab=None):
-    """The MTP heads alone (plus, optionally, token ids by frequency for a reduced draft vocabulary)."""
-    tensors = {f"heads.{k}": v for k, v in model.heads.state_dict().items()}
+def save_heads(path, model, draft_vocab=None, first=0):
+    """MTP heads first.. alone (looped extension ships only the heads it trained), plus, optionally, token ids by
+    falling frequency for a reduced draft vocabulary."""
+    tensors = {f"heads.{i - first}.{k}": v for i in range(first, len(model.heads))
+               for k, v in model.heads[i].state_dict().items()}
     if draft_vocab is not None:
         tensors["draft_vocab"] = draft_vocab
-    _save_small(path, tensors, {"format": "nanomtp-heads", "n_heads": len(model.heads), "n_embd": model.cfg.n_embd,
-                                "base_vocab_size": model.cfg.vocab_size, "n_layer": model.cfg.n_layer})
+    _save_small(path, tensors, {"format": "nanomtp-heads", "first": first, "n_heads": len(model.heads) - first,
+                                "n_embd": model.cfg.n_embd, "base_vocab_size": model.cfg.vocab_size,
+                                "n_layer": model.cfg.n_layer})
 
 
 def attach_heads(model, path):
-    """Add the heads stored in `path` to the model; returns the frequency-ordered draft vocabulary or None."""
+    """Append the heads stored in `path` to the model (files of an extension go after the ones they extend);
+    returns the frequency-ordered draft vocabulary or None."""
     tensors, meta = _load_small(path, "heads", model)
+    if meta["first"] != len(model.heads):
+        raise ValueError(f"{path}: holds heads {meta['first']}.. but the model has {len(model.heads)}: attach the "
+                         f"heads files in the order they were trained")
     draft_vocab = tensors.pop("draft_vocab", None)
     model.add_heads(meta["n_heads"], init="random")
     state = {k.removeprefix("heads."): v for k, v in tensors.items()}
     try:
-        model.heads.load_state_dict(state)
+        torch.nn.ModuleList(model.heads[meta["first"]:]).load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"{path}: heads do not fit the model ({e})") from e
     return draft_vocab
@@ -524,7 +533,8 @@ def attach_mask_adapter(model, tok, path):
 
 def load_for_decoding(source, device="cpu", dtype=None, heads=None, mask=None, draft_vocab=8192):
     """A model ready for decode.generate: the base model, plus MTP heads and/or a mask-token adapter.
-    heads / mask: a file, None for the default shipped with the project (if present), or "none".
+    heads: a file, a comma-separated list of files, None for the files shipped with the project (those present),
+    or "none"; mask: a file, None for the shipped one (if present), or "none".
     Returns (model, original, tokenizer, options for decode.generate). `original` is the model the run started
     from when that differs from the model's own next-token predictions (a fully fine-tuned mask-token checkpoint:
     its train.py --init_from), else None: heads and gated adapters leave next-token predictions untouched."""
@@ -537,13 +547,14 @@ def load_for_decoding(source, device="cpu", dtype=None, heads=None, mask=None, d
         start = read_json(Path(source) / "config.json").get("train_args", {}).get("init_from")
         if start and (start == BUNDLED or Path(start).exists()):
             original = load(start)[0].to(device=device, dtype=dtype)
-    heads = DEFAULT_HEADS.get(str(source)) if heads is None else heads
-    if heads and heads != "none" and Path(heads).is_file():
-        order = attach_heads(model, heads)
+    if heads is None:
+        files = [f for f in DEFAULT_HEADS.get(str(source), []) if f.is_file()]
+    else:
+        files = [] if heads == "none" else [Path(f) for f in str(heads).split(",")]
+    for f in files:
+        order = attach_heads(model, f)
         if order is not None and draft_vocab:
             options["draft_vocab"] = order[:draft_vocab].to(device)
-    elif heads and heads != "none" and heads != DEFAULT_HEADS.get(str(source)):
-        raise FileNotFoundError(f"{heads}: no such heads file")
     mask = DEFAULT_MASK.get(str(source)) if mask is None else mask
     if mask and mask != "none" and Path(mask).is_file():
         meta = attach_mask_adapter(model, tok, mask)

@@ -237,6 +237,8 @@ class Transformer(nn.Module):
         self.heads = nn.ModuleList(MTPHead(cfg) for _ in range(cfg.n_mtp_heads))
         if cfg.arch == "llama":
             self.register_buffer("inv_freq", rope_inv_freq(cfg).float(), persistent=False)
+        if cfg.lora_rank:
+            self.add_lora(cfg.lora_rank, cfg.lora_gated)
 
     def _apply(self, fn, recurse=True):
         # .to(dtype) / .to_empty() would cast or wipe the RoPE frequencies: they are derived, so derive them again
@@ -257,11 +259,11 @@ class Transformer(nn.Module):
         dtype = self.embed.weight.dtype
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
-    def logits(self, h, rows=None):
-        """Output head on the residual stream h. rows: optional LongTensor restricting the vocabulary (draft vocab)."""
+    def logits(self, h, weight=None):
+        """Output head on the residual stream h. weight: optional rows of the output matrix (a draft vocabulary)."""
         h = self.norm(h)
-        if rows is not None:
-            return F.linear(h, self.lm_head.weight[rows])
+        if weight is not None:
+            return F.linear(h, weight)
         logits = self.lm_head(h)
         if self.cfg.mask_token_ids:   # mask tokens are inputs only (appended last): never predict one
             logits[..., self.cfg.mask_token_ids[0]:] = float("-inf")

@@ -282,7 +282,8 @@ def main(argv=None):
         if args.mode == "mask":
             save_mask_adapter(args.export, model, meta={"k_max": args.k_max})
         else:
-            save_heads(args.export, model, draft_vocab=data_frequencies(data))
+            first = len(model.heads) - args.n_heads if args.mode == "extend" else 0   # ship what this run trained
+            save_heads(args.export, model, draft_vocab=data_frequencies(data), first=first)
         print(f"exported {args.export} ({os.path.getsize(args.export) / 1e6:.1f} MB)")
     return model
 

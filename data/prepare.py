@@ -324,4 +324,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as e:   # bad input: the message names the file and the problem
+        sys.exit(f"error: {e}")
