@@ -14,7 +14,6 @@ Llama, any guessing. Every architectural number comes from the checkpoint's own 
 explicit name table with shape checks, and anything unexpected raises an error that names the file.
 """
 
-import base64
 import importlib.metadata
 import json
 import os
@@ -28,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model import Config, Transformer, rope_inv_freq
+from model import Config, Transformer
 
 BUNDLED = "smollm2"
 CHATML_START, CHATML_END = "<|im_start|>", "<|im_end|>"

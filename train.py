@@ -167,15 +167,14 @@ def lr_at(step, args):
 # ----------------------------------------------------------------------------------------------------------------
 # one batch -> loss
 
-def loss_fn(model, teacher, batch, args, generator, heads_to_train=None):
+def loss_fn(model, teacher, batch, args, generator):
     x, y, m = batch
     idx = torch.cat([x[:, :1], y], dim=1)                            # (B, T+1) the whole window
     mask = torch.cat([torch.zeros_like(m[:, :1]), m], dim=1) if args.answers_only else None
     if args.mode != "mask":
         cfg = distill.MTPLossConfig(args.alpha, args.beta, args.top_n or None, args.kl_direction,
                                     main_loss=args.mode == "scratch")
-        schedule = list(range(len(model.heads)))
-        return distill.mtp_loss(model, idx, mask, cfg, heads=len(model.heads), schedule=schedule)
+        return distill.mtp_loss(model, idx, mask, cfg)       # every head, depth d trained on module d-1
     k = args.k_max if args.k_fixed else int(torch.randint(2, args.k_max + 1, (), generator=generator))
     n_regions = max(1, idx.size(1) // (2 * args.k_max))              # Paper A: N / (2 k_max) regions
     packed = distill.pack_batch(idx.cpu(), k, n_regions, model.cfg.mask_token_ids, generator)

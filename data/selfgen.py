@@ -17,7 +17,6 @@ tokenizing to files, splitting (data/prepare.py), the decoding loop itself (deco
 
 import math
 
-import torch
 from tqdm import tqdm
 
 SENTINEL = "\u2063QUESTION\u2063"   # stands for the user's text, to cut the template right where it would begin

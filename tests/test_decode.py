@@ -139,7 +139,7 @@ def test_verified_greedy_equals_ar(k, mask_ids):
             m = tiny(seed, heads=2, residual=residual)      # the same model as case's, free to change
             assert generate(m, [p], 24, method=f"verified@{k}", mask_ids=mask_ids) == ref   # the model as is
             with_mask_oracle(m, mask_ids, p + ref[0])                                       # good drafts
-            assert generate(m, [p], 24, method=f"verified@{k}", mask_ids=mask_ids, stats=stats) == ref, (seed, n)
+            assert generate(m, [p], 24, method=f"verified@{k}", mask_ids=mask_ids, stats=stats) == ref, (seed, k)
     assert_exercised(stats, depths=k - 1)
 
 

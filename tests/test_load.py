@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
 import load
+from model import rope_inv_freq
 from conftest import SAMPLE_TEXTS, finish_gguf, gguf_with_tokenizer
 
 V = 704          # the tiny tokenizer has 700 tokens: the models are padded a little, as real ones often are
@@ -103,7 +104,7 @@ def test_rope_scaling_matters(tmp_path, tiny_bpe):
     """The scaled-rope tests above would be vacuous if scaling changed nothing at these positions."""
     hf = hf_llama(tmp_path, tiny_bpe, **LLAMAS["llama3-rope"])
     model, _ = load.load(tmp_path)
-    model.inv_freq = load.rope_inv_freq(load.Config(**{**model.cfg.to_dict(), "rope_scaling": None})).float()
+    model.inv_freq = rope_inv_freq(load.Config(**{**model.cfg.to_dict(), "rope_scaling": None})).float()
     with pytest.raises(AssertionError):
         assert_same_logits(hf, model, offset=3000)
 
