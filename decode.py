@@ -1,5 +1,5 @@
 """
-Generation: one `generate` loop, decoding methods as small strategies.
+Generation: one `generate` loop, decoding methods as small strategies, every step of fixed shape.
 
 - `ar`            plain autoregressive decoding, batched, one token per forward.
 - `mtp@D`         Paper B: the MTP heads draft D tokens, the main model verifies them in one forward. Lossless:
@@ -10,20 +10,37 @@ Generation: one `generate` loop, decoding methods as small strategies.
 - `verified@K`    mask-token drafts checked by the model's own next-token predictions in the next forward.
                   Lossless with respect to the mask-token model's own one-token-at-a-time decoding.
 
-Every strategy keeps a static KV cache (model.py): a token's keys live in slot = its position, a query sees slots up to
-its own position, so rejected drafts and mask tokens need no rollback - they are simply overwritten later.
+The engine. Every strategy keeps a static KV cache (model.py): a token's keys live in slot = its position and a query
+sees slots up to its own position, so rejected drafts, mask tokens and padding need no rollback: they are overwritten
+later. That makes every decoding step the same shape: a strategy feeds its forward `query_len` tokens at a time,
+padding with tokens beyond the position that nothing sees, and keeps its state (tokens, positions, hidden states) in
+device buffers. On CUDA each step is captured once into a CUDA graph and replayed (`Graph`), so a step costs one
+replay and one host read-back instead of ~1,200 kernel launches; `compile=True` also runs the model through
+torch.compile. Prefill runs eagerly. On the CPU the same step code runs eagerly.
+
+bf16: a token's logits from a 1-token forward and from a 4-token forward round differently, so a verify forward
+(D+1 tokens) would drift from plain greedy (1 token). Rows are bitwise identical when the query length is the same,
+so `ar` takes `query_len`: `ar` padded to a method's query length is that method's bit-exact reference
+(`Strategy.query_len`, bench.py's exact-match column).
+
 Speculative methods decode one sequence at a time (batch 1); `ar` batches. Nothing here trains or measures speed
-(bench.py does); each call can fill a `Stats` with forwards and per-depth acceptance.
+(bench.py does); each call can fill a `Stats` with forwards and per-depth acceptance, and a `trace` with how each
+token was produced.
 
 CLI: python decode.py --init_from smollm2 --prompt "What is the capital of France?" [--method mtp@3]
 """
 
 import argparse
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# A step feeds at most this many tokens; caches hold this many slots beyond the last position a step may write, so
+# every strategy built for the same max_len has the same cache length (bit-identical attention in bf16).
+MAX_QUERY = 64
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -41,8 +58,6 @@ class Sampling:
 
     def probs(self, logits):
         """The distribution we sample from: softmax(logits / T) after top-k and top-p truncation. (..., V)"""
-        if self.greedy:  # a point mass on the argmax: lets the exact-sampling code double as the greedy code
-            return torch.nn.functional.one_hot(logits.argmax(-1), logits.size(-1)).float()
         logits = logits.float() / self.temperature
         if self.top_k is not None:
             kth = torch.topk(logits, min(self.top_k, logits.size(-1)), dim=-1).values[..., -1:]
@@ -86,7 +101,8 @@ def verify(drafts, draft_probs, target_logits, sampling, generator=None):
 class Stats:
     """Counters filled by generate. Tokens and forwards count everything (prefill included); tokens per forward
     leaves out the prefill forwards and the tokens they yield, as DESIGN.md "Metrics" defines it, so `ar` has
-    exactly one. Acceptance counts only steps that checked at least one draft."""
+    exactly one. A batched forward counts once per row still decoding. Acceptance counts only steps that checked at
+    least one draft."""
     tokens: int = 0
     forwards: int = 0
     prefills: int = 0                                  # prompts decoded (one prefill forward each)
@@ -97,8 +113,8 @@ class Stats:
     reached: list = field(default_factory=list)        # reached[d]: steps where depths 1..d+1 were all accepted
 
     def record(self, n_drafts, n_accepted):
-        while len(self.proposed) < n_drafts:
-            self.proposed.append(0), self.accepted.append(0), self.reached.append(0)
+        for counts in (self.proposed, self.accepted, self.reached):
+            counts.extend([0] * (n_drafts - len(counts)))
         if n_drafts == 0:      # a forward with nothing to verify (verified@K after a rejection) is not a step
             return
         self.steps += 1
@@ -122,132 +138,258 @@ class Stats:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# strategies: prefill(prompt) -> first tokens; step() -> tokens from one more main-model forward
+# the engine: fixed-shape steps, replayed from CUDA graphs
 
-def _tensor(ids, device):
-    return torch.tensor(ids, dtype=torch.long, device=device)[None]
+class Graph:
+    """`fn()` reads and writes only tensors allocated before the first call (static buffers, caches) and returns
+    tensors. Eagerly, it simply runs. On CUDA its first call captures it into a CUDA graph (after warm-up runs, which
+    compile and autotune), every call replays it; the returned tensors are the graph's own buffers, rewritten by the
+    next replay. `fn` must be idempotent: warm-up runs it more than once on the same state."""
+
+    def __init__(self, fn, enabled):
+        self.fn, self.enabled, self.graph, self.out = fn, enabled, None, None
+
+    def __call__(self):
+        if not self.enabled:
+            return self.fn()
+        if self.graph is None:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self.fn()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self.fn()
+        self.graph.replay()
+        return self.out
 
 
-def _positions(start, n, device):
-    return torch.arange(start, start + n, device=device)[None]
+_compiled = weakref.WeakKeyDictionary()
 
 
-class HeadDrafts:
-    """Paper B: MTP heads draft `depths` tokens, the main model verifies them.
+def compiled(model):
+    """(forward, head_forward) of `model` through torch.compile, built once per model so that every strategy shares
+    the kernels: a verify forward and `ar` padded to the same length then run the same code (bit-identical bf16)."""
+    if model not in _compiled:
+        _compiled[model] = (torch.compile(model.forward, fullgraph=True, dynamic=False),
+                            torch.compile(model.head_forward, fullgraph=True, dynamic=False))
+    return _compiled[model]
 
-    Depth d runs MTP module schedule[d-1] on (depth d-1's hidden state at position i, token at i+d) and predicts the
-    token at i+d+1. Each depth has its own KV cache and a buffer of its hidden states, both indexed by position.
-    A depth's state at position i is final once the token at i+d is known for certain; positions past that were
-    computed from drafts and are recomputed on the next step."""
 
-    def __init__(self, model, max_len, depths, schedule=None, draft_vocab=None, sampling=Sampling(), generator=None):
+class Strategy:
+    """What every method shares: the static buffers, the model's (possibly compiled) functions, graph or eager."""
+
+    def __init__(self, model, batch_size, max_len, query_len, sampling, generator, graphs, compile):
+        if query_len > MAX_QUERY:
+            raise ValueError(f"a step of {query_len} tokens exceeds MAX_QUERY={MAX_QUERY}")
+        self.model, self.sampling, self.generator = model, sampling, generator
+        self.max_len, self.query_len = max_len, query_len
+        self.device = model.embed.weight.device
+        self.cache_len = max_len + 2 * MAX_QUERY
+        # tokens past the model's context are never emitted; their positions are clamped to keep GPT-2's table happy
+        self.last_pos = model.cfg.max_seq_len - 1
+        self.tokens = torch.zeros(batch_size, self.cache_len, dtype=torch.long, device=self.device)
+        self.forward, self.head_forward = compiled(model) if compile else (model.forward, model.head_forward)
+        self.graphs = self.device.type == "cuda" if graphs is None else graphs
+
+    def positions(self, pos):
+        return pos.clamp_max(self.last_pos)
+
+
+class Autoregressive(Strategy):
+    """Plain decoding of a batch, one token per forward; the reference every other method is compared with.
+    Each step feeds every row's newest token followed by query_len-1 pads (bf16 reference for a method that feeds
+    query_len tokens; 1 is the fastest plain decoding)."""
+
+    def __init__(self, model, max_len, sampling=Sampling(), generator=None, batch_size=1, query_len=1, graphs=None,
+                 compile=False):
+        super().__init__(model, batch_size, max_len, query_len, sampling, generator, graphs, compile)
+        self.rows = torch.arange(batch_size, device=self.device)
+        self.offsets = torch.arange(query_len, device=self.device)
+        self.newest = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # each row's newest token
+        self.caches, _ = model.make_caches(batch_size, self.cache_len)
+        self.next_logits = Graph(self._next_logits, self.graphs)
+
+    def _next_logits(self):
+        pos = self.newest[:, None] + self.offsets                  # (B, query_len): the newest token, then pads
+        return self.forward(self.tokens.gather(1, pos), self.positions(pos), self.caches)[:, 0]
+
+    def prefill(self, prompts):
+        """prompts: B lists of ids, right-padded into one eager forward; returns the first token of each row (B,)."""
+        lens = torch.tensor([len(p) for p in prompts], device=self.device)
+        for b, p in enumerate(prompts):
+            self.tokens[b, :len(p)] = torch.tensor(p, device=self.device)
+        n = int(lens.max())
+        h = self.model.hidden(self.tokens[:, :n], self.model.default_pos(self.tokens[:, :n]), self.caches)
+        self.newest.copy_(lens - 1)
+        return self.advance(self.model.logits(h[self.rows, lens - 1]))
+
+    def step(self):
+        return self.advance(self.next_logits())
+
+    def advance(self, logits):
+        nxt = self.sampling.pick(logits, self.generator)
+        self.newest += 1              # in place: the captured graph reads this tensor
+        self.tokens[self.rows, self.newest] = nxt
+        return nxt
+
+
+class HeadDrafts(Strategy):
+    """Paper B: the MTP heads draft `depths` tokens, the main model verifies them in one forward.
+
+    Positions, with L the newest token (known for certain, not yet in the main cache):
+
+        tokens    ... t[L-1]  t[L]  | t[L+1] ... t[L+D]      drafts, written by depths 1..D
+        depth 0   ... h0[L-1]       |                        main hidden states, final up to L-1
+        depth d   position i reads h[d-1][i] and t[i+d], predicts t[i+d+1]; its state at L-1 drafts t[L+d]
+
+    Depth d runs MTP module schedule[d-1] (a looped schedule reuses the last head). A depth's state at position i is
+    final once t[i+d] is; after a step accepting n of D drafts, at most n+d positions of depth d are not, so every
+    depth recomputes a fixed window of the last 2D positions before L (recomputing final ones changes nothing),
+    which keeps the step one shape. Then one forward of t[L..L+D] verifies: it accepts the longest run of drafts
+    that equal the main model's argmax and adds the main model's own next token."""
+    speculative = True
+
+    def __init__(self, model, max_len, depths, schedule=None, draft_ids=None, sampling=Sampling(), generator=None,
+                 graphs=None, compile=False):
         if len(model.heads) == 0:
             raise ValueError("method mtp needs a model with MTP heads (train.py --mode heads, or --heads FILE)")
+        super().__init__(model, 1, max_len, depths + 1, sampling, generator, graphs, compile)
         self.schedule = schedule or [min(d, len(model.heads) - 1) for d in range(depths)]  # loop the last head
         if len(self.schedule) != depths or max(self.schedule) >= len(model.heads):
             raise ValueError(f"head schedule {self.schedule} does not fit {depths} depths and {len(model.heads)} heads")
-        self.model, self.depths, self.sampling, self.generator = model, depths, sampling, generator
-        self.draft_vocab = draft_vocab
+        self.depths, self.window = depths, 2 * depths
         # the output rows of the draft vocabulary, gathered once (a reduced vocabulary makes each draft cheaper)
-        self.draft_head = None if draft_vocab is None else model.lm_head.weight[draft_vocab]
-        dev, C = model.embed.weight.device, model.cfg.n_embd
-        self.limit = max_len             # positions >= limit hold tokens that can never be emitted
-        self.max_len = max_len + depths + 1
-        self.caches, self.depth_caches = model.make_caches(1, self.max_len, n_depths=depths)
-        self.hidden = torch.zeros(depths + 1, 1, self.max_len, C, device=dev, dtype=model.embed.weight.dtype)
-        self.tokens = torch.zeros(1, self.max_len, dtype=torch.long, device=dev)
-        self.done = [0] * (depths + 1)   # done[d]: positions 0..done[d]-1 of depth d are final
+        self.draft_ids = draft_ids
+        self.draft_head = None if draft_ids is None else model.lm_head.weight[draft_ids]
+        self.newest = torch.zeros((), dtype=torch.long, device=self.device)              # L
+        self.hidden = torch.zeros(1, self.cache_len, model.cfg.n_embd, device=self.device, dtype=model.embed.weight.dtype)
+        self.caches, self.depth_caches = model.make_caches(1, self.cache_len, n_depths=depths)
+        self.window_offsets = torch.arange(self.window, device=self.device)
+        self.step_offsets = torch.arange(depths + 1, device=self.device)
+        self.greedy_step = Graph(self._greedy_step, self.graphs and sampling.greedy)
 
     def prefill(self, prompt):
         n = len(prompt)
-        self.tokens[0, :n] = _tensor(prompt, self.tokens.device)
-        h = self.model.hidden(self.tokens[:, :n], _positions(0, n, self.tokens.device), self.caches)
-        self.hidden[0, :, :n] = h
-        self.L = n                       # position of the newest token known for certain (not yet in the cache)
-        x = int(self.sampling.pick(self.model.logits(h[0, -1]), self.generator))
+        self.tokens[0, :n] = torch.tensor(prompt, device=self.device)
+        pos = torch.arange(n, device=self.device)[None]
+        h = self.model.hidden(self.tokens[:, :n], pos, self.caches)
+        self.hidden[:, :n] = h
+        x = self.sampling.pick(self.model.logits(h[0, -1]), self.generator)
         self.tokens[0, n] = x
-        return [x]
-
-    def depths_now(self):
-        """Draft depths this step: fewer near the end, so no position reaches the limit (GPT-2's learned position
-        table ends at max_seq_len). The loop stops once position limit-1 is known, so L <= limit-2 here: D >= 1."""
-        return min(self.depths, self.limit - 1 - self.L)
+        self.newest.fill_(n)
+        for d in range(1, self.depths + 1):   # the heads' caches over the prompt; the last positions are redone later
+            h = self.head_forward(self.schedule[d - 1], h, self.tokens[:, d:n + d], pos, self.depth_caches[d - 1])
+        return [int(x)]
 
     def draft(self):
-        L, D = self.L, self.depths_now()
-        probs = []
-        for d in range(1, D + 1):
-            start = self.done[d]
-            pos = _positions(start, L - start, self.tokens.device)
-            h = self.model.head_forward(self.schedule[d - 1], self.hidden[d - 1, :, start:L],
-                                        self.tokens[:, start + d:L + d], pos, self.depth_caches[d - 1])
-            self.hidden[d, :, start:L] = h
-            self.done[d] = max(L - d + 1, 0)
-            logits = self.model.logits(h[:, -1], self.draft_head)[0]        # predicts the token at L + d
-            q = None if self.sampling.greedy else self.sampling.probs(logits)
-            tok = self.sampling.pick(logits, self.generator) if q is None else \
-                torch.multinomial(q, 1, generator=self.generator)[0]
-            if self.draft_vocab is not None:   # back to full-vocabulary ids (and distributions)
-                tok = self.draft_vocab[tok]
-                if q is not None:
-                    q = torch.zeros(self.model.cfg.vocab_size, device=q.device).index_copy_(0, self.draft_vocab, q)
-            self.tokens[0, L + d] = tok
-            probs.append(q)
-        return self.tokens[0, L + 1:L + D + 1], None if self.sampling.greedy else torch.stack(probs)
+        """Depths 1..D in turn, each on the window; writes t[L+1..L+D]. Returns (drafts, their distributions or None)."""
+        L = self.newest
+        start = (L - self.window).clamp_min(0)
+        pos = start + self.window_offsets                         # (W,)
+        row = L - 1 - start                                       # the window row of position L-1
+        h, probs = self.hidden[:, pos], []
+        for d in range(1, self.depths + 1):
+            h = self.head_forward(self.schedule[d - 1], h, self.tokens[:, pos + d], self.positions(pos)[None],
+                                  self.depth_caches[d - 1])
+            logits = self.model.logits(h[0, row], self.draft_head)                     # predicts t[L+d]
+            if self.sampling.greedy:
+                tok = logits.argmax(-1)
+            else:
+                q = self.sampling.probs(logits)
+                tok = torch.multinomial(q, 1, generator=self.generator)[0]
+                if self.draft_ids is not None:   # back to a full-vocabulary distribution
+                    q = torch.zeros(self.model.cfg.vocab_size, device=q.device).index_copy_(0, self.draft_ids, q)
+                probs.append(q)
+            self.tokens[0, L + d] = tok if self.draft_ids is None else self.draft_ids[tok]
+        return self.tokens[0, L + 1 + self.step_offsets[:-1]], torch.stack(probs) if probs else None
+
+    def check(self):
+        """The verify forward over t[L..L+D]; stores its hidden states (rows past the accepted ones are rewritten
+        before anything reads them). Returns the main model's logits (D+1, V)."""
+        pos = self.newest + self.step_offsets
+        logits, h = self.forward(self.tokens[:, pos], self.positions(pos)[None], self.caches, return_hidden=True)
+        self.hidden[:, pos] = h
+        return logits[0]
+
+    def _greedy_step(self):
+        drafts, _ = self.draft()
+        target = self.check().argmax(-1)
+        n = (drafts == target[:-1]).long().cumprod(0).sum()
+        self.tokens[0, self.newest + n + 1] = target[n]
+        return torch.cat([n[None], self.tokens[0, self.newest + 1 + self.step_offsets]])   # n, t[L+1..L+D+1]
 
     def step(self):
-        L, D = self.L, self.depths_now()
-        drafts, q = self.draft()
-        logits, h = self.model(self.tokens[:, L:L + D + 1], _positions(L, D + 1, self.tokens.device), self.caches,
-                               return_hidden=True)
-        n, nxt = verify(drafts, q, logits[0], self.sampling, self.generator)
-        self.hidden[0, :, L:L + n + 1] = h[:, :n + 1]
-        self.tokens[0, L + n + 1] = nxt
-        self.L = L + n + 1
-        self.done[0] = self.L
-        return self.tokens[0, L + 1:self.L + 1].tolist(), (D, n)
+        if self.sampling.greedy:
+            out = self.greedy_step().tolist()                         # the step's one host read-back
+            n, new = out[0], out[1:out[0] + 2]
+        else:
+            drafts, q = self.draft()
+            n, nxt = verify(drafts, q, self.check(), self.sampling, self.generator)
+            new = drafts[:n].tolist() + [nxt]
+            self.tokens[0, self.newest + n + 1] = nxt
+        self.newest += n + 1
+        return new, (self.depths, n)
 
 
-class MaskDrafts:
+class MaskDrafts(Strategy):
     """Paper A: k-1 mask tokens after the text make one forward predict k tokens.
 
-    Each forward feeds the tokens that are not yet in the cache, then the masks; the masks' cache slots are
-    overwritten by real tokens in the next forward. tau=None emits all k predictions (static-k), a float emits the
-    leading ones whose top-1 probability is at least tau (ConfAdapt, at least one); both are lossy. verify=True
-    treats the mask predictions as drafts instead, checked by the model's own next-token predictions in the next
+    Each step feeds the tokens not yet in the cache (`fed`), then the masks, padded to 2k-1 tokens; the masks' cache
+    slots are overwritten by real tokens in the next step. tau=None emits all k predictions (static-k), a float emits
+    the leading ones whose top-1 probability is at least tau (ConfAdapt, at least one); both are lossy. checked=True
+    treats the mask predictions as drafts instead, verified by the model's own next-token predictions in the next
     forward (the fed tokens come before the masks, so those predictions never see a mask)."""
 
-    def __init__(self, model, max_len, mask_ids, k, tau=None, verify=False, sampling=Sampling(), generator=None):
+    def __init__(self, model, max_len, mask_ids, k, tau=None, checked=False, sampling=Sampling(), generator=None,
+                 graphs=None, compile=False):
         if k < 2:
             raise ValueError(f"mask-token decoding needs k >= 2, got {k}")
+        super().__init__(model, 1, max_len, 2 * k - 1, sampling, generator, graphs, compile)
         self.mask_ids = list(mask_ids) if len(mask_ids) > 1 else list(mask_ids) * (k - 1)  # shared or distinct
         if len(self.mask_ids) < k - 1:
             raise ValueError(f"{len(mask_ids)} distinct mask tokens cannot make k={k}")
         self.mask_ids = self.mask_ids[:k - 1]
-        self.model, self.k, self.tau, self.check = model, k, tau, verify
-        self.sampling, self.generator = sampling, generator
-        self.caches, _ = model.make_caches(1, max_len + 2 * k)
-        self.limit = max_len             # as in HeadDrafts: no mask at a position whose prediction is never emitted
-        self.device = model.embed.weight.device
+        self.k, self.tau, self.checked = k, tau, checked
+        self.speculative = checked
+        self.caches, _ = model.make_caches(1, self.cache_len)
+        self.inputs = torch.zeros(2, self.query_len, dtype=torch.long, device=self.device)  # ids, positions
+        self.step_logits = Graph(self._step_logits, self.graphs)
+
+    def _step_logits(self):
+        return self.forward(self.inputs[:1], self.positions(self.inputs[1:]), self.caches)[0]
+
+    def logits(self, ids):
+        """Logits (len(ids), V) of a forward of ids at positions newest.., padded to query_len where it fits."""
+        n = len(ids)
+        if n > self.query_len:                                    # prefill: eager, its own length
+            pos = torch.arange(self.newest, self.newest + n, device=self.device)[None]
+            return self.forward(torch.tensor([ids], device=self.device), self.positions(pos), self.caches)[0]
+        pad = self.query_len - n
+        self.inputs.copy_(torch.tensor([ids + self.mask_ids[:1] * pad,
+                                        list(range(self.newest, self.newest + self.query_len))]))
+        return self.step_logits()[:n]
 
     def prefill(self, prompt):
-        self.L, self.fed, self.drafts, self.q = 0, list(prompt), [], None
-        return self.step()[0]
+        # verified@K prefills the prompt alone, as plain decoding does, so its cache rows match ar's bit for bit
+        self.newest, self.fed, self.drafts, self.q = 0, list(prompt), [], None
+        return self.step(with_masks=not self.checked)[0]
 
-    def step(self):
+    def step(self, with_masks=True):
         fed, m = self.fed, len(self.drafts)
-        masks = self.mask_ids[:max(0, min(self.k - 1, self.limit - 1 - self.L - len(fed)))]  # fewer near the end
-        ids = _tensor(fed + masks, self.device)
-        logits = self.model(ids, _positions(self.L, ids.size(1), self.device), self.caches)[0]
+        masks = self.mask_ids if with_masks else []
+        logits = self.logits(fed + masks)
         # row i < len(fed): the next token after fed[i]; the last 1 + len(masks) rows: the tokens after the fed text
         ahead = logits[len(fed) - 1:]
-        if not self.check:
-            self.L += len(fed)
+        if not self.checked:
+            self.newest += len(fed)
             self.fed = self.emit(ahead)
             return self.fed, (len(masks), len(self.fed) - 1)    # "accepted" = predictions kept beyond the first
-        n, nxt = verify(_tensor(self.drafts, self.device)[0], self.q, logits[len(fed) - 1 - m:len(fed)],
+        n, nxt = verify(torch.tensor(self.drafts, device=self.device), self.q, logits[len(fed) - 1 - m:len(fed)],
                         self.sampling, self.generator)
-        self.L += len(fed) - m + n            # the fed tokens up to the last accepted draft are now in the cache
+        self.newest += len(fed) - m + n        # the fed tokens up to the last accepted draft are now in the cache
         out = self.drafts[:n] + [nxt]
         self.drafts, self.q = [], None
         if n == m and masks:                   # the masks followed an accepted text: their predictions are drafts
@@ -267,28 +409,6 @@ class MaskDrafts:
         return tokens[:max(1, int(confident.long().cumprod(0).sum()))].tolist()
 
 
-class Autoregressive:
-    """Plain decoding, one token per forward; the reference every other method is compared with."""
-
-    def __init__(self, model, max_len, sampling=Sampling(), generator=None):
-        self.model, self.sampling, self.generator = model, sampling, generator
-        self.caches, _ = model.make_caches(1, max_len)
-
-    def prefill(self, prompt):
-        self.L = len(prompt)
-        logits = self.model(_tensor(prompt, self.caches[0].k.device), _positions(0, self.L, self.caches[0].k.device),
-                            self.caches)
-        self.x = int(self.sampling.pick(logits[0, -1], self.generator))
-        return [self.x]
-
-    def step(self):
-        dev = self.caches[0].k.device
-        logits = self.model(_tensor([self.x], dev), _positions(self.L, 1, dev), self.caches)
-        self.L += 1
-        self.x = int(self.sampling.pick(logits[0, -1], self.generator))
-        return [self.x], None
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # the one generate
 
@@ -303,56 +423,69 @@ def parse_method(name):
     return kind, float(arg) if kind == "confadapt" else int(arg)
 
 
-def make_strategy(model, method, max_len, sampling, generator=None, schedule=None, draft_vocab=None, mask_ids=None,
-                  k_max=16):
+def make_strategy(model, method, max_len, sampling=Sampling(), generator=None, schedule=None, draft_ids=None,
+                  mask_ids=None, k_max=16, batch_size=1, query_len=1, graphs=None, compile=False):
+    """A strategy for `method` with buffers for prompt + new tokens of up to max_len positions. Build one and pass it
+    to generate as `method` to keep its CUDA graphs across calls. query_len: ar's padded step length."""
     kind, value = parse_method(method)
+    engine = dict(sampling=sampling, generator=generator, graphs=graphs, compile=compile)
     if kind == "ar":
-        return Autoregressive(model, max_len, sampling, generator)
+        return Autoregressive(model, max_len, batch_size=batch_size, query_len=query_len, **engine)
     if kind == "mtp":
-        return HeadDrafts(model, max_len, value, schedule, draft_vocab, sampling, generator)
+        return HeadDrafts(model, max_len, value, schedule, draft_ids, **engine)
     if not mask_ids:
         raise ValueError(f"method {method} needs a mask-token model (train.py --mode mask) and its mask token ids")
     if kind == "confadapt":
-        return MaskDrafts(model, max_len, mask_ids, k_max, tau=value, sampling=sampling, generator=generator)
-    return MaskDrafts(model, max_len, mask_ids, value, verify=kind == "verified", sampling=sampling,
-                      generator=generator)
+        return MaskDrafts(model, max_len, mask_ids, k_max, tau=value, **engine)
+    return MaskDrafts(model, max_len, mask_ids, value, checked=kind == "verified", **engine)
 
 
 # cuDNN attention builds a plan for every new (query length, key length) pair, 40-400 ms each on an H100; decoding meets
-# new lengths with every prompt and draft depth, so generate keeps to the kernels that need none.
+# new lengths with every prompt, so generate keeps to the kernels that need none.
 DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @torch.no_grad()
 @sdpa_kernel(DECODE_ATTENTION)
 def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=(), generator=None,
-             method="ar", stats=None, **method_options):
+             method="ar", stats=None, trace=None, **method_options):
     """Generate up to max_new_tokens after each prompt (lists of token ids); returns the new tokens of each prompt,
     ending with the stop token where one was produced. `ar` decodes the prompts as one batch; every other method
-    decodes them one at a time. method_options go to make_strategy (schedule, draft_vocab, mask_ids, k_max)."""
-    sampling = Sampling(temperature, top_k, top_p)
+    decodes them one at a time. `method` is a name (method_options go to make_strategy) or a strategy built by
+    make_strategy (its sampling and generator are used). `trace`, a list, gets per prompt one label per output
+    token: 0 = from the main model, d >= 1 = an accepted draft of depth d or a kept mask prediction d."""
     longest = max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0:
         raise ValueError("empty prompt: generation needs at least one token to condition on")
     if longest + max_new_tokens > model.cfg.max_seq_len:
         raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's "
                          f"context of {model.cfg.max_seq_len} tokens")
-    if method == "ar" and len(prompts) > 1:
-        return _generate_batch(model, prompts, max_new_tokens, sampling, set(stop_ids), generator, stats)
+    strategy = method
+    if isinstance(method, str):
+        batch = len(prompts) if parse_method(method)[0] == "ar" else 1
+        strategy = make_strategy(model, method, longest + max_new_tokens, Sampling(temperature, top_k, top_p),
+                                 generator, batch_size=batch, **method_options)
+    if longest + max_new_tokens > strategy.max_len:
+        raise ValueError(f"a prompt of {longest} tokens plus {max_new_tokens} new ones exceeds the {strategy.max_len} "
+                         "positions this strategy was built for")
+    if isinstance(strategy, Autoregressive):
+        return _generate_batch(strategy, prompts, max_new_tokens, set(stop_ids), stats, trace)
     outs = []
     for prompt in prompts:
-        strategy = make_strategy(model, method, len(prompt) + max_new_tokens, sampling, generator, **method_options)
         out = strategy.prefill(prompt)
-        first = len(out)
-        forwards = 1
+        labels, first, forwards = list(range(len(out))), len(out), 1
         while not _finished(out, max_new_tokens, stop_ids):
             new, accepted = strategy.step()
             out += new
             forwards += 1
+            # speculative: the accepted drafts, then the main model's token; mask methods: predictions 0, 1, ...
+            labels += [*range(1, len(new)), 0] if strategy.speculative else list(range(len(new)))
             if stats is not None and accepted is not None:
                 stats.record(*accepted)
         out = _truncate(out, max_new_tokens, stop_ids)
         outs.append(out)
+        if trace is not None:
+            trace.append(labels[:len(out)])
         if stats is not None:
             stats.tokens += len(out)
             stats.forwards += forwards
@@ -372,35 +505,30 @@ def _truncate(out, max_new_tokens, stop_ids):
     return out[:max_new_tokens]
 
 
-def _generate_batch(model, prompts, max_new_tokens, sampling, stop_ids, generator, stats):
-    """Batched plain decoding. Prompts are right-padded; every row writes its cache at its own positions, so the
-    padding's slots are simply overwritten by that row's generated tokens."""
-    B, device = len(prompts), model.embed.weight.device
-    lens = torch.tensor([len(p) for p in prompts], device=device)
-    idx = torch.zeros(B, int(lens.max()), dtype=torch.long, device=device)
-    for b, p in enumerate(prompts):
-        idx[b, :len(p)] = torch.tensor(p, device=device)
-    caches, _ = model.make_caches(B, idx.size(1) + max_new_tokens)
-    h = model.hidden(idx, model.default_pos(idx), caches)
-    logits = model.logits(h[torch.arange(B, device=device), lens - 1])      # (B, V): only the last real position
-    stop = torch.tensor(sorted(stop_ids) or [-1], device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    out = []
-    for i in range(max_new_tokens):
-        tok = sampling.pick(logits, generator)                                # (B,)
-        out.append(torch.where(done, -1, tok))
-        done |= torch.isin(tok, stop)
-        if i == max_new_tokens - 1 or bool(done.all()):
+def _generate_batch(strategy, prompts, max_new_tokens, stop_ids, stats, trace):
+    """Plain decoding of a batch: one row per prompt, each at its own positions; a row stops at its stop token."""
+    B = len(prompts)
+    if B != strategy.tokens.size(0):
+        raise ValueError(f"{B} prompts for a strategy built for batch size {strategy.tokens.size(0)}")
+    out = [strategy.prefill(prompts)]
+    live, forwards = torch.ones(B, dtype=torch.bool, device=strategy.device), 0
+    stop = torch.tensor(sorted(stop_ids) or [-1], device=strategy.device)
+    for _ in range(max_new_tokens - 1):
+        live &= ~torch.isin(out[-1], stop)
+        n_live = int(live.sum())                                  # the step's one host read-back
+        if n_live == 0:
             break
-        logits = model(tok[:, None], (lens + i)[:, None], caches)[:, 0]
-    out = torch.stack(out, 1).tolist()
-    outs = [[t for t in row if t >= 0] for row in out]
+        forwards += n_live
+        out.append(torch.where(live, strategy.step(), -1))
+    rows = [[t for t in row if t >= 0] for row in torch.stack(out, 1).tolist()]
+    if trace is not None:
+        trace.extend([0] * len(row) for row in rows)
     if stats is not None:
-        stats.tokens += sum(map(len, outs))
-        stats.forwards += len(out[0]) * B
+        stats.tokens += sum(map(len, rows))
+        stats.forwards += forwards + B
         stats.prefills += B
         stats.prefill_tokens += B
-    return outs
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------

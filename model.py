@@ -138,6 +138,15 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+def attention_mask(pos, cache=None, mask=None):
+    """The (B, T, S) "may attend" matrix: `mask` when given, else a query sees the keys at or before its position
+    (the cache's slots, or the other inputs when there is no cache). Built once per forward, shared by the layers."""
+    if mask is not None:
+        return mask
+    key_pos = pos if cache is None else torch.arange(cache.k.size(1), device=pos.device)[None, :]
+    return key_pos[:, None, :] <= pos[:, :, None]
+
+
 def make_caches(cfg, n_layer, batch_size, max_len, device, dtype):
     return [KVCache(batch_size, max_len, cfg.n_kv_head, cfg.head_dim, device, dtype) for _ in range(n_layer)]
 
@@ -152,7 +161,7 @@ class Attention(nn.Module):
         self.v_proj = Linear(cfg.n_embd, cfg.n_kv_head * hd, bias=cfg.bias)
         self.o_proj = Linear(cfg.n_head * hd, cfg.n_embd, bias=cfg.bias)
 
-    def forward(self, x, pos, rope, cache=None, mask=None, gate=None):
+    def forward(self, x, pos, rope, cache, mask, gate=None):
         B, T, _ = x.shape
         hd = self.cfg.head_dim
         q = self.q_proj(x, gate).view(B, T, self.cfg.n_head, hd)
@@ -164,11 +173,6 @@ class Attention(nn.Module):
             k = apply_rope(k.transpose(1, 2), cos, sin).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(pos, k, v)                        # (B, S, n_kv_head, hd), S = cache length
-            key_pos = torch.arange(k.size(1), device=x.device)[None, :]
-        else:
-            key_pos = pos
-        if mask is None:
-            mask = key_pos[:, None, :] <= pos[:, :, None]         # (B, T, S): a query sees keys at or before it
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),   # (B, heads, T or S, hd)
             attn_mask=mask[:, None], enable_gqa=self.cfg.n_kv_head != self.cfg.n_head)
@@ -198,7 +202,7 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, pos, rope, cache=None, mask=None, gate=None):
+    def forward(self, x, pos, rope, cache, mask, gate=None):
         x = x + self.attn(self.attn_norm(x), pos, rope, cache, mask, gate)
         return x + self.mlp(self.mlp_norm(x), gate)
 
@@ -214,7 +218,7 @@ class MTPHead(nn.Module):
         self.proj = nn.Linear(2 * cfg.n_embd, cfg.n_embd, bias=False)
         self.block = Block(cfg)
 
-    def forward(self, h_prev, emb, pos, rope, cache=None, mask=None):
+    def forward(self, h_prev, emb, pos, rope, cache, mask):
         x = self.proj(torch.cat([self.h_norm(h_prev), self.e_norm(emb)], dim=-1))
         return self.block(x, pos, rope, cache, mask)
 
@@ -280,13 +284,12 @@ class Transformer(nn.Module):
         pos (B, T) absolute positions (default 0..T-1); caches: list of KVCache, one per layer, or None."""
         if pos is None:
             pos = self.default_pos(idx)
-        if self.cfg.arch == "gpt2" and int(pos.max()) >= self.cfg.max_seq_len:  # RoPE has no such table
-            raise ValueError(f"position {int(pos.max())} is beyond the model's context of {self.cfg.max_seq_len}")
         x = self.embed(idx)
         if self.cfg.arch == "gpt2":
             x = x + self.pos_embed(pos)
         rope = self.rope(pos)
         gate = self.lora_gate(idx)
+        mask = attention_mask(pos, None if caches is None else caches[0], mask)
         for i, block in enumerate(self.blocks):
             x = block(x, pos, rope, None if caches is None else caches[i], mask, gate)
         return x
@@ -303,8 +306,8 @@ class Transformer(nn.Module):
         """(B, T, 1) gate of the LoRA adapters: 1 at mask tokens, 0 elsewhere; None when adapters are always on."""
         if not (self.cfg.lora_rank and self.cfg.lora_gated):
             return None
-        mask_ids = torch.tensor(self.cfg.mask_token_ids, device=idx.device)
-        return torch.isin(idx, mask_ids)[..., None].to(self.embed.weight.dtype)
+        # mask tokens are the last ids of the vocabulary; a comparison, unlike a tensor of ids, is CUDA-graph safe
+        return (idx >= self.cfg.mask_token_ids[0])[..., None].to(self.embed.weight.dtype)
 
     def add_lora(self, rank, gated):
         """LoRA adapters on every linear layer of the backbone blocks (the MTP heads keep theirs plain)."""
@@ -340,7 +343,8 @@ class Transformer(nn.Module):
     def head_forward(self, module, h_prev, next_idx, pos, cache=None, mask=None):
         """Run MTP module `module` (an index into self.heads): h_prev (B, T, C) is the previous depth's hidden
         state at positions pos, next_idx (B, T) the token one step further. Returns this depth's hidden state."""
-        return self.heads[module](h_prev, self.embed(next_idx), pos, self.rope(pos), cache, mask)
+        return self.heads[module](h_prev, self.embed(next_idx), pos, self.rope(pos), cache,
+                                  attention_mask(pos, cache, mask))
 
     def make_caches(self, batch_size, max_len=None, n_depths=0, device=None, dtype=None):
         """KV caches for the backbone and, if n_depths > 0, one single-layer cache per draft depth."""

@@ -89,7 +89,7 @@ def case(seed, residual, arch="llama"):
     ("mtp@1", {}), ("mtp@2", {}), ("mtp@4", {}),
     ("mtp@3", {"schedule": [0, 0, 0]}),                       # one head looped to three depths
     ("mtp@4", {"schedule": [1, 0, 1, 0]}),
-    ("mtp@3", {"draft_vocab": torch.arange(40)}),             # drafts restricted to a sub-vocabulary
+    ("mtp@3", {"draft_ids": torch.arange(40)}),             # drafts restricted to a sub-vocabulary
 ])
 def test_mtp_greedy_equals_ar(method, opts):
     stats = Stats()
