@@ -1,0 +1,71 @@
+"""
+GPU engine tests (CUDA only; skipped elsewhere, so CI, which has no GPU, skips the file): a step replayed from a CUDA
+graph equals the same step run eagerly, and in bf16 every lossless method matches `ar` padded to its query length
+bit for bit.
+
+    python -m pytest -q tests/test_gpu.py
+"""
+
+import pytest
+import torch
+
+from decode import generate, make_strategy
+from test_decode import V, prompt, tiny
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+LOSSLESS = [("mtp@1", {}), ("mtp@3", {}), ("mtp@4", {"schedule": [0, 1, 1, 0]}), ("verified@3", {}),
+            ("verified@5", {})]
+
+
+def run(m, method, prompts, n, graphs, query_len=1, **options):
+    max_len = max(map(len, prompts)) + n
+    if method.startswith(("static", "confadapt", "verified")):
+        options["mask_ids"] = [V - 1]
+    outs = []
+    for p in prompts:   # one strategy for all prompts: graphs captured once, replayed across prompts
+        s = make_strategy(m, method, max_len, graphs=graphs, query_len=query_len, **options) if not outs else s
+        outs += generate(m, [p], n, method=s)
+    return outs
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_graph_equals_eager_float32(arch):
+    m = tiny(2, arch=arch, heads=2, residual=0.01).cuda()
+    prompts = [prompt(s, n) for s, n in ((0, 3), (1, 17), (2, 9))]
+    ref = run(m, "ar", prompts, 40, graphs=False)
+    assert run(m, "ar", prompts, 40, graphs=True) == ref
+    assert run(m, "ar", prompts, 40, graphs=True, query_len=4) == ref
+    for method, options in LOSSLESS:
+        assert run(m, method, prompts, 40, graphs=True, **options) == ref, method
+    for method in ("static@3", "confadapt@0.5"):
+        assert run(m, method, prompts, 40, graphs=True) == run(m, method, prompts, 40, graphs=False), method
+
+
+def test_batched_ar_graph_equals_eager():
+    m = tiny(1).cuda()
+    prompts = [prompt(s, n) for s, n in ((0, 3), (1, 17), (2, 9), (3, 1))]
+    stop = generate(m, prompts[:1], 20)[0][5]
+    assert generate(m, prompts, 20, stop_ids=[stop], graphs=True) == generate(m, prompts, 20, stop_ids=[stop],
+                                                                               graphs=False)
+
+
+def bf16_model():
+    """Wide enough that bf16 rounding differs between query lengths (the reason for the shared query length)."""
+    m = tiny(3, heads=2, residual=0.02, n_embd=256, head_dim=32, n_head=8, n_kv_head=4, intermediate_size=512,
+             n_layer=4, vocab=512)
+    return m.cuda().to(torch.bfloat16)
+
+
+def test_bf16_lossless_with_shared_query_length():
+    m = bf16_model()
+    prompts = [torch.randint(0, 508, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 30, 64)]
+    for method, options in LOSSLESS:
+        q = make_strategy(m, method, 200, mask_ids=[511], **options).query_len
+        ref = run(m, "ar", prompts, 96, graphs=True, query_len=q)
+        options = dict(options, mask_ids=[511]) if method.startswith("verified") else options
+        outs = []
+        for p in prompts:
+            s = make_strategy(m, method, 200, **options) if not outs else s
+            outs += generate(m, [p], 96, method=s)
+        assert outs == ref, method
