@@ -210,11 +210,17 @@ class Autoregressive(Strategy):
         self.offsets = torch.arange(query_len, device=self.device)
         self.newest = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # each row's newest token
         self.caches, _ = model.make_caches(batch_size, self.cache_len)
-        self.next_logits = Graph(self._next_logits, self.graphs)
+        # greedy: the pick joins the graph; sampling draws from its generator outside it
+        self.next = Graph(self._next_token if sampling.greedy else self._next_logits, self.graphs)
 
     def _next_logits(self):
         pos = self.newest[:, None] + self.offsets                  # (B, query_len): the newest token, then pads
         return self.forward(self.tokens.gather(1, pos), self.positions(pos), self.caches)[:, 0]
+
+    def _next_token(self):
+        nxt = self._next_logits().argmax(-1)
+        self.tokens[self.rows, self.newest + 1] = nxt
+        return nxt
 
     def prefill(self, prompts):
         """prompts: B lists of ids, right-padded into one eager forward; returns the first token of each row (B,)."""
@@ -223,16 +229,19 @@ class Autoregressive(Strategy):
             self.tokens[b, :len(p)] = torch.tensor(p, device=self.device)
         n = int(lens.max())
         h = self.model.hidden(self.tokens[:, :n], self.model.default_pos(self.tokens[:, :n]), self.caches)
-        self.newest.copy_(lens - 1)
-        return self.advance(self.model.logits(h[self.rows, lens - 1]))
+        self.newest.copy_(lens)
+        nxt = self.sampling.pick(self.model.logits(h[self.rows, lens - 1]), self.generator)
+        self.tokens[self.rows, lens] = nxt
+        return nxt
 
     def step(self):
-        return self.advance(self.next_logits())
-
-    def advance(self, logits):
-        nxt = self.sampling.pick(logits, self.generator)
-        self.newest += 1              # in place: the captured graph reads this tensor
-        self.tokens[self.rows, self.newest] = nxt
+        """The next token of every row (B,), stopped rows included."""
+        if self.sampling.greedy:
+            nxt = self.next()
+        else:
+            nxt = self.sampling.pick(self.next(), self.generator)
+            self.tokens[self.rows, self.newest + 1] = nxt
+        self.newest += 1              # in place, outside the graph: the graph reads it and must stay idempotent
         return nxt
 
 
@@ -264,7 +273,8 @@ class HeadDrafts(Strategy):
         # the output rows of the draft vocabulary, gathered once (a reduced vocabulary makes each draft cheaper)
         self.draft_ids = draft_ids
         self.draft_head = None if draft_ids is None else model.lm_head.weight[draft_ids]
-        self.newest = torch.zeros((), dtype=torch.long, device=self.device)              # L
+        # L, a 1-element tensor: indexing with a 0-d tensor would read it back to the host (no CUDA graph)
+        self.newest = torch.zeros(1, dtype=torch.long, device=self.device)
         self.hidden = torch.zeros(1, self.cache_len, model.cfg.n_embd, device=self.device, dtype=model.embed.weight.dtype)
         self.caches, self.depth_caches = model.make_caches(1, self.cache_len, n_depths=depths)
         self.window_offsets = torch.arange(self.window, device=self.device)
@@ -281,7 +291,7 @@ class HeadDrafts(Strategy):
         self.tokens[0, n] = x
         self.newest.fill_(n)
         for d in range(1, self.depths + 1):   # the heads' caches over the prompt; the last positions are redone later
-            h = self.head_forward(self.schedule[d - 1], h, self.tokens[:, d:n + d], pos, self.depth_caches[d - 1])
+            h = self.model.head_forward(self.schedule[d - 1], h, self.tokens[:, d:n + d], pos, self.depth_caches[d - 1])
         return [int(x)]
 
     def draft(self):
@@ -294,12 +304,12 @@ class HeadDrafts(Strategy):
         for d in range(1, self.depths + 1):
             h = self.head_forward(self.schedule[d - 1], h, self.tokens[:, pos + d], self.positions(pos)[None],
                                   self.depth_caches[d - 1])
-            logits = self.model.logits(h[0, row], self.draft_head)                     # predicts t[L+d]
+            logits = self.model.logits(h[0, row], self.draft_head)[0]                  # predicts t[L+d]
             if self.sampling.greedy:
-                tok = logits.argmax(-1)
+                tok = logits.argmax(-1, keepdim=True)
             else:
                 q = self.sampling.probs(logits)
-                tok = torch.multinomial(q, 1, generator=self.generator)[0]
+                tok = torch.multinomial(q, 1, generator=self.generator)
                 if self.draft_ids is not None:   # back to a full-vocabulary distribution
                     q = torch.zeros(self.model.cfg.vocab_size, device=q.device).index_copy_(0, self.draft_ids, q)
                 probs.append(q)
@@ -318,7 +328,7 @@ class HeadDrafts(Strategy):
         drafts, _ = self.draft()
         target = self.check().argmax(-1)
         n = (drafts == target[:-1]).long().cumprod(0).sum()
-        self.tokens[0, self.newest + n + 1] = target[n]
+        self.tokens[0, self.newest + n + 1] = target.gather(0, n[None])
         return torch.cat([n[None], self.tokens[0, self.newest + 1 + self.step_offsets]])   # n, t[L+1..L+D+1]
 
     def step(self):
@@ -366,7 +376,7 @@ class MaskDrafts(Strategy):
         n = len(ids)
         if n > self.query_len:                                    # prefill: eager, its own length
             pos = torch.arange(self.newest, self.newest + n, device=self.device)[None]
-            return self.forward(torch.tensor([ids], device=self.device), self.positions(pos), self.caches)[0]
+            return self.model(torch.tensor([ids], device=self.device), self.positions(pos), self.caches)[0]
         pad = self.query_len - n
         self.inputs.copy_(torch.tensor([ids + self.mask_ids[:1] * pad,
                                         list(range(self.newest, self.newest + self.query_len))]))
@@ -510,17 +520,16 @@ def _generate_batch(strategy, prompts, max_new_tokens, stop_ids, stats, trace):
     B = len(prompts)
     if B != strategy.tokens.size(0):
         raise ValueError(f"{B} prompts for a strategy built for batch size {strategy.tokens.size(0)}")
-    out = [strategy.prefill(prompts)]
-    live, forwards = torch.ones(B, dtype=torch.bool, device=strategy.device), 0
-    stop = torch.tensor(sorted(stop_ids) or [-1], device=strategy.device)
+    rows = [[t] for t in strategy.prefill(prompts).tolist()]
+    live, forwards = [t not in stop_ids for t, in rows], 0
     for _ in range(max_new_tokens - 1):
-        live &= ~torch.isin(out[-1], stop)
-        n_live = int(live.sum())                                  # the step's one host read-back
-        if n_live == 0:
+        if not any(live):
             break
-        forwards += n_live
-        out.append(torch.where(live, strategy.step(), -1))
-    rows = [[t for t in row if t >= 0] for row in torch.stack(out, 1).tolist()]
+        forwards += sum(live)
+        for b, t in enumerate(strategy.step().tolist()):         # the step's one host read-back
+            if live[b]:
+                rows[b].append(t)
+                live[b] = t not in stop_ids
     if trace is not None:
         trace.extend([0] * len(row) for row in rows)
     if stats is not None:
