@@ -13,6 +13,7 @@ from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, p
 
 import load
 from model import rope_inv_freq
+from tokenizer import NoTokenizer, Tokenizer
 from conftest import SAMPLE_TEXTS, finish_gguf, gguf_with_tokenizer
 
 V = 704          # the tiny tokenizer has 700 tokens: the models are padded a little, as real ones often are
@@ -66,10 +67,10 @@ def assert_same_logits(hf, ours, offset=0, seed=0):
 
 def test_gpt2(tmp_path, tiny_bpe):
     hf = hf_gpt2(tmp_path, tiny_bpe)
-    model, tok = load.load(tmp_path)
+    model, tokenizer = load.load(tmp_path)
     assert model.cfg.arch == "gpt2" and model.cfg.max_seq_len == 128 and model.cfg.tie_embeddings
     assert_same_logits(hf, model, offset=100)
-    assert tok.vocab_size == 700
+    assert tokenizer.vocab_size == 700
     # older checkpoints: no "transformer." prefix, the causal-mask buffers saved with the weights
     weights = tmp_path / "model.safetensors"
     tensors = {k.removeprefix("transformer."): v for k, v in load_file(weights).items()}
@@ -197,12 +198,12 @@ def test_gguf_round_trip(tmp_path, tiny_bpe, sample_texts, tied, linear):
     hf = hf_llama(tmp_path, tiny_bpe, save=False, tie_word_embeddings=tied, rope_theta=100000.0,
                   rope_scaling=scaling)
     path = write_gguf(tmp_path / "tiny.gguf", hf, tiny_bpe, linear)
-    model, tok = load.load(path)
+    model, tokenizer = load.load(path)
     assert model.cfg.tie_embeddings == tied and model.cfg.rope_theta == 100000.0
     assert model.cfg.rope_scaling == scaling
     assert_same_logits(hf, model, offset=1000)
     for text in sample_texts:
-        assert tok.encode(text) == tiny_bpe.encode(text).ids
+        assert tokenizer.encode(text, specials=True) == tiny_bpe.encode(text).ids
 
 
 def test_gguf_truncated_or_corrupt(tmp_path, tiny_bpe):
@@ -304,11 +305,15 @@ def test_tokenizer_does_not_fit_model(tmp_path, tiny_bpe):
         load.load(tmp_path)
 
 
-def test_missing_tokenizer(tmp_path, tiny_bpe):
-    hf_llama(tmp_path, tiny_bpe)
+def test_folder_without_tokenizer_loads_and_fails_only_on_text(tmp_path, tiny_bpe):
+    hf = hf_llama(tmp_path, tiny_bpe)
     (tmp_path / "tokenizer.json").unlink()
-    with pytest.raises(FileNotFoundError, match="no tokenizer"):
-        load.load(tmp_path)
+    model, tokenizer = load.load(tmp_path)           # config + weights are all a model needs
+    assert isinstance(tokenizer, NoTokenizer) and tokenizer.stop_ids == [hf.config.eos_token_id]
+    assert_same_logits(hf, model)
+    for use in (lambda: tokenizer.encode("hi"), lambda: tokenizer.decode([1]), lambda: tokenizer.encode_chat("hi")):
+        with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path)) + ": no tokenizer .* the model loaded"):
+            use()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -316,28 +321,28 @@ def test_missing_tokenizer(tmp_path, tiny_bpe):
 
 def test_checkpoint_round_trip(tmp_path, tiny_bpe, sample_texts):
     hf_llama(tmp_path / "hf", tiny_bpe, tie_word_embeddings=True)
-    model, tok = load.load(tmp_path / "hf")
-    load.save_checkpoint(tmp_path / "ckpt", model, tok, extra={"step": 7})
-    again, tok2 = load.load(tmp_path / "ckpt")
+    model, tokenizer = load.load(tmp_path / "hf")
+    load.save_checkpoint(tmp_path / "ckpt", model, tokenizer, extra={"step": 7})
+    again, tokenizer2 = load.load(tmp_path / "ckpt")
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["step"] == 7
     assert again.cfg == model.cfg and again.lm_head.weight is again.embed.weight
     idx = torch.randint(V, (2, T))
     with torch.no_grad():
         assert torch.equal(model(idx), again(idx))
     for text in sample_texts:
-        assert tok2.encode(text) == tok.encode(text)
+        assert tokenizer2.encode(text) == tokenizer.encode(text)
 
 
 def test_checkpoint_with_heads_and_new_token(tmp_path, tiny_bpe):
     hf_gpt2(tmp_path / "hf", tiny_bpe, tie_word_embeddings=False)
-    model, tok = load.load(tmp_path / "hf")
+    model, tokenizer = load.load(tmp_path / "hf")
     model.add_heads(2)
     randomize(model.heads, seed=1)
-    mtp = tok.add_special("<mtp>")
-    load.save_checkpoint(tmp_path / "ckpt", model, tok)
-    again, tok2 = load.load(tmp_path / "ckpt")
-    assert again.cfg.n_mtp_heads == 2 and tok2.token_id("<mtp>") == mtp == 700
-    assert tok2.encode("a<mtp>") == tok.encode("a<mtp>")
+    mtp = tokenizer.add_special("<mtp>")
+    load.save_checkpoint(tmp_path / "ckpt", model, tokenizer)
+    again, tokenizer2 = load.load(tmp_path / "ckpt")
+    assert again.cfg.n_mtp_heads == 2 and tokenizer2.token_id("<mtp>") == mtp == 700
+    assert tokenizer2.encode("a<mtp>", specials=True) == tokenizer.encode("a<mtp>", specials=True)
     for (n, p), (n2, p2) in zip(model.state_dict().items(), again.state_dict().items()):
         assert n == n2 and torch.equal(p, p2)
     idx = torch.randint(V, (1, T))
@@ -350,9 +355,9 @@ def test_checkpoint_with_heads_and_new_token(tmp_path, tiny_bpe):
 
 def test_checkpoint_damaged(tmp_path, tiny_bpe):
     hf_llama(tmp_path / "hf", tiny_bpe)
-    model, tok = load.load(tmp_path / "hf")
+    model, tokenizer = load.load(tmp_path / "hf")
     ckpt = tmp_path / "ckpt"
-    load.save_checkpoint(ckpt, model, tok)
+    load.save_checkpoint(ckpt, model, tokenizer)
     weights = ckpt / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(ValueError, match=r"ckpt/model\.safetensors: cannot read weights"):
@@ -360,17 +365,18 @@ def test_checkpoint_damaged(tmp_path, tiny_bpe):
     weights.unlink()
     with pytest.raises(FileNotFoundError, match=r"ckpt/model\.safetensors: missing"):
         load.load(ckpt)
-    load.save_checkpoint(ckpt, model, tok)
-    (ckpt / load.Tokenizer.FILE).unlink()
-    with pytest.raises(FileNotFoundError, match=r"ckpt/tokenizer\.nanomtp\.json: missing"):
+    load.save_checkpoint(ckpt, model, tokenizer)
+    (ckpt / Tokenizer.FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=r"ckpt: no tokenizer \(expected tokenizer_chars\.json, "
+                                                r"tokenizer\.nanomtp\.json or tokenizer\.json"):
         load.load(ckpt)
 
 
 def test_checkpoint_write_is_atomic(tmp_path, tiny_bpe, monkeypatch):
     hf_llama(tmp_path / "hf", tiny_bpe)
-    model, tok = load.load(tmp_path / "hf")
+    model, tokenizer = load.load(tmp_path / "hf")
     ckpt = tmp_path / "ckpt"
-    load.save_checkpoint(ckpt, model, tok, extra={"step": 1})
+    load.save_checkpoint(ckpt, model, tokenizer, extra={"step": 1})
     idx = torch.randint(V, (1, T))
     with torch.no_grad():
         before = model(idx)
@@ -380,7 +386,7 @@ def test_checkpoint_write_is_atomic(tmp_path, tiny_bpe, monkeypatch):
         raise OSError("disk full")
     monkeypatch.setattr(load, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
-        load.save_checkpoint(ckpt, model, tok, extra={"step": 2})
+        load.save_checkpoint(ckpt, model, tokenizer, extra={"step": 2})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "hf"]     # no temporary folder left behind
     kept, _ = load.load(ckpt)
     with torch.no_grad():
@@ -388,7 +394,7 @@ def test_checkpoint_write_is_atomic(tmp_path, tiny_bpe, monkeypatch):
     assert json.loads((ckpt / "config.json").read_text())["step"] == 1
 
     monkeypatch.undo()
-    load.save_checkpoint(ckpt, model, tok, extra={"step": 2})           # and a good save replaces it
+    load.save_checkpoint(ckpt, model, tokenizer, extra={"step": 2})           # and a good save replaces it
     new, _ = load.load(ckpt)
     assert torch.equal(new.embed.weight, model.embed.weight)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "hf"]
@@ -403,40 +409,40 @@ def smollm2():
 
 
 def test_smollm2_config(smollm2):
-    model, tok = smollm2
+    model, tokenizer = smollm2
     c = model.cfg
     assert (c.arch, c.n_layer, c.n_head, c.n_kv_head, c.n_embd, c.head_dim) == ("llama", 30, 9, 3, 576, 64)
     assert (c.max_seq_len, c.rope_theta, c.tie_embeddings, c.vocab_size) == (8192, 100000.0, True, 49152)
-    assert tok.eos_id == tok.token_id("<|im_end|>") == 2 and tok.stop_ids == [2]
-    assert tok.system_prompt == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    assert tokenizer.eos_id == tokenizer.token_id("<|im_end|>") == 2 and tokenizer.stop_ids == [2]
+    assert tokenizer.system_prompt == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
 def test_smollm2_tokenizer_matches_hf(smollm2):
-    _, tok = smollm2
+    _, tokenizer = smollm2
     # what SmolLM2's own tokenizer.json holds, built from the same GGUF vocabulary and merges
-    hf = HFTokenizer(models.BPE(vocab=tok.vocab, merges=tok.merges))
+    hf = HFTokenizer(models.BPE(vocab=tokenizer.vocab, merges=tokenizer.merges))
     hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     hf.decoder = decoders.ByteLevel()
-    hf.add_special_tokens([AddedToken(name, special=True) for name in sorted(tok.special, key=tok.special.get)])
+    hf.add_special_tokens([AddedToken(name, special=True) for name in sorted(tokenizer.special, key=tokenizer.special.get)])
     texts = SAMPLE_TEXTS + ["The year 2024 had 366 days;  12 \t 7", "\x04 control \x1d bytes", "<repo_name>x<file_sep>",
-                            tok.chat_prompt("What is the capital of France?")]
+                            tokenizer.chat_prompt("What is the capital of France?")]
     for text in texts:
-        ids = tok.encode(text)
+        ids = tokenizer.encode(text, specials=True)
         assert ids == hf.encode(text, add_special_tokens=False).ids, text
-        assert tok.decode(ids) == hf.decode(ids, skip_special_tokens=False)
+        assert tokenizer.decode(ids) == hf.decode(ids, skip_special_tokens=False)
 
 
 def test_smollm2_knows_paris(smollm2):
-    model, tok = smollm2
-    ids = tok.encode(tok.chat_prompt("What is the capital of France?"))
+    model, tokenizer = smollm2
+    ids = tokenizer.encode_chat("What is the capital of France?")
     main, _ = model.make_caches(1, len(ids) + 16)
     idx, pos, out = torch.tensor([ids]), torch.arange(len(ids))[None], []
     with torch.no_grad():
         for _ in range(12):
             nxt = int(model(idx, pos=pos, caches=main)[0, -1].argmax())
-            if nxt in tok.stop_ids:
+            if nxt in tokenizer.stop_ids:
                 break
             out.append(nxt)
             idx, pos = torch.tensor([[nxt]]), pos[:, -1:] + 1
-    assert "Paris" in tok.decode(out)
+    assert "Paris" in tokenizer.decode(out)
