@@ -26,8 +26,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from model import Config, Transformer
-from tokenizer import (NoTokenizer, Tokenizer, gguf_value, has_hf_tokenizer, load_tokenizer, mask_token_names, names,
-                       open_gguf, read_json, REQUIRED)
+from tokenizer import (REQUIRED, NoTokenizer, Tokenizer, gguf_value, has_hf_tokenizer, load_tokenizer,
+                       mask_token_names, names, open_gguf, read_json)
 
 BUNDLED = "smollm2"
 
@@ -408,7 +408,7 @@ def load_checkpoint(folder, meta):
 # small shippable files on top of a base model: MTP heads (Paper B) and mask-token adapters (Paper A)
 
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
-# one file per trained head: 8.4 MB each in bf16 (the second one comes from looped extension of the first)
+# one file per trained head: 8.6 MB each in bf16 (the second one comes from looped extension of the first)
 DEFAULT_HEADS = {BUNDLED: [CHECKPOINTS / "smollm2_head1.safetensors", CHECKPOINTS / "smollm2_head2.safetensors"]}
 DEFAULT_MASK = {BUNDLED: CHECKPOINTS / "smollm2_mask.safetensors"}
 

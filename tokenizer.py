@@ -233,11 +233,6 @@ class Tokenizer(ChatML):
             out.append(piece)
         return b"".join(out).decode("utf-8", errors="replace")
 
-    def token_id(self, name):
-        if name not in self.special:
-            raise KeyError(f"{self.source}: no special token {name!r} (known: {names(self.special)})")
-        return self.special[name]
-
     @property
     def stop_ids(self):
         """Ids that end a generation: eos and ChatML's end of turn."""

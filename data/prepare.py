@@ -20,7 +20,6 @@ import random
 import shutil
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -64,7 +63,8 @@ def encode_pair(tokenizer, question, answer, chat, system=None):
     for text in (question, system or ""):
         found = [s for s in tokenizer.special if s in text]
         if found:
-            raise ValueError(f"the text holds the special token {found[0]!r}: {text[:60]!r}")
+            raise ValueError(f"the text holds the special token {found[0]!r}, which the prompts file could not tell "
+                             f"from the chat template's own")
     if chat:
         return tokenizer.chat_prompt(question, system), tokenizer.encode_chat(question, system), \
             tokenizer.encode(answer) + [tokenizer.special[CHATML_END]]
@@ -199,7 +199,7 @@ def prepare_jsonl(args):
     examples, skipped = read_jsonl(args.file, args.format, args.field, args.prompt_field, args.answer_field,
                                    args.skip_bad)
     if skipped:
-        print(f"{args.file}: skipped {skipped} malformed lines (--skip_bad)")
+        print(f"{args.file}: skipped {skipped} malformed line{'s' * (skipped != 1)} (--skip_bad)")
     if not examples:
         raise ValueError(f"{args.file}: no examples read")
     documents = args.format == "field" and args.field is not None

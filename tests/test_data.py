@@ -122,30 +122,30 @@ def test_prepare_synthmath_byte_identical_and_overwrite(tmp_path):
     assert prompts[0]["prompt"].endswith("\nAnswer:\n") and prompts[0]["answer"].isdigit()
     tokenizer = load_tokenizer(tmp_path / "a" / "tokenizer")
     check_tokenizer(meta, tokenizer, tmp_path / "a")
-    # the token files hold exactly prompt + solution + eos, the mask covers solution + eos
+    # the token files hold exactly prompt + solution + eos, the loss mask covers solution + eos
     data = TokenData(tmp_path / "a")
-    toks, mask, index = data.tokens("test"), data.loss_mask("test"), data.index("test")
+    toks, loss_mask, index = data.tokens("test"), data.loss_mask("test"), data.index("test")
     s, n_prompt, n = index[0]
     assert tokenizer.decode(toks[s:s + n_prompt]) == prompts[0]["prompt"]
     answer = tokenizer.decode(toks[s + n_prompt:s + n - 1])
     assert toks[s + n - 1] == tokenizer.eos_id and score(answer, prompts[0]["answer"]) and answer.startswith(
         tuple("0123456789"))
-    assert mask[s:s + n_prompt].sum() == 0 and mask[s + n_prompt:s + n].all()
+    assert loss_mask[s:s + n_prompt].sum() == 0 and loss_mask[s + n_prompt:s + n].all()
     assert index[-1, 0] + index[-1, 2] == len(toks)
 
 
 def test_get_batch_shapes_alignment_determinism(tmp_path):
     run("synthmath", "--n_train", 200, "--n_val", 10, "--n_test", 10, "--out", tmp_path / "d")
     data = TokenData(tmp_path / "d")
-    toks, mask = np.asarray(data.tokens("train")), np.asarray(data.loss_mask("train"))
+    toks, loss_mask = np.asarray(data.tokens("train")), np.asarray(data.loss_mask("train"))
     for align in (False, True):
         g = torch.Generator().manual_seed(0)
         x, y, m = data.get_batch("train", 8, 64, generator=g, align=align)
         assert x.shape == y.shape == m.shape == (8, 64) and x.dtype == torch.int64 and m.dtype == torch.float32
         assert torch.equal(x[:, 1:], y[:, :-1])
-        for row in range(8):   # find the window again: the mask belongs to the targets y
+        for row in range(8):   # find the window again: the loss mask belongs to the targets y
             s = toks.tobytes().find(x[row].numpy().astype(toks.dtype).tobytes()) // toks.itemsize
-            assert (toks[s + 1:s + 65] == y[row].numpy()).all() and (mask[s + 1:s + 65] == m[row].numpy()).all()
+            assert (toks[s + 1:s + 65] == y[row].numpy()).all() and (loss_mask[s + 1:s + 65] == m[row].numpy()).all()
         if align:
             assert (m[:, 0] == 0).all()   # an example's first target is a prompt token
         g2 = torch.Generator().manual_seed(0)
@@ -258,6 +258,31 @@ def test_prepare_jsonl_and_text(tmp_path):
         run("text", "--file", tmp_path / "u.txt", "--out", tmp_path / "u")
 
 
+def test_prepare_refuses_a_question_holding_a_special_token(tmp_path):
+    """Its prompts-file text would turn it into a control token when bench reads it back (specials=True)."""
+    f = write_lines(tmp_path / "qa.jsonl", [json.dumps({"q": f"What is {i}?", "a": "x"}) for i in range(9)]
+                    + [json.dumps({"q": "Say <|endoftext|> now", "a": "no"})])
+    with pytest.raises(ValueError, match=r"qa.jsonl: example 'Say <\|endoftext\|> now': the text holds the "
+                                         r"special token '<\|endoftext\|>', which the prompts file could not"):
+        run("jsonl", "--file", f, "--format", "field", "--prompt_field", "q", "--answer_field", "a",
+            "--tokenizer", "chars", "--n_val", 1, "--n_test", 1, "--out", tmp_path / "qa")
+    assert not os.path.exists(tmp_path / "qa")
+
+
+def test_old_or_damaged_folders_and_prompts_name_the_file(tmp_path):
+    run("synthmath", "--n_train", 20, "--n_val", 2, "--n_test", 2, "--out", tmp_path / "d")
+    meta_file = tmp_path / "d" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "format": "nanomtp-data-1"}))
+    with pytest.raises(ValueError, match=r"meta.json: data format 'nanomtp-data-1', this code reads "
+                                         r"'nanomtp-data-2'; prepare the folder again"):
+        load_meta(tmp_path / "d")
+    with open(tmp_path / "d" / "test_prompts.jsonl", "a") as f:
+        f.write("{oops\n")
+    with pytest.raises(ValueError, match=r"test_prompts.jsonl:3: not valid JSON"):
+        read_split_prompts(tmp_path / "d", "test")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # self-generation
 
@@ -296,7 +321,8 @@ def test_selfgen_tiny_random_model():
     assert len({q for q, *_ in recs}) == 4
     specials = set(tokenizer.special.values())
     for q, prompt, pids, aids in recs:
-        assert prompt == tokenizer.chat_prompt(q) and pids == tokenizer.encode_chat(q) == tokenizer.encode(prompt, specials=True)
+        assert prompt == tokenizer.chat_prompt(q)
+        assert pids == tokenizer.encode_chat(q) == tokenizer.encode(prompt, specials=True)
         assert 1 <= len(aids) <= 11 and not (specials & set(tokenizer.encode(q)))
         # a stop token only at the end; an answer without one was cut at max_answer_tokens
         assert not (specials & set(aids[:-1]))

@@ -158,12 +158,10 @@ def test_chat_prompt_specials_and_own_format(tmp_path, tiny_bpe, sample_texts):
                                        "<|im_start|>assistant\n")
     assert ours.chat_prompt([{"role": "user", "content": "Hi?"}], system="Be brief.").startswith(
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
-    assert ours.encode_chat("Hi?")[0] == ours.token_id("<|im_start|>") == 1
-    with pytest.raises(KeyError, match="no special token '<mtp>'"):
-        ours.token_id("<mtp>")
+    assert ours.encode_chat("Hi?")[0] == ours.special["<|im_start|>"] == 1
 
     mtp = ours.add_special("<mtp>")
-    assert mtp == 700 and ours.vocab_size == 701 and ours.token_id("<mtp>") == 700
+    assert mtp == 700 and ours.vocab_size == 701 and ours.special["<mtp>"] == 700
     assert ours.encode("a<mtp>b", specials=True) == [ours.encode("a")[0], 700, ours.encode("b")[0]]
     assert 700 not in ours.encode("a<mtp>b")
     assert ours.decode([700]) == "<mtp>"
@@ -191,8 +189,8 @@ def test_chat_prompt_needs_chatml(tmp_path, tiny_bpe):
 # ----------------------------------------------------------------------------------------------------------------
 # control tokens come from the chat template only
 
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
-          "'\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 def test_user_text_cannot_forge_a_turn(tmp_path, tiny_bpe):
