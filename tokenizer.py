@@ -10,8 +10,9 @@ What is here:
 - `load_tokenizer(source)`: the one dispatch from a source to a tokenizer.
 - `NoTokenizer`: what a Hugging Face folder without tokenizer files gets; it fails only when text is touched.
 
-Both tokenizers offer the same API (encode, decode, vocab_size, eos_id, stop_ids, special, add_special, save, name),
-so train.py, decode.py and bench.py never need to know which one they hold.
+Both tokenizers offer the same API (encode, decode, vocab_size, eos_id, stop_ids, special, add_special, save, name,
+and the template's has_chat, chat_prompt, encode_chat), so train.py, decode.py and bench.py never need to know which
+one they hold.
 
 What is not: SentencePiece, downloads, model weights (load.py).
 

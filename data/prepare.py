@@ -37,6 +37,10 @@ from tokenizer import CHATML_END, load_tokenizer  # noqa: E402
 PLAIN_PROMPT = "Question: {question}\nAnswer:\n"   # the prompt format of models without a chat template
 
 
+def plural(n, word):
+    return f"{n:,} {word}{'s' * (n != 1)}"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # tokenizers and prompts
 
@@ -132,7 +136,8 @@ def write_folder(out, tokenizer, splits, task, has_prompts, chat, args, extra=No
         shutil.rmtree(out)   # check_out allowed it: --overwrite and a prepared folder
     os.rename(tmp, out)
     for split, c in counts.items():
-        print(f"{out}/{split}: {c['examples']:,} examples, {c['tokens']:,} tokens ({c['answer_tokens']:,} answer)")
+        print(f"{out}/{split}: {plural(c['examples'], 'example')}, {plural(c['tokens'], 'token')} "
+              f"({c['answer_tokens']:,} answer)")
 
 
 def split_examples(items, n_val, n_test, seed):
@@ -199,7 +204,7 @@ def prepare_jsonl(args):
     examples, skipped = read_jsonl(args.file, args.format, args.field, args.prompt_field, args.answer_field,
                                    args.skip_bad)
     if skipped:
-        print(f"{args.file}: skipped {skipped} malformed line{'s' * (skipped != 1)} (--skip_bad)")
+        print(f"{args.file}: skipped {plural(skipped, 'malformed line')} (--skip_bad)")
     if not examples:
         raise ValueError(f"{args.file}: no examples read")
     documents = args.format == "field" and args.field is not None
@@ -209,7 +214,7 @@ def prepare_jsonl(args):
     for e in examples:
         first.setdefault(e.answer if documents else e.prompt, e)
     distinct = list(first.values())
-    print(f"{args.file}: {len(examples)} examples, {len(distinct)} distinct")
+    print(f"{args.file}: {plural(len(examples), 'example')}, {len(distinct):,} distinct")
     splits = {}
     for split, exs in split_examples(distinct, args.n_val, args.n_test, args.seed).items():
         rows = []
