@@ -255,7 +255,7 @@ def read_prompts(args, tok):
         with open(args.prompts) as f:
             rows = [json.loads(line) for line in f if line.strip()]
         return rows[:args.num_prompts]
-    chat = getattr(tok, "chat_prompt", None)   # a from-scratch model's tokenizer has no chat template
+    chat = tok.chat_prompt if tok.has_chat else None   # a from-scratch model's tokenizer has no chat template
     return [chat(q) if chat else q for q in QUESTIONS[:args.num_prompts]]
 
 
