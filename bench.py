@@ -95,7 +95,7 @@ def run(model, tok, methods, prompts, max_new_tokens=128, original=None, options
     options, original = options or {}, original or model
     device = model.embed.weight.device
     prompts = [p if isinstance(p, dict) else {"prompt": p} for p in prompts]
-    ids = [tok.encode(p["prompt"]) for p in prompts]
+    ids = [tok.encode(p["prompt"], specials=True) for p in prompts]   # prompts come from the chat template
     stop_ids = list(tok.stop_ids)
     answers = [p.get("answer") if numeric(p.get("answer")) else None for p in prompts]
     score, notes = scorer(), []
@@ -235,7 +235,7 @@ def load_models(args):
 
 def tiny_setup(device, dtype, seed):
     """A random 2-layer Llama with 3 MTP heads and a mask token, character tokenizer: runs every method, no weights."""
-    from data.chars import CharTokenizer
+    from tokenizer import CharTokenizer
     import model as nano
     torch.manual_seed(seed)
     tok = CharTokenizer()
@@ -255,7 +255,7 @@ def read_prompts(args, tok):
         with open(args.prompts) as f:
             rows = [json.loads(line) for line in f if line.strip()]
         return rows[:args.num_prompts]
-    chat = getattr(tok, "chat_prompt", None)   # a from-scratch model's tokenizer has no chat template
+    chat = tok.chat_prompt if tok.has_chat else None   # a from-scratch model's tokenizer has no chat template
     return [chat(q) if chat else q for q in QUESTIONS[:args.num_prompts]]
 
 

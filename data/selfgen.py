@@ -51,7 +51,7 @@ def self_generate(model, tok, n, batch_size, question_temperature=1.0, question_
                   answer_truncated=0, answer_short=0, answer_special=0, kept_truncated_answers=0)
 
     # 1. questions, sampled from the template's opening, one batch of identical prompts per round
-    prefix = tok.encode(query_prefix(tok, system))
+    prefix = tok.encode(query_prefix(tok, system), specials=True)
     max_rounds = max_rounds or 4 * math.ceil(n / batch_size) + 4
     questions, seen = [], set()
     bar = tqdm(total=n, desc="questions", unit=" q")
@@ -82,7 +82,7 @@ def self_generate(model, tok, n, batch_size, question_temperature=1.0, question_
 
     # 2. answers; batches of similar prompt length waste less padding, results go back in question order
     prompts = [tok.chat_prompt(q, system=system) for q in questions]
-    prompt_ids = [tok.encode(p) for p in prompts]
+    prompt_ids = [tok.encode_chat(q, system=system) for q in questions]   # a question is plain text
     order = sorted(range(len(prompts)), key=lambda i: (len(prompt_ids[i]), i))
     answers = [None] * len(prompts)
     for b in tqdm(range(0, len(order), batch_size), desc="answers", unit=" batch"):

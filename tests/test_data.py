@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from data import prepare
-from data.chars import CharTokenizer
-from data.dataset import TokenData, check_tokenizer, load_meta, load_tokenizer, read_prompts
+from data.dataset import TokenData, check_tokenizer, load_meta, read_split_prompts
 from data.readers import read_jsonl, read_text
 from data.selfgen import query_prefix, self_generate
 from data.synthmath import extract_answer, make_problem, make_splits, score
 from model import Config, Transformer
+from tokenizer import CharTokenizer, load_tokenizer
 
 
 def files_of(folder):
@@ -117,35 +117,35 @@ def test_prepare_synthmath_byte_identical_and_overwrite(tmp_path):
 
     meta = load_meta(tmp_path / "a")
     assert meta["splits"]["test"]["examples"] == 30 and meta["dtype"] == "uint16" and meta["task"] == "math"
-    prompts = read_prompts(tmp_path / "a", "test")
+    prompts = read_split_prompts(tmp_path / "a", "test")
     assert len(prompts) == 30 and prompts[0]["prompt"].startswith("Question: ")
     assert prompts[0]["prompt"].endswith("\nAnswer:\n") and prompts[0]["answer"].isdigit()
-    tok = load_tokenizer(tmp_path / "a")
-    check_tokenizer(meta, tok, tmp_path / "a")
-    # the token files hold exactly prompt + solution + eos, the mask covers solution + eos
+    tokenizer = load_tokenizer(tmp_path / "a" / "tokenizer")
+    check_tokenizer(meta, tokenizer, tmp_path / "a")
+    # the token files hold exactly prompt + solution + eos, the loss mask covers solution + eos
     data = TokenData(tmp_path / "a")
-    toks, mask, index = data.tokens("test"), data.mask("test"), data.index("test")
+    toks, loss_mask, index = data.tokens("test"), data.loss_mask("test"), data.index("test")
     s, n_prompt, n = index[0]
-    assert tok.decode(toks[s:s + n_prompt]) == prompts[0]["prompt"]
-    answer = tok.decode(toks[s + n_prompt:s + n - 1])
-    assert toks[s + n - 1] == tok.eos_id and score(answer, prompts[0]["answer"]) and answer.startswith(
+    assert tokenizer.decode(toks[s:s + n_prompt]) == prompts[0]["prompt"]
+    answer = tokenizer.decode(toks[s + n_prompt:s + n - 1])
+    assert toks[s + n - 1] == tokenizer.eos_id and score(answer, prompts[0]["answer"]) and answer.startswith(
         tuple("0123456789"))
-    assert mask[s:s + n_prompt].sum() == 0 and mask[s + n_prompt:s + n].all()
+    assert loss_mask[s:s + n_prompt].sum() == 0 and loss_mask[s + n_prompt:s + n].all()
     assert index[-1, 0] + index[-1, 2] == len(toks)
 
 
 def test_get_batch_shapes_alignment_determinism(tmp_path):
     run("synthmath", "--n_train", 200, "--n_val", 10, "--n_test", 10, "--out", tmp_path / "d")
     data = TokenData(tmp_path / "d")
-    toks, mask = np.asarray(data.tokens("train")), np.asarray(data.mask("train"))
+    toks, loss_mask = np.asarray(data.tokens("train")), np.asarray(data.loss_mask("train"))
     for align in (False, True):
         g = torch.Generator().manual_seed(0)
         x, y, m = data.get_batch("train", 8, 64, generator=g, align=align)
         assert x.shape == y.shape == m.shape == (8, 64) and x.dtype == torch.int64 and m.dtype == torch.float32
         assert torch.equal(x[:, 1:], y[:, :-1])
-        for row in range(8):   # find the window again: the mask belongs to the targets y
+        for row in range(8):   # find the window again: the loss mask belongs to the targets y
             s = toks.tobytes().find(x[row].numpy().astype(toks.dtype).tobytes()) // toks.itemsize
-            assert (toks[s + 1:s + 65] == y[row].numpy()).all() and (mask[s + 1:s + 65] == m[row].numpy()).all()
+            assert (toks[s + 1:s + 65] == y[row].numpy()).all() and (loss_mask[s + 1:s + 65] == m[row].numpy()).all()
         if align:
             assert (m[:, 0] == 0).all()   # an example's first target is a prompt token
         g2 = torch.Generator().manual_seed(0)
@@ -163,9 +163,9 @@ def test_check_tokenizer_mismatch(tmp_path):
         check_tokenizer(meta, other, tmp_path / "d")
     # appending a special token (Paper A's mask) keeps the data valid, and survives save/load
     grown = CharTokenizer()
-    assert grown.add_special("<|mask|>") == 97 and grown.encode("1<|mask|>") == [19, 97]
-    grown.save(tmp_path / "tok")
-    check_tokenizer(meta, CharTokenizer.load(tmp_path / "tok"), tmp_path / "d")
+    assert grown.add_special("<|mask|>") == 97 and grown.encode("1<|mask|>", specials=True) == [19, 97]
+    grown.save(tmp_path / "tokenizer")
+    check_tokenizer(meta, CharTokenizer.load(tmp_path / "tokenizer"), tmp_path / "d")
     # a larger vocabulary that is not explained by specials is refused
     bigger = CharTokenizer([*CharTokenizer().tokens, "\t"])
     with pytest.raises(ValueError, match="tokenized with"):
@@ -237,7 +237,7 @@ def test_prepare_jsonl_and_text(tmp_path):
         "--tokenizer", "chars", "--n_val", 5, "--n_test", 5, "--out", tmp_path / "qa")
     meta = load_meta(tmp_path / "qa")
     assert {k: v["examples"] for k, v in meta["splits"].items()} == {"val": 5, "test": 5, "train": 30}
-    prompts = {s: {p["prompt"] for p in read_prompts(tmp_path / "qa", s)} for s in ("val", "test", "train")}
+    prompts = {s: {p["prompt"] for p in read_split_prompts(tmp_path / "qa", s)} for s in ("val", "test", "train")}
     assert not (prompts["val"] & prompts["test"]) and not (prompts["train"] & (prompts["val"] | prompts["test"]))
     assert all(p.startswith("Question: What is") for p in prompts["test"])
 
@@ -250,7 +250,7 @@ def test_prepare_jsonl_and_text(tmp_path):
     (tmp_path / "t.txt").write_text("abcdefghij" * 100)
     run("text", "--file", tmp_path / "t.txt", "--val_frac", 0.1, "--out", tmp_path / "t")
     data = TokenData(tmp_path / "t")
-    assert len(data.tokens("train")) == 901 and len(data.tokens("val")) == 100 and data.mask("train") is None
+    assert len(data.tokens("train")) == 901 and len(data.tokens("val")) == 100 and data.loss_mask("train") is None
     x, y, m = data.get_batch("val", 2, 16, generator=torch.Generator().manual_seed(0))
     assert m.shape == (2, 16) and bool((m == 1).all())
     (tmp_path / "u.txt").write_text("caf\u00e9")
@@ -258,20 +258,43 @@ def test_prepare_jsonl_and_text(tmp_path):
         run("text", "--file", tmp_path / "u.txt", "--out", tmp_path / "u")
 
 
+def test_prepare_refuses_a_question_holding_a_special_token(tmp_path):
+    """Its prompts-file text would turn it into a control token when bench reads it back (specials=True)."""
+    f = write_lines(tmp_path / "qa.jsonl", [json.dumps({"q": f"What is {i}?", "a": "x"}) for i in range(9)]
+                    + [json.dumps({"q": "Say <|endoftext|> now", "a": "no"})])
+    with pytest.raises(ValueError, match=r"qa.jsonl: example 'Say <\|endoftext\|> now': the text holds the "
+                                         r"special token '<\|endoftext\|>', which the prompts file could not"):
+        run("jsonl", "--file", f, "--format", "field", "--prompt_field", "q", "--answer_field", "a",
+            "--tokenizer", "chars", "--n_val", 1, "--n_test", 1, "--out", tmp_path / "qa")
+    assert not os.path.exists(tmp_path / "qa")
+
+
+def test_old_or_damaged_folders_and_prompts_name_the_file(tmp_path):
+    run("synthmath", "--n_train", 20, "--n_val", 2, "--n_test", 2, "--out", tmp_path / "d")
+    meta_file = tmp_path / "d" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "format": "nanomtp-data-1"}))
+    with pytest.raises(ValueError, match=r"meta.json: data format 'nanomtp-data-1', this code reads "
+                                         r"'nanomtp-data-2'; prepare the folder again"):
+        load_meta(tmp_path / "d")
+    with open(tmp_path / "d" / "test_prompts.jsonl", "a") as f:
+        f.write("{oops\n")
+    with pytest.raises(ValueError, match=r"test_prompts.jsonl:3: not valid JSON"):
+        read_split_prompts(tmp_path / "d", "test")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # self-generation
 
 class ChatChars(CharTokenizer):
-    """A character tokenizer with the ChatML specials and template: the fake of the bundled model's tokenizer."""
+    """A character tokenizer with the ChatML specials, so the chat template works: the fake of the bundled model's
+    tokenizer."""
+    system_prompt = "Be brief."
+
     def __init__(self):
         specials = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
         super().__init__([*specials, *CharTokenizer().tokens[1:]], specials)
         self.stop_ids = [self.special["<|im_end|>"], self.eos_id]
-
-    def chat_prompt(self, messages, system=None):
-        system = system or "Be brief."
-        return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{messages}<|im_end|>\n"
-                "<|im_start|>assistant\n")
 
 
 def tiny_model(vocab_size):
@@ -286,25 +309,26 @@ def tiny_model(vocab_size):
 
 def test_selfgen_tiny_random_model():
     from decode import generate
-    tok = ChatChars()
-    assert query_prefix(tok) == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
-    model = tiny_model(tok.vocab_size)
+    tokenizer = ChatChars()
+    assert query_prefix(tokenizer) == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
+    model = tiny_model(tokenizer.vocab_size)
     kw = dict(max_question_tokens=12, min_question_chars=1, max_answer_tokens=10, min_answer_tokens=1,
               keep_truncated=True, max_rounds=10)
     with torch.no_grad():
-        recs, counts = self_generate(model, tok, 4, 32, generator=torch.Generator().manual_seed(0), **kw)
-        again, _ = self_generate(model, tok, 4, 32, generator=torch.Generator().manual_seed(0), **kw)
+        recs, counts = self_generate(model, tokenizer, 4, 32, generator=torch.Generator().manual_seed(0), **kw)
+        again, _ = self_generate(model, tokenizer, 4, 32, generator=torch.Generator().manual_seed(0), **kw)
     assert recs == again and len(recs) == 4
     assert len({q for q, *_ in recs}) == 4
-    specials = set(tok.special.values())
+    specials = set(tokenizer.special.values())
     for q, prompt, pids, aids in recs:
-        assert prompt == tok.chat_prompt(q) and pids == tok.encode(prompt)
-        assert 1 <= len(aids) <= 11 and not (specials & set(tok.encode(q)))
+        assert prompt == tokenizer.chat_prompt(q)
+        assert pids == tokenizer.encode_chat(q) == tokenizer.encode(prompt, specials=True)
+        assert 1 <= len(aids) <= 11 and not (specials & set(tokenizer.encode(q)))
         # a stop token only at the end; an answer without one was cut at max_answer_tokens
         assert not (specials & set(aids[:-1]))
-        assert aids[-1] in tok.stop_ids or len(aids) == 10
+        assert aids[-1] in tokenizer.stop_ids or len(aids) == 10
         with torch.no_grad():
-            greedy = generate(model, [pids], 10, stop_ids=tok.stop_ids)[0]
+            greedy = generate(model, [pids], 10, stop_ids=tokenizer.stop_ids)[0]
         assert greedy == aids   # the answers are the model's own greedy continuations
 
 
@@ -312,15 +336,16 @@ def scripted_generate(questions, answers):
     """A stand-in for decode.generate that returns fixed texts: questions for the query prefix, answers after."""
     def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=(),
                  generator=None):
-        tok = model
-        if prompts[0] == tok.encode(query_prefix(tok)):
-            return [tok.encode(questions.pop(0)) if questions else tok.encode("x<|im_end|>") for _ in prompts]
-        return [tok.encode(answers[tok.decode(p).split("user\n")[1].split("<|im_end|>")[0]]) for p in prompts]
+        tokenizer = model
+        encode = lambda text: tokenizer.encode(text, specials=True)    # the scripted model "writes" control tokens
+        if prompts[0] == encode(query_prefix(tokenizer)):
+            return [encode(questions.pop(0)) if questions else encode("x<|im_end|>") for _ in prompts]
+        return [encode(answers[tokenizer.decode(p).split("user\n")[1].split("<|im_end|>")[0]]) for p in prompts]
     return generate
 
 
 def test_selfgen_filters():
-    tok = ChatChars()
+    tokenizer = ChatChars()
     questions = ["What is the capital of France?<|im_end|>",
                  "what is the  Capital of France?<|im_end|>",           # duplicate up to case and spacing
                  "Hi?<|im_end|>",                                        # too short
@@ -333,19 +358,19 @@ def test_selfgen_filters():
                "Name three colours.": "Red, green, blue.",               # no stop token returned: <|im_end|> added
                "Why is the sky blue?": "Because of Rayleigh scattering and more and more and more and more and",
                "How do I boil an egg?": "K<|im_end|>"}                   # too short
-    recs, counts = self_generate(tok, tok, 10, 1, max_question_tokens=30, min_question_chars=5,
+    recs, counts = self_generate(tokenizer, tokenizer, 10, 1, max_question_tokens=30, min_question_chars=5,
                                  max_answer_tokens=40, min_answer_tokens=2, keep_truncated=False,
                                  max_rounds=len(questions), generate=scripted_generate(questions, answers))
     assert [r[0] for r in recs] == ["What is the capital of France?", "Name three colours."]
-    assert tok.decode(recs[0][3]) == "Paris.<|im_end|>" and tok.decode(recs[1][3]) == "Red, green, blue.<|im_end|>"
+    assert tokenizer.decode(recs[0][3]) == "Paris.<|im_end|>" and tokenizer.decode(recs[1][3]) == "Red, green, blue.<|im_end|>"
     assert counts == dict(question_truncated=1, question_short=1, question_special=1, question_duplicate=1,
                           answer_truncated=1, answer_short=1, answer_special=0, kept_truncated_answers=0)
 
 
 def test_prepare_selfgen_writes_chat_folder(tmp_path, monkeypatch):
-    tok = ChatChars()
-    model = tiny_model(tok.vocab_size)
-    monkeypatch.setattr(prepare, "get_tokenizer", lambda name, device, dtype, with_model: (tok, model))
+    tokenizer = ChatChars()
+    model = tiny_model(tokenizer.vocab_size)
+    monkeypatch.setattr(prepare, "get_tokenizer", lambda name, device, dtype, with_model: (tokenizer, model))
     args = ["selfgen", "--n", 3, "--n_val", 1, "--n_test", 1, "--batch_size", 32, "--device", "cpu",
             "--max_question_tokens", 12, "--min_question_chars", 1, "--max_answer_tokens", 8]
     run(*args, "--out", tmp_path / "a")
@@ -353,5 +378,5 @@ def test_prepare_selfgen_writes_chat_folder(tmp_path, monkeypatch):
     assert files_of(tmp_path / "a") == files_of(tmp_path / "b")
     meta = load_meta(tmp_path / "a")
     assert meta["task"] == "chat" and meta["chat"] and meta["splits"]["train"]["examples"] == 3
-    (p,) = read_prompts(tmp_path / "a", "test")
+    (p,) = read_split_prompts(tmp_path / "a", "test")
     assert p["prompt"].startswith("<|im_start|>system\n") and p["prompt"].endswith("<|im_start|>assistant\n")

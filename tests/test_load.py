@@ -4,16 +4,20 @@ llama.cpp's layout, the project's own checkpoints, every error path, and the bun
 import copy
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
 import load
-from model import rope_inv_freq
+from model import Config, Transformer, rope_inv_freq
+from tokenizer import CharTokenizer, NoTokenizer, Tokenizer
 from conftest import SAMPLE_TEXTS, finish_gguf, gguf_with_tokenizer
+from test_tokenizer import NUMERALS
 
 V = 704          # the tiny tokenizer has 700 tokens: the models are padded a little, as real ones often are
 T = 24
@@ -66,10 +70,10 @@ def assert_same_logits(hf, ours, offset=0, seed=0):
 
 def test_gpt2(tmp_path, tiny_bpe):
     hf = hf_gpt2(tmp_path, tiny_bpe)
-    model, tok = load.load(tmp_path)
+    model, tokenizer = load.load(tmp_path)
     assert model.cfg.arch == "gpt2" and model.cfg.max_seq_len == 128 and model.cfg.tie_embeddings
     assert_same_logits(hf, model, offset=100)
-    assert tok.vocab_size == 700
+    assert tokenizer.vocab_size == 700
     # older checkpoints: no "transformer." prefix, the causal-mask buffers saved with the weights
     weights = tmp_path / "model.safetensors"
     tensors = {k.removeprefix("transformer."): v for k, v in load_file(weights).items()}
@@ -197,12 +201,12 @@ def test_gguf_round_trip(tmp_path, tiny_bpe, sample_texts, tied, linear):
     hf = hf_llama(tmp_path, tiny_bpe, save=False, tie_word_embeddings=tied, rope_theta=100000.0,
                   rope_scaling=scaling)
     path = write_gguf(tmp_path / "tiny.gguf", hf, tiny_bpe, linear)
-    model, tok = load.load(path)
+    model, tokenizer = load.load(path)
     assert model.cfg.tie_embeddings == tied and model.cfg.rope_theta == 100000.0
     assert model.cfg.rope_scaling == scaling
     assert_same_logits(hf, model, offset=1000)
     for text in sample_texts:
-        assert tok.encode(text) == tiny_bpe.encode(text).ids
+        assert tokenizer.encode(text, specials=True) == tiny_bpe.encode(text).ids
 
 
 def test_gguf_truncated_or_corrupt(tmp_path, tiny_bpe):
@@ -304,11 +308,15 @@ def test_tokenizer_does_not_fit_model(tmp_path, tiny_bpe):
         load.load(tmp_path)
 
 
-def test_missing_tokenizer(tmp_path, tiny_bpe):
-    hf_llama(tmp_path, tiny_bpe)
+def test_folder_without_tokenizer_loads_and_fails_only_on_text(tmp_path, tiny_bpe):
+    hf = hf_llama(tmp_path, tiny_bpe)
     (tmp_path / "tokenizer.json").unlink()
-    with pytest.raises(FileNotFoundError, match="no tokenizer"):
-        load.load(tmp_path)
+    model, tokenizer = load.load(tmp_path)           # config + weights are all a model needs
+    assert isinstance(tokenizer, NoTokenizer) and tokenizer.stop_ids == [hf.config.eos_token_id]
+    assert_same_logits(hf, model)
+    for use in (lambda: tokenizer.encode("hi"), lambda: tokenizer.decode([1]), lambda: tokenizer.encode_chat("hi")):
+        with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path)) + ": no tokenizer .* the model loaded"):
+            use()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -316,28 +324,28 @@ def test_missing_tokenizer(tmp_path, tiny_bpe):
 
 def test_checkpoint_round_trip(tmp_path, tiny_bpe, sample_texts):
     hf_llama(tmp_path / "hf", tiny_bpe, tie_word_embeddings=True)
-    model, tok = load.load(tmp_path / "hf")
-    load.save_checkpoint(tmp_path / "ckpt", model, tok, extra={"step": 7})
-    again, tok2 = load.load(tmp_path / "ckpt")
+    model, tokenizer = load.load(tmp_path / "hf")
+    load.save_checkpoint(tmp_path / "ckpt", model, tokenizer, extra={"step": 7})
+    again, tokenizer2 = load.load(tmp_path / "ckpt")
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["step"] == 7
     assert again.cfg == model.cfg and again.lm_head.weight is again.embed.weight
     idx = torch.randint(V, (2, T))
     with torch.no_grad():
         assert torch.equal(model(idx), again(idx))
     for text in sample_texts:
-        assert tok2.encode(text) == tok.encode(text)
+        assert tokenizer2.encode(text) == tokenizer.encode(text)
 
 
 def test_checkpoint_with_heads_and_new_token(tmp_path, tiny_bpe):
     hf_gpt2(tmp_path / "hf", tiny_bpe, tie_word_embeddings=False)
-    model, tok = load.load(tmp_path / "hf")
+    model, tokenizer = load.load(tmp_path / "hf")
     model.add_heads(2)
     randomize(model.heads, seed=1)
-    mtp = tok.add_special("<mtp>")
-    load.save_checkpoint(tmp_path / "ckpt", model, tok)
-    again, tok2 = load.load(tmp_path / "ckpt")
-    assert again.cfg.n_mtp_heads == 2 and tok2.token_id("<mtp>") == mtp == 700
-    assert tok2.encode("a<mtp>") == tok.encode("a<mtp>")
+    mtp = tokenizer.add_special("<mtp>")
+    load.save_checkpoint(tmp_path / "ckpt", model, tokenizer)
+    again, tokenizer2 = load.load(tmp_path / "ckpt")
+    assert again.cfg.n_mtp_heads == 2 and tokenizer2.special["<mtp>"] == mtp == 700
+    assert tokenizer2.encode("a<mtp>", specials=True) == tokenizer.encode("a<mtp>", specials=True)
     for (n, p), (n2, p2) in zip(model.state_dict().items(), again.state_dict().items()):
         assert n == n2 and torch.equal(p, p2)
     idx = torch.randint(V, (1, T))
@@ -350,9 +358,9 @@ def test_checkpoint_with_heads_and_new_token(tmp_path, tiny_bpe):
 
 def test_checkpoint_damaged(tmp_path, tiny_bpe):
     hf_llama(tmp_path / "hf", tiny_bpe)
-    model, tok = load.load(tmp_path / "hf")
+    model, tokenizer = load.load(tmp_path / "hf")
     ckpt = tmp_path / "ckpt"
-    load.save_checkpoint(ckpt, model, tok)
+    load.save_checkpoint(ckpt, model, tokenizer)
     weights = ckpt / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(ValueError, match=r"ckpt/model\.safetensors: cannot read weights"):
@@ -360,17 +368,18 @@ def test_checkpoint_damaged(tmp_path, tiny_bpe):
     weights.unlink()
     with pytest.raises(FileNotFoundError, match=r"ckpt/model\.safetensors: missing"):
         load.load(ckpt)
-    load.save_checkpoint(ckpt, model, tok)
-    (ckpt / load.Tokenizer.FILE).unlink()
-    with pytest.raises(FileNotFoundError, match=r"ckpt/tokenizer\.nanomtp\.json: missing"):
+    load.save_checkpoint(ckpt, model, tokenizer)
+    (ckpt / Tokenizer.FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=r"ckpt: no tokenizer \(expected tokenizer_chars\.json, "
+                                                r"tokenizer\.nanomtp\.json or tokenizer\.json"):
         load.load(ckpt)
 
 
 def test_checkpoint_write_is_atomic(tmp_path, tiny_bpe, monkeypatch):
     hf_llama(tmp_path / "hf", tiny_bpe)
-    model, tok = load.load(tmp_path / "hf")
+    model, tokenizer = load.load(tmp_path / "hf")
     ckpt = tmp_path / "ckpt"
-    load.save_checkpoint(ckpt, model, tok, extra={"step": 1})
+    load.save_checkpoint(ckpt, model, tokenizer, extra={"step": 1})
     idx = torch.randint(V, (1, T))
     with torch.no_grad():
         before = model(idx)
@@ -380,7 +389,7 @@ def test_checkpoint_write_is_atomic(tmp_path, tiny_bpe, monkeypatch):
         raise OSError("disk full")
     monkeypatch.setattr(load, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
-        load.save_checkpoint(ckpt, model, tok, extra={"step": 2})
+        load.save_checkpoint(ckpt, model, tokenizer, extra={"step": 2})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "hf"]     # no temporary folder left behind
     kept, _ = load.load(ckpt)
     with torch.no_grad():
@@ -388,10 +397,145 @@ def test_checkpoint_write_is_atomic(tmp_path, tiny_bpe, monkeypatch):
     assert json.loads((ckpt / "config.json").read_text())["step"] == 1
 
     monkeypatch.undo()
-    load.save_checkpoint(ckpt, model, tok, extra={"step": 2})           # and a good save replaces it
+    load.save_checkpoint(ckpt, model, tokenizer, extra={"step": 2})           # and a good save replaces it
     new, _ = load.load(ckpt)
     assert torch.equal(new.embed.weight, model.embed.weight)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "hf"]
+
+
+def test_crash_between_the_swap_renames_loses_no_checkpoint(tmp_path, tiny_bpe, monkeypatch):
+    hf_llama(tmp_path / "hf", tiny_bpe)
+    model, tokenizer = load.load(tmp_path / "hf")
+    ckpt = tmp_path / "ckpt"
+    load.save_checkpoint(ckpt, model, tokenizer, extra={"step": 1})
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.embed.weight.add_(1.0)
+    rename = Path.rename
+
+    def killed_before_second_rename(self, target):   # the old folder is aside, the new one not yet in place
+        if self.name.endswith(".tmp"):
+            raise KeyboardInterrupt
+        return rename(self, target)
+    monkeypatch.setattr(Path, "rename", killed_before_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        load.save_checkpoint(ckpt, model, tokenizer, extra={"step": 2})
+    monkeypatch.undo()
+    assert not ckpt.exists()                                          # the crash point itself
+    again, _ = load.load(ckpt)                                        # recovered from .ckpt.old
+    assert all(torch.equal(v, saved[k]) for k, v in again.state_dict().items())
+    assert json.loads((ckpt / "config.json").read_text())["step"] == 1
+    load.save_checkpoint(ckpt, model, tokenizer, extra={"step": 2})   # and the next save goes through
+    assert json.loads((ckpt / "config.json").read_text())["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "hf"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# heads and mask-adapter files: a refused file says why, names the file, and changes nothing
+
+def tiny_base():
+    torch.manual_seed(0)
+    cfg = Config(arch="llama", vocab_size=CharTokenizer().vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                 head_dim=8, intermediate_size=64, max_seq_len=64)
+    return Transformer(cfg).eval(), CharTokenizer()
+
+
+def write_mask_adapter(path, rank=4, n_masks=1):
+    model, _ = tiny_base()
+    model.add_mask_tokens(n_masks)
+    if rank:
+        model.add_lora(rank, gated=True)
+    randomize(model, seed=1)
+    load.save_mask_adapter(path, model, meta={"k_max": 4})
+    return model
+
+
+def rewrite(path, change):
+    """Edit the tensors of a small file, keeping its metadata."""
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    change(tensors)
+    save_file(tensors, path, metadata=meta)
+
+
+def assert_unchanged(model, tokenizer):
+    assert model.cfg.vocab_size == model.embed.weight.shape[0] == tokenizer.vocab_size == 97
+    assert model.cfg.mask_token_ids == [] and "<mtp>" not in tokenizer.special
+    assert model.cfg.lora_rank == 0 and not [n for n, _ in model.named_parameters() if "lora_" in n]
+
+
+def test_mask_adapter_attaches(tmp_path):
+    trained = write_mask_adapter(tmp_path / "mask.safetensors")
+    model, tokenizer = tiny_base()
+    meta = load.attach_mask_adapter(model, tokenizer, tmp_path / "mask.safetensors")
+    assert meta["k_max"] == 4 and model.cfg.mask_token_ids == [97] == [tokenizer.special["<mtp>"]]
+    want = {k: v.bfloat16().float() for k, v in trained.state_dict().items() if "lora_" in k}
+    got = model.state_dict()
+    assert want and all(torch.equal(got[k], v) for k, v in want.items())
+    assert torch.equal(got["embed.weight"][97], trained.embed.weight[97].detach().bfloat16().float())
+
+
+@pytest.mark.parametrize("case,message", [
+    ("unexpected tensor", r"adapters do not fit the model \(unexpected: blocks\.0\.attn\.q_proj\.lora_C; missing: -"),
+    ("missing tensor", r"adapters do not fit the model \(unexpected: -; missing: blocks\.1\.mlp\.up_proj\.lora_B"),
+    ("wrong shape", r"adapters do not fit the model \(unexpected: -; missing: -; other shape: mask_embeddings\)"),
+    ("NaN", r"weights hold NaN or Inf \(blocks\.0\.attn\.k_proj\.lora_A\): a damaged mask file"),
+    ("Inf", r"weights hold NaN or Inf \(mask_embeddings\)"),
+    ("truncated", r"not a readable mask file, truncated or not safetensors"),
+    ("not safetensors", r"not a readable mask file, truncated or not safetensors"),
+    ("full fine-tune", r"holds only the mask token embedding of a fully fine-tuned model"),
+    ("tokenizer taken", r"the tokenizer \(98 ids, .*\) cannot give the mask tokens <mtp> the model's ids 97\.\.97"),
+])
+def test_refused_mask_adapter_changes_nothing(tmp_path, case, message):
+    path = tmp_path / "mask.safetensors"
+    write_mask_adapter(path, rank=0 if case == "full fine-tune" else 4)
+    edits = {"unexpected tensor": lambda t: t.update({"blocks.0.attn.q_proj.lora_C": torch.zeros(2)}),
+             "missing tensor": lambda t: t.pop("blocks.1.mlp.up_proj.lora_B"),
+             "wrong shape": lambda t: t.update({"mask_embeddings": torch.zeros(2, 32)}),
+             "NaN": lambda t: t["blocks.0.attn.k_proj.lora_A"].view(-1)[3:5].fill_(float("nan")),
+             "Inf": lambda t: t["mask_embeddings"].view(-1)[0:1].fill_(float("inf"))}
+    if case in edits:
+        rewrite(path, edits[case])
+    elif case == "truncated":
+        path.write_bytes(path.read_bytes()[:500])
+    elif case == "not safetensors":
+        path.write_text("hello")
+    model, tokenizer = tiny_base()
+    if case == "tokenizer taken":
+        tokenizer.add_special("<other>")
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ": " + message):
+        load.attach_mask_adapter(model, tokenizer, path)
+    if case == "tokenizer taken":
+        assert tokenizer.vocab_size == 98 and model.cfg.vocab_size == 97
+    else:
+        assert_unchanged(model, tokenizer)
+
+
+@pytest.mark.parametrize("case", ["NaN", "unexpected tensor"])
+def test_refused_heads_file_changes_nothing(tmp_path, case):
+    path = tmp_path / "heads.safetensors"
+    source, _ = tiny_base()
+    source.add_heads(2)
+    load.save_heads(path, source)
+    edit = {"NaN": lambda t: t["heads.1.proj.weight"].view(-1)[0:1].fill_(float("nan")),
+            "unexpected tensor": lambda t: t.update({"heads.2.proj.weight": torch.zeros(32, 64)})}[case]
+    rewrite(path, edit)
+    model, _ = tiny_base()
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ": " + {
+            "NaN": r"weights hold NaN or Inf \(heads\.1\.proj\.weight\): a damaged heads file",
+            "unexpected tensor": r"heads do not fit the model \(unexpected: heads\.2\.proj\.weight"}[case]):
+        load.attach_heads(model, path)
+    assert len(model.heads) == model.cfg.n_mtp_heads == 0
+
+
+def test_loading_the_bundled_model_says_so(tmp_path, tiny_bpe, monkeypatch, capsys):
+    path = write_gguf(tmp_path / "tiny.gguf", hf_llama(tmp_path, tiny_bpe, save=False), tiny_bpe)
+    monkeypatch.setattr(load, "bundled_gguf", lambda: path)
+    load.load("smollm2")
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("loading tiny.gguf (the bundled SmolLM2-135M-Instruct")
+    load.load(path)
+    assert capsys.readouterr().err == ""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -403,40 +547,41 @@ def smollm2():
 
 
 def test_smollm2_config(smollm2):
-    model, tok = smollm2
+    model, tokenizer = smollm2
     c = model.cfg
     assert (c.arch, c.n_layer, c.n_head, c.n_kv_head, c.n_embd, c.head_dim) == ("llama", 30, 9, 3, 576, 64)
     assert (c.max_seq_len, c.rope_theta, c.tie_embeddings, c.vocab_size) == (8192, 100000.0, True, 49152)
-    assert tok.eos_id == tok.token_id("<|im_end|>") == 2 and tok.stop_ids == [2]
-    assert tok.system_prompt == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    assert tokenizer.eos_id == tokenizer.special["<|im_end|>"] == 2 and tokenizer.stop_ids == [2]
+    assert tokenizer.system_prompt == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
 def test_smollm2_tokenizer_matches_hf(smollm2):
-    _, tok = smollm2
+    _, tokenizer = smollm2
     # what SmolLM2's own tokenizer.json holds, built from the same GGUF vocabulary and merges
-    hf = HFTokenizer(models.BPE(vocab=tok.vocab, merges=tok.merges))
+    hf = HFTokenizer(models.BPE(vocab=tokenizer.vocab, merges=tokenizer.merges))
     hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     hf.decoder = decoders.ByteLevel()
-    hf.add_special_tokens([AddedToken(name, special=True) for name in sorted(tok.special, key=tok.special.get)])
-    texts = SAMPLE_TEXTS + ["The year 2024 had 366 days;  12 \t 7", "\x04 control \x1d bytes", "<repo_name>x<file_sep>",
-                            tok.chat_prompt("What is the capital of France?")]
+    specials = sorted(tokenizer.special, key=tokenizer.special.get)
+    hf.add_special_tokens([AddedToken(name, special=True) for name in specials])
+    texts = SAMPLE_TEXTS + NUMERALS + ["The year 2024 had 366 days;  12 \t 7", "\x04 control \x1d bytes",
+                                       "<repo_name>x<file_sep>", tokenizer.chat_prompt("What is the capital of France?")]
     for text in texts:
-        ids = tok.encode(text)
+        ids = tokenizer.encode(text, specials=True)
         assert ids == hf.encode(text, add_special_tokens=False).ids, text
-        assert tok.decode(ids) == hf.decode(ids, skip_special_tokens=False)
+        assert tokenizer.decode(ids) == hf.decode(ids, skip_special_tokens=False)
 
 
 def test_smollm2_knows_paris(smollm2):
-    model, tok = smollm2
-    ids = tok.encode(tok.chat_prompt("What is the capital of France?"))
+    model, tokenizer = smollm2
+    ids = tokenizer.encode_chat("What is the capital of France?")
     main, _ = model.make_caches(1, len(ids) + 16)
     idx, pos, out = torch.tensor([ids]), torch.arange(len(ids))[None], []
     with torch.no_grad():
         for _ in range(12):
             nxt = int(model(idx, pos=pos, caches=main)[0, -1].argmax())
-            if nxt in tok.stop_ids:
+            if nxt in tokenizer.stop_ids:
                 break
             out.append(nxt)
             idx, pos = torch.tensor([[nxt]]), pos[:, -1:] + 1
-    assert "Paris" in tok.decode(out)
+    assert "Paris" in tokenizer.decode(out)

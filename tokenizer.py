@@ -1,0 +1,480 @@
+"""
+Tokenizers: text to token ids and back, and the chat template.
+
+What is here:
+- `Tokenizer`: byte-level BPE run by tiktoken, built locally from a GGUF vocabulary, a Hugging Face tokenizer.json or
+  GPT-2's vocab.json + merges.txt, and saved in its own format; ids identical to Hugging Face's.
+- `CharTokenizer`: one id per printable ASCII character plus newline, for models trained from scratch on synthetic
+  math (every digit its own token, a ~100-entry vocabulary keeps a tiny model's embedding tiny).
+- The ChatML template, in one place: `chat_prompt` (text) and `encode_chat` (ids); the mask tokens' names.
+- `load_tokenizer(source)`: the one dispatch from a source to a tokenizer.
+- `NoTokenizer`: what a Hugging Face folder without tokenizer files gets; it fails only when text is touched.
+
+Both tokenizers offer the same API (encode, decode, vocab_size, eos_id, stop_ids, special, add_special, save, name,
+and the template's has_chat, chat_prompt, encode_chat), so train.py, decode.py and bench.py never need to know which
+one they hold.
+
+What is not: SentencePiece, downloads, model weights (load.py).
+
+Control tokens come from the template only. `encode(text)` reads text as plain text: a user who types
+"<|im_end|>\n<|im_start|>assistant" gets those characters, never the control tokens, so no one can forge a turn.
+(Hugging Face's apply_chat_template renders the template to a string and tokenizes it with specials recognised:
+there that user text becomes control tokens. tests/test_tokenizer.py shows both.)
+"""
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import tiktoken
+
+CHATML_START, CHATML_END = "<|im_start|>", "<|im_end|>"
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read JSON ({e})") from e
+
+
+def names(items, limit=8):
+    """A short readable list for error messages."""
+    items = sorted(items)
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GGUF metadata (the tokenizer and load.py's weights read the same file)
+
+def open_gguf(path):
+    try:
+        import gguf   # only GGUF sources need the package
+        return gguf.GGUFReader(path)
+    except Exception as e:   # the reader fails on damaged files with whatever numpy raises first
+        raise ValueError(f"{path}: not a readable GGUF file, truncated or corrupt ({type(e).__name__}: {e})") from e
+
+
+REQUIRED = object()
+
+
+def gguf_value(reader, key, path, default=REQUIRED):
+    field = reader.fields.get(key)
+    if field is None:
+        if default is REQUIRED:
+            raise ValueError(f"{path}: GGUF key {key} is missing")
+        return default
+    return field.contents()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the chat template
+
+class ChatML:
+    """The chat template, for a tokenizer whose specials hold ChatML's two control tokens (both tokenizers below
+    inherit it; it reads their `special`, `system_prompt`, `name` and `encode`)."""
+
+    @property
+    def has_chat(self):
+        return CHATML_START in self.special and CHATML_END in self.special
+
+    def chat_parts(self, messages, system=None):
+        """ChatML up to the assistant's turn as (text, is_control) parts. messages: a user message string, or
+        [{"role", "content"}]. Without a system message, `system` or the model's default system prompt leads."""
+        if not self.has_chat:
+            raise ValueError(f"{self.name}: no {CHATML_START} / {CHATML_END} tokens; not a ChatML chat model")
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        if messages and messages[0]["role"] == "system":
+            if system is not None:
+                raise ValueError("system given twice: as an argument and as the first message")
+        else:
+            system = system if system is not None else self.system_prompt
+            messages = messages if system is None else [{"role": "system", "content": system}, *messages]
+        parts = []
+        for m in messages:
+            parts += [(CHATML_START, True), (f"{m['role']}\n{m['content']}", False), (CHATML_END, True),
+                      ("\n", False)]
+        return parts + [(CHATML_START, True), ("assistant\n", False)]
+
+    def chat_prompt(self, messages, system=None):
+        """The template's text up to the assistant's turn; for showing and storing."""
+        return "".join(text for text, _ in self.chat_parts(messages, system))
+
+    def encode_chat(self, messages, system=None):
+        """The template's ids: control tokens where the template puts them, every message as plain text. For
+        ordinary messages the same ids as encode(chat_prompt(...), specials=True), and as Hugging Face's."""
+        ids = []
+        for text, control in self.chat_parts(messages, system):
+            ids += [self.special[text]] if control else self.encode(text)
+        return ids
+
+
+def mask_token_names(n):
+    """Paper A's mask tokens, appended to the vocabulary: one shared <mtp>, or n distinct ones."""
+    return ["<mtp>"] if n == 1 else [f"<mtp_{i}>" for i in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# byte-level BPE
+
+# Pre-tokenizer patterns (what splits text into words before BPE).
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# Hugging Face's Sequence[Digits(individual_digits=True), ByteLevel] in one regex (SmolLM, StarCoder): every numeral
+# stands alone (Digits splits at any Unicode number, like \p{N}: ½, ², ٣ and ３ too), and a whitespace run before a
+# numeral is whole, as if the text ended there.
+SINGLE_DIGITS_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+DIGIT_RUNS_PATTERN = SINGLE_DIGITS_PATTERN.replace(r"|\p{N}|", r"|\p{N}+|")   # Digits(individual_digits=False)
+LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+GGUF_PRE = {"gpt-2": GPT2_PATTERN, "smollm": SINGLE_DIGITS_PATTERN, "llama-bpe": LLAMA3_PATTERN,
+            "llama3": LLAMA3_PATTERN}
+GGUF_SPECIAL_TYPES = (3, 4)    # GGUF token types: control, user-defined
+SYSTEM_IN_TEMPLATE = re.compile(r"<\|im_start\|>system(?:\n|\\n)(.*?)<\|im_end\|>", re.DOTALL)
+HF_TOKENIZER_FILES = ("tokenizer.json", "vocab.json + merges.txt")
+
+
+def byte_decoder():
+    """GPT-2's byte alphabet, char -> byte: printable Latin-1 bytes stand for themselves, the other bytes are
+    shifted, in order, to U+0100 and up. BPE vocabularies spell every token in it."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+def has_hf_tokenizer(folder):
+    folder = Path(folder)
+    return (folder / "tokenizer.json").is_file() or ((folder / "vocab.json").is_file()
+                                                     and (folder / "merges.txt").is_file())
+
+
+class Tokenizer(ChatML):
+    """Byte-level BPE with tiktoken doing the work.
+
+    tiktoken merges the adjacent pair whose concatenation has the lowest rank, and uses ranks as ids. When the
+    vocabulary's ids already grow with the merge order, ranks are the ids; otherwise ranks follow the merge order
+    and an array translates ranks to ids (decoding reads each id's bytes directly). Bytes with no token of their
+    own are dropped, as Hugging Face does.
+    Every added token of the source (control and user-defined tokens in GGUF) is a special token: it reaches the ids
+    through the chat template, `add_special` or `encode(text, specials=True)`, never from plain text."""
+
+    FILE = "tokenizer.nanomtp.json"
+
+    def __init__(self, vocab, merges, special, pattern, eos_id=None, bos_id=None, system_prompt=None,
+                 whole_words=False, source="tokenizer"):
+        """vocab: token (in GPT-2's byte alphabet) -> id; merges: (left, right) token pairs in merge order;
+        special: text -> id (these may also appear in vocab); whole_words: a word that is a token is that token
+        even if the merges never build it (Hugging Face's ignore_merges)."""
+        self.vocab, self.merges, self.special = dict(vocab), [tuple(m) for m in merges], dict(special)
+        self.pattern, self.eos_id, self.bos_id = pattern, eos_id, bos_id
+        self.system_prompt, self.whole_words, self.source = system_prompt, whole_words, str(source)
+        self.name = os.path.basename(self.source)
+        self._build()
+
+    def _build(self):
+        to_byte, special_ids = byte_decoder(), set(self.special.values())
+        self.pieces = {}    # id -> bytes, every non-special token
+        for token, i in self.vocab.items():
+            if i in special_ids:
+                continue
+            if any(c not in to_byte for c in token):
+                raise ValueError(f"{self.source}: token {token!r} is not spelled in GPT-2's byte alphabet")
+            self.pieces[i] = bytes(to_byte[c] for c in token)
+        made = []     # id of each merge's result, in merge order
+        for a, b in self.merges:
+            if a not in self.vocab or b not in self.vocab or a + b not in self.vocab:
+                raise ValueError(f"{self.source}: merge {a!r} {b!r} uses or makes a token not in the vocabulary")
+            made.append(self.vocab[a + b])
+        byte_ids = {p[0]: i for i, p in self.pieces.items() if len(p) == 1}
+        unreachable = [i for i in sorted(set(self.pieces) - set(byte_ids) - set(made))] if self.whole_words else []
+
+        if len(byte_ids) == 256 and all(x < y for x, y in zip(made, made[1:])):
+            order = None   # ids are ranks
+            ids = sorted(set(byte_ids.values()) | set(made) | set(unreachable))
+            ranks = {self.pieces[i]: i for i in ids}
+            tk_special = dict(self.special)
+        else:
+            # ranks 0..255 are the bytes (-1: no token, dropped), then merge results by first appearance
+            order, seen = [byte_ids.get(b, -1) for b in range(256)], set(byte_ids.values())
+            for i in made + unreachable:
+                if i not in seen:
+                    order.append(i)
+                    seen.add(i)
+            ranks = {bytes([b]): b for b in range(256)}
+            ranks.update({self.pieces[i]: r for r, i in enumerate(order) if r >= 256})
+            tk_special = {name: len(order) + n for n, name in enumerate(self.special)}
+            order += list(self.special.values())
+        self._enc = tiktoken.Encoding(name="nanomtp", pat_str=self.pattern, mergeable_ranks=ranks,
+                                      special_tokens=tk_special)
+        self._rank_to_id = None if order is None else np.array(order, dtype=np.int64)
+        self.vocab_size = max([*self.pieces, *self.special.values()]) + 1
+        self._special_bytes = {i: name.encode() for name, i in self.special.items()}
+
+    # --- use
+
+    def encode(self, text, specials=False):
+        """Text -> ids. Special-token strings in the text are plain text, unless specials=True, which is only for
+        text the chat template wrote (a prepared prompts file): there they become their control tokens."""
+        ranks = self._enc.encode(text, allowed_special="all") if specials else self._enc.encode_ordinary(text)
+        if self._rank_to_id is None:
+            return ranks
+        ids = self._rank_to_id[ranks]
+        return ids[ids >= 0].tolist()
+
+    def decode(self, ids):
+        out = []
+        for i in ids:
+            i = int(i)
+            piece = self._special_bytes.get(i, self.pieces.get(i))
+            if piece is None:
+                raise ValueError(f"{self.source}: token id {i} is not in the vocabulary")
+            out.append(piece)
+        return b"".join(out).decode("utf-8", errors="replace")
+
+    @property
+    def stop_ids(self):
+        """Ids that end a generation: eos and ChatML's end of turn."""
+        return sorted({self.eos_id, self.special.get(CHATML_END)} - {None})
+
+    def add_special(self, name):
+        """New special token at id vocab_size (e.g. Paper A's mask token); the model's embedding must grow to fit."""
+        if name in self.special:
+            raise ValueError(f"{self.source}: special token {name!r} exists already (id {self.special[name]})")
+        self.special[name] = self.vocab_size
+        self._build()
+        return self.special[name]
+
+    # --- sources
+
+    @classmethod
+    def from_gguf(cls, path, reader=None):
+        reader = reader or open_gguf(path)
+        get = lambda key, default=REQUIRED: gguf_value(reader, key, path, default)
+        if get("tokenizer.ggml.model") != "gpt2":
+            raise ValueError(f"{path}: tokenizer model {get('tokenizer.ggml.model')!r} is not supported (gpt2 BPE)")
+        pre = get("tokenizer.ggml.pre", "default")
+        if pre not in GGUF_PRE:
+            raise ValueError(f"{path}: pre-tokenizer {pre!r} is not supported (supported: {names(GGUF_PRE)})")
+        tokens, types = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.token_type")
+        merges = [tuple(m.split(" ")) for m in get("tokenizer.ggml.merges")]
+        system = SYSTEM_IN_TEMPLATE.search(get("tokenizer.chat_template", ""))
+        return cls(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                   special={t: i for i, (t, k) in enumerate(zip(tokens, types)) if k in GGUF_SPECIAL_TYPES},
+                   pattern=GGUF_PRE[pre], eos_id=get("tokenizer.ggml.eos_token_id", None),
+                   bos_id=get("tokenizer.ggml.bos_token_id", None), system_prompt=system and system.group(1),
+                   source=path)
+
+    @classmethod
+    def from_hf(cls, folder):
+        """From a Hugging Face folder: tokenizer.json, or GPT-2's vocab.json + merges.txt."""
+        folder = Path(folder)
+        tconf = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+        if not has_hf_tokenizer(folder):
+            raise FileNotFoundError(f"{folder}: no tokenizer (expected {' or '.join(HF_TOKENIZER_FILES)})")
+        if (folder / "tokenizer.json").is_file():
+            where = folder / "tokenizer.json"
+            vocab, merges, special, pattern, whole_words = parse_tokenizer_json(read_json(where), where)
+        else:
+            where = folder / "vocab.json"
+            vocab, pattern, whole_words = read_json(where), GPT2_PATTERN, False
+            lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+            merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+            special = {t["content"]: int(i) for i, t in tconf.get("added_tokens_decoder", {}).items()}
+        ids = {**vocab, **special}
+
+        def token_of(key, id_key):
+            value = tconf.get(key)
+            value = value.get("content") if isinstance(value, dict) else value
+            if value is not None:
+                if value not in ids:
+                    raise ValueError(f"{folder / 'tokenizer_config.json'}: {key} {value!r} is not a token")
+                return ids[value]
+            value = read_json(folder / "config.json").get(id_key) if (folder / "config.json").is_file() else None
+            return value[0] if isinstance(value, list) else value
+
+        eos_id, bos_id = token_of("eos_token", "eos_token_id"), token_of("bos_token", "bos_token_id")
+        if where.name == "vocab.json":   # GPT-2's vocab.json lists <|endoftext|> without marking it special
+            for i in {eos_id, bos_id} - {None} - set(special.values()):
+                name = next((t for t, j in vocab.items() if j == i), None)
+                if name is not None:
+                    special[name] = i
+        template = tconf.get("chat_template") or ""
+        if isinstance(template, list):    # several named templates
+            template = " ".join(t.get("template", "") for t in template)
+        system = SYSTEM_IN_TEMPLATE.search(template)
+        return cls(vocab, merges, special, pattern, eos_id=eos_id, bos_id=bos_id,
+                   system_prompt=system and system.group(1), whole_words=whole_words, source=where)
+
+    # --- own format
+
+    def save(self, folder):
+        data = {"format": "nanomtp-bpe", "pattern": self.pattern, "vocab": self.vocab,
+                "merges": [" ".join(m) for m in self.merges], "special": self.special, "eos_id": self.eos_id,
+                "bos_id": self.bos_id, "system_prompt": self.system_prompt, "whole_words": self.whole_words}
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / self.FILE).write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+
+    @classmethod
+    def load(cls, folder):
+        path = Path(folder) / cls.FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing")
+        d = read_json(path)
+        if d.get("format") != "nanomtp-bpe":
+            raise ValueError(f"{path}: not a nanoMTP tokenizer file")
+        return cls(d["vocab"], [tuple(m.split(" ")) for m in d["merges"]], d["special"], d["pattern"],
+                   d["eos_id"], d["bos_id"], d["system_prompt"], d["whole_words"], source=path)
+
+
+def parse_tokenizer_json(tj, where):
+    """vocab, merges, special, pattern, whole_words from a Hugging Face tokenizer.json of a byte-level BPE."""
+    m = tj.get("model") or {}
+    if m.get("type") != "BPE":
+        raise ValueError(f"{where}: tokenizer model {m.get('type')!r} is not supported (byte-level BPE)")
+    if m.get("continuing_subword_prefix") or m.get("end_of_word_suffix") or m.get("dropout"):
+        raise ValueError(f"{where}: BPE with subword prefixes/suffixes or dropout is not supported")
+    if tj.get("normalizer") is not None:
+        raise ValueError(f"{where}: normalizer {tj['normalizer'].get('type')!r} is not supported")
+    merges = [tuple(x.split(" ")) if isinstance(x, str) else tuple(x) for x in m["merges"]]
+    special = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
+    return m["vocab"], merges, special, pre_tokenizer_pattern(tj.get("pre_tokenizer"), where), \
+        bool(m.get("ignore_merges"))
+
+
+def pre_tokenizer_pattern(pre, where):
+    """One regex equivalent to the supported Hugging Face pre-tokenizers."""
+    def byte_level(p, use_regex):
+        return p.get("type") == "ByteLevel" and not p.get("add_prefix_space") and p.get("use_regex", True) == use_regex
+    steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre]
+    if len(steps) == 1 and steps[0] and byte_level(steps[0], True):
+        return GPT2_PATTERN
+    if len(steps) == 2 and steps[0].get("type") == "Digits" and byte_level(steps[1], True):
+        return SINGLE_DIGITS_PATTERN if steps[0].get("individual_digits") else DIGIT_RUNS_PATTERN
+    if (len(steps) == 2 and steps[0].get("type") == "Split" and "Regex" in steps[0].get("pattern", {})
+            and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert") and byte_level(steps[1], False)):
+        regex = steps[0]["pattern"]["Regex"]
+        # tiktoken keeps only matches; Split also keeps the text between them: match that as a run of characters
+        # where the regex does not match
+        return f"(?:{regex})|(?:(?!(?:{regex}))[\\s\\S])+"
+    kinds = [s.get("type") if s else None for s in steps]
+    raise ValueError(f"{where}: pre-tokenizer {kinds} is not supported (ByteLevel; Digits + ByteLevel; "
+                     f"Split(Regex, Isolated) + ByteLevel(use_regex=false); no prefix space)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# characters
+
+EOS = "<|endoftext|>"
+CHARS = "\n" + "".join(chr(c) for c in range(32, 127))   # newline + printable ASCII, in a fixed order
+
+
+class CharTokenizer(ChatML):
+    """tokens[i] is the text of id i: one character, or a special token. Specials added later (Paper A's mask
+    token) go at the end, so existing ids never move. A from-scratch model has no chat format: the default
+    tokenizer has no ChatML tokens (tests build one with them, a small stand-in for the bundled model's)."""
+    name = "chars"
+    FILE = "tokenizer_chars.json"   # what save() writes; its presence marks a folder as holding this tokenizer
+    system_prompt = None
+
+    def __init__(self, tokens=(EOS, *CHARS), specials=(EOS,)):
+        tokens, specials = list(tokens), list(specials)
+        if len(set(tokens)) != len(tokens):
+            raise ValueError("CharTokenizer: duplicate tokens")
+        for t in tokens:
+            if len(t) != 1 and t not in specials:
+                raise ValueError(f"CharTokenizer: {t!r} is neither one character nor a special token")
+        self.tokens = tokens
+        self.special = {t: tokens.index(t) for t in specials}
+        self.stoi = {t: i for i, t in enumerate(tokens) if t not in self.special}
+        self.vocab_size = len(tokens)
+        self.eos_id = self.special[EOS]
+        self.stop_ids = [self.eos_id]
+        # longest first, so that no special is matched by a prefix of another
+        self._special_re = re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)))
+
+    def add_special(self, name):
+        """New special token at id vocab_size (e.g. Paper A's mask token); the model's embedding must grow to fit."""
+        if name in self.special or name in self.stoi:
+            raise ValueError(f"CharTokenizer: token {name!r} exists already")
+        self.__init__(self.tokens + [name], [*self.special, name])
+        return self.special[name]
+
+    def encode(self, text, specials=False):
+        """Text -> ids. Special-token strings are plain characters, unless specials=True (see Tokenizer.encode)."""
+        if not specials:
+            return self._encode_plain(text, 0, len(text))
+        ids, last = [], 0
+        for m in self._special_re.finditer(text):
+            ids += self._encode_plain(text, last, m.start())
+            ids.append(self.special[m.group()])
+            last = m.end()
+        return ids + self._encode_plain(text, last, len(text))
+
+    def _encode_plain(self, text, start, end):
+        try:
+            return [self.stoi[c] for c in text[start:end]]
+        except KeyError:
+            bad = next(i for i in range(start, end) if text[i] not in self.stoi)
+            raise ValueError(f"CharTokenizer: character {text[bad]!r} at offset {bad} is not in the vocabulary "
+                             f"(newline and printable ASCII only): {text[max(0, bad - 30):bad + 30]!r}") from None
+
+    def decode(self, ids):
+        return "".join(self.tokens[int(i)] for i in ids)
+
+    def save(self, folder):
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, self.FILE), "w") as f:
+            json.dump({"type": "chars", "tokens": self.tokens, "specials": list(self.special)}, f, indent=1)
+            f.write("\n")
+
+    @classmethod
+    def load(cls, folder):
+        path = os.path.join(folder, cls.FILE)
+        d = read_json(path)
+        if d.get("type") != "chars":
+            raise ValueError(f"{path}: not a character tokenizer (type={d.get('type')!r})")
+        return cls(d["tokens"], d["specials"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one dispatch
+
+def load_tokenizer(source):
+    """The tokenizer of a source: "chars" (a fresh CharTokenizer), a .gguf file, or a folder holding a saved
+    tokenizer (a nanoMTP checkpoint, a prepared data folder's tokenizer/) or Hugging Face tokenizer files."""
+    if str(source) == CharTokenizer.name:
+        return CharTokenizer()
+    path = Path(source)
+    if path.is_file() and path.suffix == ".gguf":
+        return Tokenizer.from_gguf(path)
+    if (path / CharTokenizer.FILE).is_file():
+        return CharTokenizer.load(path)
+    if (path / Tokenizer.FILE).is_file():
+        return Tokenizer.load(path)
+    if has_hf_tokenizer(path):
+        return Tokenizer.from_hf(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"{path}: no tokenizer (expected {CharTokenizer.FILE}, {Tokenizer.FILE} or "
+                                f"{' or '.join(HF_TOKENIZER_FILES)})")
+    raise FileNotFoundError(f"{path}: no such tokenizer source (expected 'chars', a .gguf file or a folder)")
+
+
+class NoTokenizer:
+    """Stands in for the tokenizer of a Hugging Face folder that holds only config and weights: the model loads
+    and runs on token ids; encoding or decoding text raises the error that says what is missing."""
+    name = "none"
+    has_chat = False
+    special = {}
+
+    def __init__(self, folder, eos_id=None):
+        self.source, self.eos_id = str(folder), eos_id
+        self.stop_ids = [] if eos_id is None else [eos_id]
+
+    def _missing(self, *args, **kwargs):
+        raise FileNotFoundError(f"{self.source}: no tokenizer (expected {' or '.join(HF_TOKENIZER_FILES)}); the model "
+                                f"loaded, but text cannot be encoded or decoded without one")
+
+    encode = decode = encode_chat = chat_prompt = add_special = save = _missing
