@@ -19,11 +19,15 @@ CLI: python decode.py --init_from smollm2 --prompt "What is the capital of Franc
 """
 
 import argparse
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from load import BUNDLED, DEFAULT_HEADS, DEFAULT_MASK, attach_heads, attach_mask_adapter, load, read_json
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -40,9 +44,8 @@ class Sampling:
         return self.temperature <= 0
 
     def probs(self, logits):
-        """The distribution we sample from: softmax(logits / T) after top-k and top-p truncation. (..., V)"""
-        if self.greedy:  # a point mass on the argmax: lets the exact-sampling code double as the greedy code
-            return torch.nn.functional.one_hot(logits.argmax(-1), logits.size(-1)).float()
+        """The distribution we sample from: softmax(logits / T) after top-k and top-p truncation. (..., V)
+        Only for sampling: greedy callers take the argmax."""
         logits = logits.float() / self.temperature
         if self.top_k is not None:
             kth = torch.topk(logits, min(self.top_k, logits.size(-1)), dim=-1).values[..., -1:]
@@ -140,16 +143,16 @@ class HeadDrafts:
     A depth's state at position i is final once the token at i+d is known for certain; positions past that were
     computed from drafts and are recomputed on the next step."""
 
-    def __init__(self, model, max_len, depths, schedule=None, draft_vocab=None, sampling=Sampling(), generator=None):
+    def __init__(self, model, max_len, depths, schedule=None, draft_ids=None, sampling=Sampling(), generator=None):
         if len(model.heads) == 0:
             raise ValueError("method mtp needs a model with MTP heads (train.py --mode heads, or --heads FILE)")
         self.schedule = schedule or [min(d, len(model.heads) - 1) for d in range(depths)]  # loop the last head
         if len(self.schedule) != depths or max(self.schedule) >= len(model.heads):
             raise ValueError(f"head schedule {self.schedule} does not fit {depths} depths and {len(model.heads)} heads")
         self.model, self.depths, self.sampling, self.generator = model, depths, sampling, generator
-        self.draft_vocab = draft_vocab
+        self.draft_ids = draft_ids
         # the output rows of the draft vocabulary, gathered once (a reduced vocabulary makes each draft cheaper)
-        self.draft_head = None if draft_vocab is None else model.lm_head.weight[draft_vocab]
+        self.draft_head = None if draft_ids is None else model.lm_head.weight[draft_ids]
         dev, C = model.embed.weight.device, model.cfg.n_embd
         self.limit = max_len             # positions >= limit hold tokens that can never be emitted
         self.max_len = max_len + depths + 1
@@ -187,10 +190,10 @@ class HeadDrafts:
             q = None if self.sampling.greedy else self.sampling.probs(logits)
             tok = self.sampling.pick(logits, self.generator) if q is None else \
                 torch.multinomial(q, 1, generator=self.generator)[0]
-            if self.draft_vocab is not None:   # back to full-vocabulary ids (and distributions)
-                tok = self.draft_vocab[tok]
+            if self.draft_ids is not None:   # back to full-vocabulary ids (and distributions)
+                tok = self.draft_ids[tok]
                 if q is not None:
-                    q = torch.zeros(self.model.cfg.vocab_size, device=q.device).index_copy_(0, self.draft_vocab, q)
+                    q = torch.zeros(self.model.cfg.vocab_size, device=q.device).index_copy_(0, self.draft_ids, q)
             self.tokens[0, L + d] = tok
             probs.append(q)
         return self.tokens[0, L + 1:L + D + 1], None if self.sampling.greedy else torch.stack(probs)
@@ -292,30 +295,54 @@ class Autoregressive:
 # ----------------------------------------------------------------------------------------------------------------
 # the one generate
 
+MAX_DRAFTS = 16   # mtp@D's D and static/verified@K's K: far beyond what any head or mask token drafts usefully
+K_MAX = 16        # ConfAdapt's k (Paper A's k_max) where the mask-token model does not name its own
+LOSSY = {"static", "confadapt"}    # methods that emit predictions nothing checks
+
+
 def parse_method(name):
-    """'ar' | 'mtp' | 'mtp@D' | 'static@K' | 'confadapt@TAU' | 'verified@K' -> (kind, value)."""
+    """'ar' | 'mtp' | 'mtp@D' | 'static@K' | 'confadapt@TAU' | 'verified@K' -> (kind, value); a ValueError names the
+    allowed values."""
     kind, _, arg = name.partition("@")
     defaults = {"ar": None, "mtp": 3, "static": 3, "confadapt": 0.9, "verified": 4}
     if kind not in defaults or (kind == "ar" and arg):
         raise ValueError(f"unknown method {name!r}: expected ar, mtp@D, static@K, confadapt@TAU or verified@K")
     if not arg:
         return kind, defaults[kind]
-    return kind, float(arg) if kind == "confadapt" else int(arg)
+    allowed = {"mtp": ("D", 1), "static": ("K", 2), "verified": ("K", 2)}
+    try:
+        value = float(arg) if kind == "confadapt" else int(arg)
+    except ValueError:
+        value = None
+    if kind == "confadapt":
+        if value is None or not 0 < value <= 1:
+            raise ValueError(f"method {name!r}: TAU must be a number in (0, 1]")
+    elif value is None or not allowed[kind][1] <= value <= MAX_DRAFTS:
+        letter, low = allowed[kind]
+        raise ValueError(f"method {name!r}: {letter} must be an integer from {low} to {MAX_DRAFTS}")
+    return kind, value
 
 
-def make_strategy(model, method, max_len, sampling, generator=None, schedule=None, draft_vocab=None, mask_ids=None,
-                  k_max=16):
+def make_strategy(model, method, max_len, sampling, generator=None, schedule=None, draft_ids=None, mask_ids=None,
+                  k_max=K_MAX):
     kind, value = parse_method(method)
     if kind == "ar":
         return Autoregressive(model, max_len, sampling, generator)
     if kind == "mtp":
-        return HeadDrafts(model, max_len, value, schedule, draft_vocab, sampling, generator)
+        return HeadDrafts(model, max_len, value, schedule, draft_ids, sampling, generator)
     if not mask_ids:
         raise ValueError(f"method {method} needs a mask-token model (train.py --mode mask) and its mask token ids")
     if kind == "confadapt":
         return MaskDrafts(model, max_len, mask_ids, k_max, tau=value, sampling=sampling, generator=generator)
     return MaskDrafts(model, max_len, mask_ids, value, verify=kind == "verified", sampling=sampling,
                       generator=generator)
+
+
+def provenance(kind, n):
+    """How each of the n tokens of one prefill or step was produced: 0 by the main model, d >= 1 an accepted draft
+    at depth d (mtp, verified: the drafts come first, the main model's token last) or kept mask prediction d
+    (static, confadapt: the main model's next-token prediction first, then the masks')."""
+    return list(range(n)) if kind in LOSSY else list(range(1, n)) + [0]
 
 
 # cuDNN attention builds a plan for every new (query length, key length) pair, 40-400 ms each on an H100; decoding meets
@@ -326,10 +353,11 @@ DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, 
 @torch.no_grad()
 @sdpa_kernel(DECODE_ATTENTION)
 def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=(), generator=None,
-             method="ar", stats=None, **method_options):
+             method="ar", stats=None, trace=None, **method_options):
     """Generate up to max_new_tokens after each prompt (lists of token ids); returns the new tokens of each prompt,
     ending with the stop token where one was produced. `ar` decodes the prompts as one batch; every other method
-    decodes them one at a time. method_options go to make_strategy (schedule, draft_vocab, mask_ids, k_max)."""
+    decodes them one at a time. method_options go to make_strategy (schedule, draft_ids, mask_ids, k_max).
+    trace: a list to which each prompt's `provenance` labels are appended, one per output token."""
     sampling = Sampling(temperature, top_k, top_p)
     longest = max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0:
@@ -338,21 +366,28 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
         raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's "
                          f"context of {model.cfg.max_seq_len} tokens")
     if method == "ar" and len(prompts) > 1:
-        return _generate_batch(model, prompts, max_new_tokens, sampling, set(stop_ids), generator, stats)
-    outs = []
+        outs = _generate_batch(model, prompts, max_new_tokens, sampling, set(stop_ids), generator, stats)
+        if trace is not None:
+            trace.extend([0] * len(out) for out in outs)
+        return outs
+    kind, outs = parse_method(method)[0], []
     for prompt in prompts:
         strategy = make_strategy(model, method, len(prompt) + max_new_tokens, sampling, generator, **method_options)
         out = strategy.prefill(prompt)
+        labels = provenance(kind, len(out))
         first = len(out)
         forwards = 1
         while not _finished(out, max_new_tokens, stop_ids):
             new, accepted = strategy.step()
             out += new
+            labels += provenance(kind, len(new))
             forwards += 1
             if stats is not None and accepted is not None:
                 stats.record(*accepted)
         out = _truncate(out, max_new_tokens, stop_ids)
         outs.append(out)
+        if trace is not None:
+            trace.append(labels[:len(out)])
         if stats is not None:
             stats.tokens += len(out)
             stats.forwards += forwards
@@ -397,52 +432,247 @@ def _generate_batch(model, prompts, max_new_tokens, sampling, stop_ids, generato
     outs = [[t for t in row if t >= 0] for row in out]
     if stats is not None:
         stats.tokens += sum(map(len, outs))
-        stats.forwards += len(out[0]) * B
+        stats.forwards += sum(map(len, outs))       # a row takes part in one forward per token, until it stops
         stats.prefills += B
         stats.prefill_tokens += B
     return outs
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CLI
+# CLI: the decoding setup bench.py shares, option checks that run before anything loads, one prompt decoded
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--init_from", default="smollm2", help="smollm2, a Hugging Face folder, a .gguf file, or a "
-                        "nanoMTP checkpoint folder")
-    parser.add_argument("--prompt", default="What is the capital of France?", help="the user's message")
-    parser.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
-    parser.add_argument("--method", default="ar", help="ar, mtp@D, static@K, confadapt@TAU or verified@K")
-    parser.add_argument("--heads", default=None, help="MTP heads file for method mtp (default: the shipped one)")
-    parser.add_argument("--mask", default=None, help="mask-token adapter file for static/confadapt/verified "
-                        "(default: the shipped one)")
-    parser.add_argument("--max_new_tokens", type=int, default=64, help="tokens to generate at most")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 for greedy")
-    parser.add_argument("--top_k", type=int, default=None, help="sample among the k most likely tokens")
-    parser.add_argument("--top_p", type=float, default=None, help="nucleus sampling threshold")
-    parser.add_argument("--seed", type=int, default=0, help="seed for sampling")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bfloat16 on GPU, float32 on CPU)")
-    args = parser.parse_args()
+DRAFT_VOCAB = 8192   # mtp drafts from this many of the heads' most frequent tokens unless told otherwise
 
-    from load import load_for_decoding
-    kind = parse_method(args.method)[0]   # attach only what the method uses
-    heads = args.heads or (None if kind == "mtp" else "none")
-    mask = args.mask or (None if kind in ("static", "confadapt", "verified") else "none")
-    model, _, tok, options = load_for_decoding(args.init_from, args.device, args.dtype, heads, mask)
-    prompt = args.prompt if args.raw or not hasattr(tok, "chat_prompt") else tok.chat_prompt(args.prompt)
-    ids = tok.encode(prompt)
-    generator = torch.Generator(args.device).manual_seed(args.seed)
-    stats = Stats()
-    t0 = time.perf_counter()
-    out = generate(model, [ids], args.max_new_tokens, args.temperature, args.top_k, args.top_p, tok.stop_ids,
-                   generator, args.method, stats, **options)[0]
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    print(tok.decode([t for t in out if t not in tok.stop_ids]))
+
+def setup(source, methods, device="cpu", dtype=torch.float32, heads=None, mask=None, draft_vocab=None):
+    """The model `methods` decode with, carrying only what they use: MTP heads for mtp, a mask-token adapter for
+    static/confadapt/verified (a gated adapter costs every forward its low-rank products even where it changes
+    nothing). heads: a list of heads files (None: those shipped for `source`); mask: an adapter file (None: the
+    shipped one); draft_vocab: how many of the heads' frequency-ordered token ids mtp drafts from (None: DRAFT_VOCAB,
+    or all the file carries if fewer; 0: the full vocabulary).
+    Returns (model, original, tokenizer, generate options). `original` judges output NLL: the model itself where its
+    next-token predictions are the original's (heads, gated adapters leave them alone), the model a mask-token model
+    was fine-tuned from, or None where that one is missing (a warning says so)."""
+    kinds = {parse_method(m)[0] for m in methods}
+    model, tokenizer = load(source)
+    original, options = model, {"mask_ids": list(model.cfg.mask_token_ids)}
+    if model.cfg.mask_token_ids and not model.cfg.lora_gated:   # mask-token training moved its next-token predictions
+        train_args = read_json(Path(source) / "config.json").get("train_args", {})
+        original = _init_from(source, train_args.get("init_from"))
+        options["k_max"] = train_args.get("k_max", K_MAX)
+    if "mtp" in kinds:
+        files = heads if heads is not None else [f for f in DEFAULT_HEADS.get(str(source), []) if f.is_file()]
+        ids = None
+        for f in files:
+            carried = attach_heads(model, f)
+            ids = ids if carried is None else carried   # the last file that carries token frequencies
+        if not model.heads:
+            raise ValueError(f"method mtp needs MTP heads: {source} has none; pass --heads FILE (train.py --mode heads)")
+        options["draft_ids"] = _draft_ids(ids, draft_vocab)
+    if kinds & {"static", "confadapt", "verified"}:
+        file = mask if mask is not None else DEFAULT_MASK.get(str(source))
+        if file is not None and (mask is not None or Path(file).is_file()):
+            meta = attach_mask_adapter(model, tokenizer, file)
+            options.update(mask_ids=list(model.cfg.mask_token_ids), k_max=meta.get("k_max", K_MAX))
+            if not model.cfg.lora_gated:     # ungated adapters change next-token predictions too
+                original = load(source)[0]
+        if not options["mask_ids"]:
+            raise ValueError(f"methods static, confadapt and verified need mask tokens: {source} has none; pass "
+                             f"--mask FILE (train.py --mode mask)")
+    if options.get("draft_ids") is not None:
+        options["draft_ids"] = options["draft_ids"].to(device)
+    else:
+        options.pop("draft_ids", None)
+    if original is not None and original is not model:
+        original = original.to(device=device, dtype=dtype).eval()
+    return model.to(device=device, dtype=dtype).eval(), original, tokenizer, options
+
+
+def _init_from(source, start):
+    """The model a fully fine-tuned mask-token checkpoint started from, or None (with a warning) where it is gone."""
+    if start and (start == BUNDLED or Path(start).exists()):
+        return load(start)[0]
+    print(f"warning: {source} was fine-tuned from {start!r}, which is not here: output NLL will be measured under "
+          f"the fine-tuned model itself and labelled nll_self", file=sys.stderr)
+    return None
+
+
+def _draft_ids(ids, draft_vocab):
+    """The token ids mtp drafts from (None: all), checked against what the heads files carry."""
+    if draft_vocab == 0 or (ids is None and draft_vocab is None):
+        return None
+    if ids is None:
+        raise ValueError(f"--draft_vocab {draft_vocab}: the heads files carry no token frequencies (0 = the full "
+                         f"vocabulary)")
+    if draft_vocab is None:
+        return ids[:DRAFT_VOCAB]
+    if draft_vocab > len(ids):
+        raise ValueError(f"--draft_vocab {draft_vocab}: the heads files carry only {len(ids)} token ids (allowed: 0 "
+                         f"for the full vocabulary, or 1 to {len(ids)})")
+    return ids[:draft_vocab]
+
+
+def fail(message):
+    """An expected error (bad option, missing or malformed file): one line on stderr, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the defaults in --help and every usage error as one line."""
+
+    def __init__(self, description):
+        super().__init__(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    def error(self, message):
+        fail(message)
+
+
+def number(kind, low, high=None, low_open=False):
+    """An argparse type: a `kind` (int or float) in [low, high], or in (low, high] with low_open."""
+    def check(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        above = value > low if low_open else value >= low
+        if not (above and (high is None or value <= high)):   # NaN fails every comparison
+            allowed = (f"in {'(' if low_open else '['}{low}, {high}]" if high is not None else
+                       f"{'above' if low_open else 'at least'} {low}")
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text}")
+        return value
+    return check
+
+
+def method_arg(text):
+    try:
+        parse_method(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+    return text
+
+
+def device_arg(text):
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r} (expected cpu, cuda or cuda:N)")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r} (expected cpu, cuda or cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine (use --device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
+def existing_file(text):
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    return Path(text)
+
+
+def file_list(text):
+    return [existing_file(f) for f in text.split(",")]
+
+
+def add_model_args(p, max_new_tokens):
+    """The options decode.py and bench.py share: what to load, where, and how long to decode."""
+    p.add_argument("--init_from", default=BUNDLED, help="smollm2, a Hugging Face folder, a .gguf file, or a nanoMTP "
+                   "checkpoint folder")
+    p.add_argument("--heads", type=file_list, default=None, help="MTP heads files for method mtp, comma-separated, "
+                   "in training order (default: those shipped for --init_from)")
+    p.add_argument("--mask", type=existing_file, default=None, help="mask-token adapter file for static, confadapt "
+                   "and verified (default: the one shipped for --init_from)")
+    p.add_argument("--draft_vocab", type=number(int, 0), default=None, help="mtp drafts from the N most frequent "
+                   f"tokens the heads file lists; 0 = the full vocabulary (default: {DRAFT_VOCAB}, or all listed)")
+    p.add_argument("--max_new_tokens", type=number(int, 1), default=max_new_tokens, help="tokens to generate at most")
+    p.add_argument("--temperature", type=number(float, 0), default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling")
+    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="weights and activations (default: bfloat16 on cuda, float32 on cpu)")
+
+
+def check_model_args(args, methods):
+    """Checks that need several options; returns the torch dtype."""
+    kinds = {parse_method(m)[0] for m in methods}
+    unused = [(args.heads, "--heads", "mtp" in kinds), (args.draft_vocab, "--draft_vocab", "mtp" in kinds),
+              (args.mask, "--mask", bool(kinds & {"static", "confadapt", "verified"}))]
+    for value, option, used in unused:
+        if value is not None and not used:
+            fail(f"{option}: no method here uses it (methods: {', '.join(methods)})")
+    return getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+
+
+COLOURS = ["32", "33", "35", "36", "34"]   # ANSI foreground: green, yellow, magenta, cyan, blue for depth 1..5+
+
+
+def render(tokenizer, out, labels, lossy, colour):
+    """The output with each token marked by how it was produced, and a one-line legend."""
+    what = "kept mask prediction" if lossy else "accepted draft at depth"
+    pieces = []
+    for token, d in zip(out, labels):
+        text = tokenizer.decode([token])
+        if d == 0:
+            pieces.append(text)
+        elif colour:
+            pieces.append(f"\033[{COLOURS[min(d, len(COLOURS)) - 1]}m{text}\033[0m")
+        else:
+            pieces.append(f"[{d}:{text}]")
+    if colour:
+        key = " ".join(f"\033[{c}m{d}\033[0m" for d, c in zip(["1", "2", "3", "4", "5+"], COLOURS))
+        legend = f"legend: plain = main model; colour = {what} {key}"
+    else:
+        legend = f"legend: plain = main model; [d:text] = {what} d"
+    return "".join(pieces), legend
+
+
+def main(argv=None):
+    p = Parser(__doc__.split("\n\n")[0])
+    p.add_argument("--prompt", default="What is the capital of France?", help="the user's message")
+    p.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
+    p.add_argument("--method", type=method_arg, default="ar", help="ar, mtp@D, static@K, confadapt@TAU or "
+                   f"verified@K (D and K up to {MAX_DRAFTS}, TAU in (0, 1])")
+    add_model_args(p, max_new_tokens=64)
+    p.add_argument("--top_k", type=number(int, 1), default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top_p", type=number(float, 0, 1, low_open=True), default=None, help="nucleus sampling: keep "
+                   "the smallest set of tokens whose probability reaches p")
+    p.add_argument("--show", action="store_true", help="mark each token by how it was produced: the main model, an "
+                   "accepted draft of depth d, or a kept mask prediction")
+    args = p.parse_args(argv)
+    dtype = check_model_args(args, [args.method])
+    if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
+        fail("--top_k and --top_p shape sampling: they need --temperature > 0")
+    kind = parse_method(args.method)[0]
+    try:
+        model, _, tokenizer, options = setup(args.init_from, [args.method], args.device, dtype, args.heads, args.mask,
+                                             args.draft_vocab)
+        chat = not args.raw and hasattr(tokenizer, "chat_prompt")   # a from-scratch model has no chat template
+        ids = tokenizer.encode(tokenizer.chat_prompt(args.prompt) if chat else args.prompt)
+        generator = torch.Generator(args.device).manual_seed(args.seed)
+        stats, trace = Stats(), []
+        t0 = time.perf_counter()
+        out = generate(model, [ids], args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                       tokenizer.stop_ids, generator, args.method, stats, trace, **options)[0]
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+    except (ValueError, OSError) as e:
+        fail(e)
+    shown = [(t, d) for t, d in zip(out, trace[0]) if t not in tokenizer.stop_ids]
+    if args.show:
+        text, legend = render(tokenizer, *zip(*shown), kind in LOSSY, sys.stdout.isatty()) if shown else ("", "")
+        print(text)
+        print(legend)
+    else:
+        print(tokenizer.decode([t for t, _ in shown]))
     print(f"--- {args.method}: {len(out)} tokens in {dt:.2f} s, {len(out) / dt:.1f} tokens/s, "
           f"{stats.tokens_per_forward:.2f} tokens per forward ({args.device}, {model.embed.weight.dtype})")
+    if kind in LOSSY:
+        print(f"LOSSY: {args.method} emits mask-token predictions that nothing checks; the text may differ from the "
+              f"model's own greedy output")
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def case(seed, residual, arch="llama"):
     ("mtp@1", {}), ("mtp@2", {}), ("mtp@4", {}),
     ("mtp@3", {"schedule": [0, 0, 0]}),                       # one head looped to three depths
     ("mtp@4", {"schedule": [1, 0, 1, 0]}),
-    ("mtp@3", {"draft_vocab": torch.arange(40)}),             # drafts restricted to a sub-vocabulary
+    ("mtp@3", {"draft_ids": torch.arange(40)}),             # drafts restricted to a sub-vocabulary
 ])
 def test_mtp_greedy_equals_ar(method, opts):
     stats = Stats()
@@ -176,7 +176,7 @@ def test_full_context(arch):
         ref = generate(m, [p], 32 - n)
         for method in ("mtp@4", "verified@4"):
             assert generate(m, [p], 32 - n, method=method, mask_ids=[V - 1]) == ref, (method, seed)
-        for method in ("static@5", "confadapt@0.0"):
+        for method in ("static@5", "confadapt@0.01"):   # top-1 >= 1/V > 0.01: all kept
             assert len(generate(m, [p], 32 - n, method=method, mask_ids=[V - 1])[0]) == 32 - n
 
 
@@ -299,10 +299,10 @@ def test_confadapt_emit():
 def test_confadapt_stop_token():
     m = tiny(3)
     p = prompt(3, 6)
-    full = generate(m, [p], 40, method="confadapt@0.0", mask_ids=[V - 1])[0]   # tau 0: chunks of k_max=16
+    full = generate(m, [p], 40, method="confadapt@0.01", mask_ids=[V - 1])[0]   # tau < 1/V: chunks of k_max=16
     assert len(full) == 40
     for stop in (full[5], full[20]):
-        out = generate(m, [p], 40, method="confadapt@0.0", mask_ids=[V - 1], stop_ids=[stop])[0]
+        out = generate(m, [p], 40, method="confadapt@0.01", mask_ids=[V - 1], stop_ids=[stop])[0]
         assert out == full[:full.index(stop) + 1]
 
 
