@@ -88,8 +88,8 @@ def hf_generate(hf, prompt, n, stop_ids):
     """transformers' greedy generate on one prompt: the new tokens, ending with the stop token where one came."""
     device = next(hf.parameters()).device
     cache = {"cache_implementation": "static"} if device.type == "cuda" else {}   # static cache: CUDA only pays
-    out = hf.generate(torch.tensor([prompt], device=device), max_new_tokens=n, min_new_tokens=0, do_sample=False,
-                      eos_token_id=list(stop_ids) or None, pad_token_id=0, num_beams=1, **cache)
+    out = hf.generate(torch.tensor([prompt], device=device), max_new_tokens=n, do_sample=False,
+                      eos_token_id=list(stop_ids) or None, pad_token_id=0, **cache)
     return out[0, len(prompt):].tolist()
 
 

@@ -15,7 +15,7 @@ its own position, so rejected drafts and mask tokens need no rollback - they are
 Speculative methods decode one sequence at a time (batch 1); `ar` batches. Nothing here trains or measures speed
 (bench.py does); each call can fill a `Stats` with forwards and per-depth acceptance.
 
-CLI: python decode.py --init_from smollm2 --prompt "What is the capital of France?" [--method mtp@3]
+CLI: python decode.py --init_from smollm2 --prompt "What is the capital of France?" [--method mtp@3] [--show]
 """
 
 import argparse
@@ -456,10 +456,11 @@ def setup(source, methods, device="cpu", dtype=torch.float32, heads=None, mask=N
     kinds = {parse_method(m)[0] for m in methods}
     model, tokenizer = load(source)
     original, options = model, {"mask_ids": list(model.cfg.mask_token_ids)}
-    if model.cfg.mask_token_ids and not model.cfg.lora_gated:   # mask-token training moved its next-token predictions
+    if model.cfg.mask_token_ids:      # a mask-token checkpoint written by train.py
         train_args = read_json(Path(source) / "config.json").get("train_args", {})
-        original = _init_from(source, train_args.get("init_from"))
         options["k_max"] = train_args.get("k_max", K_MAX)
+        if not model.cfg.lora_gated:   # its training moved the next-token predictions too
+            original = _init_from(source, train_args.get("init_from"))
     if "mtp" in kinds:
         files = heads if heads is not None else [f for f in DEFAULT_HEADS.get(str(source), []) if f.is_file()]
         ids = None
@@ -612,9 +613,12 @@ COLOURS = ["32", "33", "35", "36", "34"]   # ANSI foreground: green, yellow, mag
 def render(tokenizer, out, labels, lossy, colour):
     """The output with each token marked by how it was produced, and a one-line legend."""
     what = "kept mask prediction" if lossy else "accepted draft at depth"
-    pieces = []
-    for token, d in zip(out, labels):
-        text = tokenizer.decode([token])
+    pieces, done = [], ""
+    for i, d in enumerate(labels):
+        text = tokenizer.decode(out[:i + 1])
+        if text.endswith("\ufffd") and i + 1 < len(out):   # a character split across tokens: shown with the next
+            continue
+        text, done = text[len(done):], text
         if d == 0:
             pieces.append(text)
         elif colour:
@@ -662,12 +666,11 @@ def main(argv=None):
     except (ValueError, OSError) as e:
         fail(e)
     shown = [(t, d) for t, d in zip(out, trace[0]) if t not in tokenizer.stop_ids]
+    tokens, labels = [t for t, _ in shown], [d for _, d in shown]
     if args.show:
-        text, legend = render(tokenizer, *zip(*shown), kind in LOSSY, sys.stdout.isatty()) if shown else ("", "")
-        print(text)
-        print(legend)
+        print("\n".join(render(tokenizer, tokens, labels, kind in LOSSY, sys.stdout.isatty())))
     else:
-        print(tokenizer.decode([t for t, _ in shown]))
+        print(tokenizer.decode(tokens))
     print(f"--- {args.method}: {len(out)} tokens in {dt:.2f} s, {len(out) / dt:.1f} tokens/s, "
           f"{stats.tokens_per_forward:.2f} tokens per forward ({args.device}, {model.embed.weight.dtype})")
     if kind in LOSSY:

@@ -140,3 +140,13 @@ def test_lossy_line(checkpoint, capsys):
     decode.main(["--init_from", str(checkpoint / "masked"), "--method", "verified@3", "--raw", "--prompt", "hi",
                  "--max_new_tokens", "4"])
     assert "LOSSY" not in capsys.readouterr().out
+
+
+def test_render_keeps_split_characters_whole():
+    class Bytes:
+        """Token t is byte t of UTF-8."""
+        def decode(self, ids):
+            return bytes(ids).decode("utf-8", errors="replace")
+    e_acute = list("é".encode())
+    text, _ = decode.render(Bytes(), [104, *e_acute, 104], [0, 1, 2, 0], lossy=False, colour=False)
+    assert text == "h[2:é]h"
