@@ -519,11 +519,19 @@ def fail(message):
     raise SystemExit(2)
 
 
+class DefaultsHelp(argparse.HelpFormatter):
+    """--help shows each default, unless the help text already explains it or there is none (a flag, None)."""
+
+    def _get_help_string(self, action):   # the hook argparse.ArgumentDefaultsHelpFormatter uses too
+        shown = all(action.default is not x for x in (None, False, argparse.SUPPRESS)) and "default" not in action.help
+        return action.help + (" (default: %(default)s)" if shown else "")
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with the defaults in --help and every usage error as one line."""
 
     def __init__(self, description):
-        super().__init__(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(description=description, formatter_class=DefaultsHelp)
 
     def error(self, message):
         fail(message)
