@@ -12,7 +12,7 @@ Lossy methods (static@K, confadapt@TAU) are labelled LOSSY. `hf` is another impl
 
 What is not here: the decoding itself and the model setup (decode.py), loading (load.py), training (train.py).
 
-    python bench.py --methods ar,mtp@1,mtp@3 --heads checkpoints/smollm2_head1.safetensors,checkpoints/smollm2_head2.safetensors
+    python bench.py --methods ar,mtp@1,mtp@3,hf --num_prompts 4       # smollm2, its shipped heads and held-out prompts
     python bench.py --methods ar,static@2,verified@4,hf --prompts data/smollm2_heldout.jsonl --num_prompts 4
     python bench.py --init_from out/synthmath_mask --prompts data/synthmath/test_prompts.jsonl --sweep --taus 0.6,0.9
     python bench.py --tiny --methods ar,mtp@2,static@3,verified@3      # a random model, no weights: a smoke test

@@ -468,7 +468,8 @@ def setup(source, methods, device="cpu", dtype=torch.float32, heads=None, mask=N
             carried = attach_heads(model, f)
             ids = ids if carried is None else carried   # the last file that carries token frequencies
         if not model.heads:
-            raise ValueError(f"method mtp needs MTP heads: {source} has none; pass --heads FILE (train.py --mode heads)")
+            raise ValueError(f"method mtp needs MTP heads: {source} has none; pass --heads FILE (train.py --mode "
+                             f"heads)")
         options["draft_ids"] = _draft_ids(ids, draft_vocab)
     if kinds & {"static", "confadapt", "verified"}:
         file = mask if mask is not None else DEFAULT_MASK.get(str(source))
