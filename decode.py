@@ -473,7 +473,7 @@ def setup(source, methods, device="cpu", dtype=torch.float32, heads=None, mask=N
         options["draft_ids"] = _draft_ids(ids, draft_vocab)
     if kinds & {"static", "confadapt", "verified"}:
         file = mask if mask is not None else DEFAULT_MASK.get(str(source))
-        if file is not None and (mask is not None or Path(file).is_file()):
+        if mask is not None or (file is not None and file.is_file()):   # a shipped file may be absent
             meta = attach_mask_adapter(model, tokenizer, file)
             options.update(mask_ids=list(model.cfg.mask_token_ids), k_max=meta.get("k_max", K_MAX))
             if not model.cfg.lora_gated:     # ungated adapters change next-token predictions too
