@@ -79,6 +79,28 @@ def test_hf_agrees_with_ar(tiny):
         {**bench.run(m, tokenizer, ["hf"], PROMPTS[:1], 4, warmup=0, hf=hf), "notes": []})
 
 
+def test_hf_same_logits_untied_scaled_rope():
+    """Every number of the config reaches transformers: untied head, rope_theta, llama3 scaling, GQA, a mask token."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(1)
+    cfg = nano.Config(arch="llama", vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_dim=8,
+                      intermediate_size=64, max_seq_len=256, norm_eps=1e-5, rope_theta=500000.0, tie_embeddings=False,
+                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    m = nano.Transformer(cfg)
+    with torch.no_grad():
+        for w in m.parameters():
+            w.normal_(1.0 if w.dim() == 1 else 0.0, 0.3)
+    m.add_mask_tokens(1)
+    m.eval()
+    hf, why = bench.hf_model(m, "tiny")
+    ids = torch.randint(0, 50, (1, 200))
+    with torch.no_grad():
+        ours, theirs = m(ids)[..., :50], hf(ids).logits
+    assert why is None and theirs.shape == ours.shape
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+
+
 def test_hf_skipped_without_transformers(tiny, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "transformers", None)   # import transformers -> ImportError
     hf, why = bench.hf_model(tiny[0], "tiny")
