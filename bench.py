@@ -7,30 +7,38 @@ speedup (tokens/s over `ar`'s from the same run), tokens per forward, per-depth 
 output under the original model (the main model without heads or adapters; one no-cache forward of prompt + output),
 task accuracy where the prompts carry numeric answers (data/synthmath.py's scorer), and time to first token (a
 prefill-only call, timed apart). Every prompt is decoded alone (batch 1), ar included.
-Lossy methods (static@K, confadapt@TAU) are labelled LOSSY. A table for people; with --json, one JSON object last.
+Lossy methods (static@K, confadapt@TAU) are labelled LOSSY. `hf` is another implementation: transformers' own
+`generate` (greedy) on the same weights, for comparison. A table for people; with --json, one JSON object last.
 
-What is not here: the decoding itself (decode.py), loading (load.py), training (train.py).
+What is not here: the decoding itself and the model setup (decode.py), loading (load.py), training (train.py).
 
-    python bench.py --init_from smollm2 --heads checkpoints/smollm2_heads.safetensors --methods ar,mtp@1,mtp@3
+    python bench.py --methods ar,mtp@1,mtp@3,hf --num_prompts 4       # smollm2, its shipped heads and held-out prompts
+    python bench.py --methods ar,static@2,verified@4,hf --prompts data/smollm2_heldout.jsonl --num_prompts 4
     python bench.py --init_from out/synthmath_mask --prompts data/synthmath/test_prompts.jsonl --sweep --taus 0.6,0.9
     python bench.py --tiny --methods ar,mtp@2,static@3,verified@3      # a random model, no weights: a smoke test
 
-The programmatic entry point is `run(model, tok, methods, prompts, ...) -> dict`; the CLI wraps it.
+The programmatic entry point is `run(model, tokenizer, methods, prompts, ...) -> dict`; the CLI wraps it.
 """
 
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import decode
+import load
+import model as nano
 
-LOSSY = {"static", "confadapt"}
-METHOD_OPTIONS = {"ar": (), "mtp": ("schedule", "draft_vocab"), "static": ("mask_ids",),   # generate() options
-                  "confadapt": ("mask_ids", "k_max"), "verified": ("mask_ids",)}       # each method reads
+from data.dataset import check_tokenizer, load_meta
+from data.synthmath import score
+from tokenizer import CharTokenizer
+
+HF = "hf"   # the method name of transformers' generate
 QUESTIONS = [  # short held-out chat questions (not in data/'s chat prompts)
     "Explain why the sky is blue.", "Write a haiku about autumn.", "What are three benefits of exercise?",
     "How does a refrigerator keep food cold?", "Give me a tip for learning a new language.",
@@ -39,6 +47,8 @@ QUESTIONS = [  # short held-out chat questions (not in data/'s chat prompts)
     "How do I boil an egg?", "Write one sentence about the ocean.", "What causes rainbows?",
     "List three fruits that are high in vitamin C.", "Why is sleep important?", "What does a compiler do?",
 ]
+HELDOUT = Path(__file__).parent / "data" / "smollm2_heldout.jsonl"   # shipped: the default prompts of smollm2
+ACCEPT_SHOWN = 4    # acceptance rates shown per table row; the rest are in the JSON
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -59,8 +69,6 @@ def output_nll(model, prompts, outs):
     """Mean per-token NLL of the outputs under `model`, one forward of prompt + output each, no cache."""
     total, count, device = 0.0, 0, model.embed.weight.device
     for ids, out in zip(prompts, outs):
-        if not out or max(out) >= model.cfg.vocab_size:      # a mask id the original model does not know
-            continue
         logits = model(torch.tensor([ids + out], device=device))[0, len(ids) - 1:-1].float()
         target = torch.tensor(out, device=device)[:, None]
         total -= torch.log_softmax(logits, -1).gather(-1, target).sum().item()
@@ -76,37 +84,36 @@ def numeric(answer):
         return False
 
 
-def scorer():
-    """data/synthmath.py's `score(text, gold)`, or None where data/ is not there."""
-    try:
-        from data.synthmath import score
-        return score
-    except ImportError:
-        return None
+@torch.no_grad()
+def hf_generate(hf, prompt, n, stop_ids):
+    """transformers' greedy generate on one prompt: the new tokens, ending with the stop token where one came."""
+    device = next(hf.parameters()).device
+    cache = {"cache_implementation": "static"} if device.type == "cuda" else {}   # static cache: CUDA only pays
+    out = hf.generate(torch.tensor([prompt], device=device), max_new_tokens=n, do_sample=False,
+                      eos_token_id=list(stop_ids) or None, pad_token_id=0, **cache)
+    return out[0, len(prompt):].tolist()
 
 
-def run(model, tok, methods, prompts, max_new_tokens=128, original=None, options=None, temperature=0.0, seed=0,
-        warmup=1):
+def run(model, tokenizer, methods, prompts, max_new_tokens=128, original=None, options=None, temperature=0.0, seed=0,
+        warmup=1, hf=None, nll_self=False, progress=False):
     """Decode `prompts` (texts, used verbatim, or {"prompt": text, "answer": gold} dicts) with every method, one
     prompt at a time (speculative methods decode batch 1, so ar does too), methods interleaved. `original`: the model
-    whose NLL judges the outputs (default `model`); `options`: decode.generate keyword arguments (mask_ids,
-    draft_vocab, schedule, k_max), each method getting those it reads.
+    whose NLL judges the outputs (default `model`; nll_self=True says it is a fine-tuned model judging itself, and
+    the metric is then named nll_self); `options`: decode.generate's method options (mask_ids, draft_ids, k_max);
+    `hf`: a transformers model of the same weights for method "hf"; progress: a bar per method on stderr.
     Returns {"methods": {name: metrics}, ...}, JSON-ready."""
     options, original = options or {}, original or model
     device = model.embed.weight.device
     prompts = [p if isinstance(p, dict) else {"prompt": p} for p in prompts]
-    ids = [tok.encode(p["prompt"], specials=True) for p in prompts]   # prompts come from the chat template
-    stop_ids = list(tok.stop_ids)
+    ids = [tokenizer.encode(p["prompt"], specials=True) for p in prompts]   # prompts come from the chat template
+    stop_ids = list(tokenizer.stop_ids)
     answers = [p.get("answer") if numeric(p.get("answer")) else None for p in prompts]
-    score, notes = scorer(), []
-    if any(a is not None for a in answers) and score is None:
-        notes.append("accuracy skipped: data.synthmath.score is not importable")
 
     def generate(method, prompt, n, stats=None, generator=None, temp=temperature):
-        kind = decode.parse_method(method)[0]
-        kw = {k: v for k, v in options.items() if k in METHOD_OPTIONS[kind]}
+        if method == HF:
+            return hf_generate(hf, prompt, n, stop_ids)
         return decode.generate(model, [prompt], n, temp, stop_ids=stop_ids, generator=generator, method=method,
-                               stats=stats, **kw)[0]
+                               stats=stats, **options)[0]
 
     # plain greedy ar: the reference for exact match (taken from the timed ar run when that is greedy)
     methods, reference = list(dict.fromkeys(methods)), None
@@ -119,6 +126,9 @@ def run(model, tok, methods, prompts, max_new_tokens=128, original=None, options
     gens = {m: torch.Generator(device).manual_seed(seed) for m in methods}
     stats, outs = {m: decode.Stats() for m in methods}, {m: [] for m in methods}
     wall, ttft = dict.fromkeys(methods, 0.0), dict.fromkeys(methods, 0.0)
+    bars = {m: tqdm(total=len(ids), desc=f"{m:<15}", position=i, file=sys.stderr,
+                    disable=None if progress else True)   # None: only on a terminal
+            for i, m in enumerate(methods)}
     for p in ids:
         for m in methods:
             out, dt = timed(device, lambda: generate(m, p, max_new_tokens, stats[m], gens[m]))
@@ -126,24 +136,30 @@ def run(model, tok, methods, prompts, max_new_tokens=128, original=None, options
             wall[m] += dt
         for m in methods:   # time to first token: a prefill-only call
             ttft[m] += timed(device, lambda: generate(m, p, 1, generator=gens[m]))[1]
+            bars[m].update()
+    for bar in bars.values():
+        bar.close()
     if reference is None:
         reference = outs["ar"]
+    nll_key = "nll_self" if nll_self else "nll"
     results = {}
     for method in methods:
-        kind, stat = decode.parse_method(method)[0], stats[method]
-        texts = [tok.decode([t for t in out if t not in stop_ids]) for out in outs[method]]
-        scored = [score(t, a) for t, a in zip(texts, answers) if a is not None] if score else []
+        stat, tokens = stats[method], sum(map(len, outs[method]))
+        texts = [tokenizer.decode([t for t in out if t not in stop_ids]) for out in outs[method]]
+        scored = [score(t, a) for t, a in zip(texts, answers) if a is not None]
+        ours = method != HF
         results[method] = {
-            "lossy": kind in LOSSY,
-            "tokens": stat.tokens,
+            "implementation": "nanoMTP" if ours else "transformers",
+            "lossy": ours and decode.parse_method(method)[0] in decode.LOSSY,
+            "tokens": tokens,
             "wall_s": wall[method],
-            "tok_s": stat.tokens / wall[method],
+            "tok_s": tokens / wall[method],
             "speedup": None,
-            "tokens_per_forward": stat.tokens_per_forward,
+            "tokens_per_forward": stat.tokens_per_forward if ours else None,
             "exact_match": sum(o == r for o, r in zip(outs[method], reference)) / len(ids),
             "acceptance_rate": stat.acceptance_rate,
             "cum_acceptance_rate": stat.cum_acceptance_rate,
-            "nll": output_nll(original, ids, outs[method]),
+            nll_key: output_nll(original, ids, outs[method]),
             "accuracy": sum(scored) / len(scored) if scored else None,
             "ttft_ms": 1000 * ttft[method] / len(ids),
             "sample": texts[0][:200],
@@ -153,7 +169,7 @@ def run(model, tok, methods, prompts, max_new_tokens=128, original=None, options
             r["speedup"] = r["tok_s"] / results["ar"]["tok_s"]
     return {"device": str(device), "dtype": str(model.embed.weight.dtype).replace("torch.", ""),
             "num_prompts": len(ids), "max_new_tokens": max_new_tokens, "temperature": temperature,
-            "methods": results, "notes": notes}
+            "nll_key": nll_key, "methods": results, "notes": []}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -165,32 +181,37 @@ def fmt(x, spec):
 
 def table(res):
     acc = any(r["accuracy"] is not None for r in res["methods"].values())
-    head = f"{'method':<15} {'tok/s':>8} {'speedup':>8} {'tok/fwd':>8} {'exact':>6} {'nll':>6}" + \
-           (f" {'acc':>6}" if acc else "") + f"   {'accept (per depth)':<24} {'ttft ms':>8} {'wall s':>7}"
+    nll = res["nll_key"]
+    width = 5 * ACCEPT_SHOWN + 4        # the rates shown and " ..." after them
+    head = f"{'method':<15} {'tok/s':>8} {'speedup':>8} {'tok/fwd':>8} {'exact':>6} {nll:>8}" + \
+           (f" {'acc':>6}" if acc else "") + f"   {'accept (per depth)':<{width}} {'ttft ms':>8} {'wall s':>7}"
     lines = [head]
     for name, r in res["methods"].items():
         rates = r["acceptance_rate"]
-        accept = " ".join(f"{a:.2f}" for a in rates[:5]) + (" ..." if len(rates) > 5 else "") or "-"
+        accept = " ".join(f"{a:.2f}" for a in rates[:ACCEPT_SHOWN]) + (" ..." if len(rates) > ACCEPT_SHOWN else "")
+        label = "  LOSSY" if r["lossy"] else "" if r["implementation"] == "nanoMTP" else f"  ({r['implementation']})"
         lines.append(f"{name:<15} {r['tok_s']:>8.1f} {fmt(r['speedup'], '.2f') + 'x':>8} "
-                     f"{r['tokens_per_forward']:>8.2f} {r['exact_match']:>6.2f} {fmt(r['nll'], '.3f'):>6}" +
+                     f"{fmt(r['tokens_per_forward'], '.2f'):>8} {r['exact_match']:>6.2f} {fmt(r[nll], '.3f'):>8}" +
                      (f" {fmt(r['accuracy'], '.3f'):>6}" if acc else "") +
-                     f"   {accept:<24} {r['ttft_ms']:>8.1f} {r['wall_s']:>7.2f}" + ("  LOSSY" if r["lossy"] else ""))
-    lines.append(f"{res['num_prompts']} prompts, max_new_tokens={res['max_new_tokens']}, "
-                 f"temperature={res['temperature']}, {res['device']} {res['dtype']}; tok/fwd excludes prefill; "
-                 f"exact = output identical to plain greedy ar")
+                     f"   {accept or '-':<{width}} {r['ttft_ms']:>8.1f} {r['wall_s']:>7.2f}" + label)
+    prompts = f"{res['num_prompts']} prompt{'s' if res['num_prompts'] != 1 else ''}"
+    lines.append(f"{prompts}, max_new_tokens={res['max_new_tokens']}, temperature={res['temperature']}, "
+                 f"{res['device']} {res['dtype']}; tok/fwd excludes prefill; exact = output identical to plain "
+                 f"greedy ar" + ("; nll_self = NLL under the fine-tuned model itself, NOT the original" if
+                                 nll == "nll_self" else ""))
     return "\n".join(lines + res["notes"])
 
 
 def write_sweep(res, taus, out):
     """Markdown table of the ConfAdapt tau sweep and, where matplotlib exists, quality against tokens per forward."""
-    out = Path(out)
+    out, nll = Path(out), res["nll_key"]
     out.mkdir(parents=True, exist_ok=True)
     rows = [("ar", res["methods"]["ar"])] if "ar" in res["methods"] else []
     rows += [(f"{t:g}", res["methods"][f"confadapt@{t:g}"]) for t in taus]
-    md = ["| tau | tok/fwd | tok/s | speedup | exact match | accuracy | nll |",
+    md = [f"| tau | tok/fwd | tok/s | speedup | exact match | accuracy | {nll} |",
           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     md += [f"| {t} | {r['tokens_per_forward']:.2f} | {r['tok_s']:.1f} | {fmt(r['speedup'], '.2f')} | "
-           f"{r['exact_match']:.2f} | {fmt(r['accuracy'], '.3f')} | {fmt(r['nll'], '.3f')} |" for t, r in rows]
+           f"{r['exact_match']:.2f} | {fmt(r['accuracy'], '.3f')} | {fmt(r[nll], '.3f')} |" for t, r in rows]
     (out / "sweep.md").write_text("\n".join(md) + "\n")
     try:
         import matplotlib
@@ -199,12 +220,14 @@ def write_sweep(res, taus, out):
     except ImportError:
         return [f"wrote {out / 'sweep.md'} (no matplotlib: no plot)"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, key in zip(axes, ("exact_match", "accuracy", "nll")):
+    for ax, key in zip(axes, ("exact_match", "accuracy", nll)):
         pts = [(r["tokens_per_forward"], r[key], t) for t, r in rows if r[key] is not None]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
         for x, y, t in pts:
             ax.annotate(t, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.set_xlabel("tokens per forward"), ax.set_ylabel(key), ax.grid(alpha=0.3)
+        ax.set_xlabel("tokens per forward")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
     fig.suptitle("ConfAdapt: quality against tokens per forward (LOSSY)")
     fig.tight_layout()
     fig.savefig(out / "sweep.png", dpi=120)
@@ -212,94 +235,158 @@ def write_sweep(res, taus, out):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# transformers side by side: the same weights in its own implementation
+
+def hf_model(model, source):
+    """A transformers model with `model`'s main weights (no heads, no adapters, no mask tokens), or the reason there
+    is none. Llama is rebuilt from our own tensors (no files or network needed, GGUF sources included); GPT-2 is read
+    from its Hugging Face folder."""
+    try:
+        import transformers
+    except ImportError:
+        return None, "transformers is not installed (pip install transformers)"
+    cfg = model.cfg
+    if cfg.lora_rank and not cfg.lora_gated:
+        return None, "the model carries ungated LoRA adapters, which transformers' Llama does not have"
+    if cfg.arch == "gpt2":
+        folder = Path(str(source))
+        if not (folder / "config.json").is_file() or load.read_json(folder / "config.json").get("format") == "nanomtp":
+            return None, "a GPT-2 model is compared only when loaded from its Hugging Face folder"
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+        return hf.to(device=model.embed.weight.device, dtype=model.embed.weight.dtype).eval(), None
+    vocab = cfg.mask_token_ids[0] if cfg.mask_token_ids else cfg.vocab_size    # mask tokens are never predicted
+    rope = {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_theta}
+    rope = {"rope_parameters": rope} if int(transformers.__version__.split(".")[0]) >= 5 else \
+        {"rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling}
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=cfg.n_embd, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
+        head_dim=cfg.head_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+        tie_word_embeddings=cfg.tie_embeddings, bos_token_id=None, eos_token_id=None, pad_token_id=None, **rope)
+    ours = model.state_dict()
+    state = {theirs: ours[name][:vocab] if name in ("embed.weight", "lm_head.weight") else ours[name]
+             for name, theirs, _ in load.llama_table(cfg)}
+    hf = transformers.LlamaForCausalLM(hf_cfg).to(dtype=model.embed.weight.dtype)
+    result = hf.load_state_dict(state, strict=False)
+    if result.unexpected_keys or set(result.missing_keys) - {"lm_head.weight"}:
+        raise RuntimeError(f"Llama names do not map: {result}")   # a bug in load.llama_table, not bad input
+    if cfg.tie_embeddings:
+        hf.tie_weights()
+    return hf.to(model.embed.weight.device).eval(), None
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # CLI
-
-def load_models(args):
-    """-> (model, original model or None, tokenizer, generate options). Through load.load_for_decoding (heads,
-    mask-token adapters, draft vocabulary) where load.py has it, else plain load.load (no heads, no options)."""
-    dtype = getattr(torch, args.dtype)
-    if args.tiny:
-        return tiny_setup(args.device, dtype, args.seed)
-    import load
-    if hasattr(load, "load_for_decoding"):
-        # attach only what the methods use: a gated adapter costs every forward its (zeroed) low-rank products
-        kinds = {decode.parse_method(m)[0] for m in args.methods.split(",")}
-        heads = args.heads or (None if "mtp" in kinds else "none")
-        mask = args.mask or (None if kinds & {"static", "confadapt", "verified"} else "none")
-        return load.load_for_decoding(args.init_from, args.device, dtype, heads=heads, mask=mask)
-    if args.heads or args.mask:
-        raise SystemExit("--heads and --mask need load.load_for_decoding, which this load.py does not have yet")
-    model, tok = load.load(args.init_from, args.device, dtype)
-    return model, None, tok, {}
-
 
 def tiny_setup(device, dtype, seed):
     """A random 2-layer Llama with 3 MTP heads and a mask token, character tokenizer: runs every method, no weights."""
-    from tokenizer import CharTokenizer
-    import model as nano
     torch.manual_seed(seed)
-    tok = CharTokenizer()
-    mask_id = tok.add_special("<mtp>")
-    cfg = nano.Config(arch="llama", vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+    tokenizer = CharTokenizer()
+    mask_id = tokenizer.add_special("<mtp>")
+    cfg = nano.Config(arch="llama", vocab_size=tokenizer.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
                       head_dim=16, intermediate_size=128, max_seq_len=512)
     m = nano.Transformer(cfg)
     with torch.no_grad():       # larger weights than the default init, so the text is not one token repeated
         for w in m.parameters():
             w.normal_(1.0 if w.dim() == 1 else 0.0, 0.2)
     m.add_heads(3, init="last_block")
-    return m.to(device, dtype).eval(), None, tok, {"mask_ids": [mask_id]}
+    m = m.to(device, dtype).eval()
+    return m, m, tokenizer, {"mask_ids": [mask_id]}
 
 
-def read_prompts(args, tok):
-    if args.prompts:
-        with open(args.prompts) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        return rows[:args.num_prompts]
-    chat = tok.chat_prompt if tok.has_chat else None   # a from-scratch model's tokenizer has no chat template
-    return [chat(q) if chat else q for q in QUESTIONS[:args.num_prompts]]
+def read_prompts(path):
+    """The rows of a prompts file, each {"prompt": text, "answer": anything}; a malformed line is a ValueError that
+    names file:line."""
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not a JSON object ({e.msg})")
+                if not isinstance(row, dict) or "prompt" not in row:
+                    raise ValueError(f'{path}:{n}: expected an object with a "prompt" field')
+                if not isinstance(row["prompt"], str) or not row["prompt"]:
+                    raise ValueError(f'{path}:{n}: "prompt" must be a non-empty string')
+                rows.append(row)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason})")
+    if not rows:
+        raise ValueError(f"{path}: holds no prompts")
+    return rows
+
+
+def check_prompts_tokenizer(path, tokenizer):
+    """A prompts file that data/prepare.py wrote sits beside its meta.json: the model must share that tokenizer."""
+    folder = Path(path).parent
+    if (folder / "meta.json").is_file():
+        check_tokenizer(load_meta(str(folder)), tokenizer, str(folder))
+
+
+def method_list(text):
+    methods = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    if not methods:
+        raise argparse.ArgumentTypeError("no methods given (e.g. ar,mtp@3)")
+    return [m if m == HF else decode.method_arg(m) for m in methods]
+
+
+def tau_list(text):
+    return [decode.number(float, 0, 1, low_open=True)(t) for t in text.split(",")]
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--init_from", default="smollm2", help="smollm2, a Hugging Face folder, a .gguf file or a "
-                   "nanoMTP checkpoint folder")
-    p.add_argument("--methods", default="ar,mtp", help="comma list: ar, mtp@D, static@K, confadapt@TAU, verified@K")
-    p.add_argument("--heads", default=None, help="MTP heads file to attach (methods mtp@D)")
-    p.add_argument("--mask", default=None, help="mask-token adapter file (methods static, confadapt, verified)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bfloat16 on cuda, float32 on cpu)")
-    p.add_argument("--max_new_tokens", type=int, default=128, help="tokens to generate per prompt at most")
-    p.add_argument("--prompts", default=None, help='JSONL file, one {"prompt": text, "answer": gold?} a line, the '
-                   "prompt used verbatim (default: built-in chat questions in the chat template)")
-    p.add_argument("--num_prompts", type=int, default=8, help="how many prompts to use")
-    p.add_argument("--warmup", type=int, default=1, help="prompts decoded untimed before timing each method")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 for greedy (exact match needs greedy to mean "
-                   "much; it is always measured against greedy ar)")
-    p.add_argument("--seed", type=int, default=0, help="seed for sampling (and the --tiny model)")
+    p = decode.Parser(__doc__.split("\n\n")[0])
+    p.add_argument("--methods", type=method_list, default="ar,mtp", help="comma-separated: ar, mtp@D, static@K, "
+                   f"confadapt@TAU, verified@K (D and K up to {decode.MAX_DRAFTS}, TAU in (0, 1]), hf (transformers)")
+    decode.add_model_args(p, max_new_tokens=128)
+    p.add_argument("--prompts", type=decode.existing_file, default=None, help='JSONL file, one {"prompt": text, '
+                   '"answer": gold?} a line, the prompt used verbatim (default: data/smollm2_heldout.jsonl for '
+                   "smollm2, else built-in chat questions in the model's chat template)")
+    p.add_argument("--num_prompts", type=decode.number(int, 1), default=8, help="how many prompts to use")
+    p.add_argument("--warmup", type=decode.number(int, 0), default=1, help="prompts decoded untimed before timing")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object, last line")
     p.add_argument("--sweep", action="store_true", help="also run confadapt@TAU for every --taus value; write a "
                    "markdown table (and a PNG where matplotlib exists) to --out")
-    p.add_argument("--taus", default="0.5,0.6,0.7,0.8,0.9,0.95", help="ConfAdapt thresholds for --sweep")
+    p.add_argument("--taus", type=tau_list, default="0.5,0.6,0.7,0.8,0.9,0.95", help="ConfAdapt thresholds, "
+                   "comma-separated, each in (0, 1], for --sweep")
     p.add_argument("--out", default="out/bench", help="folder for --sweep's table and plot")
-    p.add_argument("--draft_vocab", type=int, default=None, help="restrict MTP drafts to the N most frequent tokens "
-                   "(needs a heads file that carries a frequency-ordered vocabulary)")
     p.add_argument("--tiny", action="store_true", help="a tiny random model with heads and a mask token, no "
                    "weights: checks that everything runs")
     args = p.parse_args(argv)
-    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-
-    model, original, tok, options = load_models(args)
-    if args.draft_vocab:
-        if "draft_vocab" not in options:
-            raise SystemExit("--draft_vocab: the heads file carries no frequency-ordered vocabulary")
-        options["draft_vocab"] = options["draft_vocab"][:args.draft_vocab]
-    methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
-    taus = [float(t) for t in args.taus.split(",")] if args.sweep else []
-    methods += [f"confadapt@{t:g}" for t in taus if f"confadapt@{t:g}" not in methods]
-    for m in methods:
-        decode.parse_method(m)      # fail on a bad name before any work
-    res = run(model, tok, methods, read_prompts(args, tok), args.max_new_tokens, original, options,
-              args.temperature, args.seed, args.warmup)
+    taus = args.taus if args.sweep else []
+    methods = args.methods + [f"confadapt@{t:g}" for t in taus if f"confadapt@{t:g}" not in args.methods]
+    ours = [m for m in methods if m != HF]
+    dtype = decode.check_model_args(args, ours)
+    prompts_file = args.prompts or (HELDOUT if args.init_from == load.BUNDLED and not args.tiny else None)
+    try:
+        rows = read_prompts(prompts_file) if prompts_file else None
+        if args.tiny:
+            model, original, tokenizer, options = tiny_setup(args.device, dtype, args.seed)
+        else:
+            model, original, tokenizer, options = decode.setup(args.init_from, ours, args.device, dtype, args.heads,
+                                                               args.mask, args.draft_vocab)
+        if rows:
+            check_prompts_tokenizer(prompts_file, tokenizer)
+        else:
+            chat = tokenizer.chat_prompt if tokenizer.has_chat else None   # a from-scratch model's has no template
+            rows = [chat(q) if chat else q for q in QUESTIONS]
+        hf, notes = None, []
+        if HF in methods:
+            hf, why = hf_model(model, args.init_from)
+            if hf is None:
+                print(f"hf: skipped: {why}", file=sys.stderr)
+                notes.append(f"hf skipped: {why}")
+                methods.remove(HF)
+        if not methods:
+            raise ValueError("nothing left to measure")
+        res = run(model, tokenizer, methods, rows[:args.num_prompts], args.max_new_tokens, original, options,
+                  args.temperature, args.seed, args.warmup, hf, nll_self=original is None, progress=True)
+    except (ValueError, OSError) as e:
+        decode.fail(e)
+    res["notes"] += notes
     if taus:
         res["notes"] += write_sweep(res, taus, args.out)
     print(table(res))

@@ -27,13 +27,15 @@ Speculative methods decode one sequence at a time (batch 1); `ar` batches. Nothi
 (bench.py does); each call can fill a `Stats` with forwards and per-depth acceptance, and a `trace` with how each
 token was produced.
 
-CLI: python decode.py --init_from smollm2 --prompt "What is the capital of France?" [--method mtp@3]
+CLI: python decode.py --init_from smollm2 --prompt "What is the capital of France?" [--method mtp@3] [--show]
 """
 
 import argparse
+import sys
 import time
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -41,6 +43,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 # A step feeds at most this many tokens; caches hold this many slots beyond the last position a step may write, so
 # every strategy built for the same max_len has the same cache length (bit-identical attention in bf16).
 MAX_QUERY = 64
+from load import BUNDLED, DEFAULT_HEADS, DEFAULT_MASK, attach_heads, attach_mask_adapter, load, read_json
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -57,7 +60,8 @@ class Sampling:
         return self.temperature <= 0
 
     def probs(self, logits):
-        """The distribution we sample from: softmax(logits / T) after top-k and top-p truncation. (..., V)"""
+        """The distribution we sample from: softmax(logits / T) after top-k and top-p truncation. (..., V)
+        Only for sampling: greedy callers take the argmax."""
         logits = logits.float() / self.temperature
         if self.top_k is not None:
             kth = torch.topk(logits, min(self.top_k, logits.size(-1)), dim=-1).values[..., -1:]
@@ -422,19 +426,36 @@ class MaskDrafts(Strategy):
 # ----------------------------------------------------------------------------------------------------------------
 # the one generate
 
+MAX_DRAFTS = 16   # mtp@D's D and static/verified@K's K: far beyond what any head or mask token drafts usefully
+K_MAX = 16        # ConfAdapt's k (Paper A's k_max) where the mask-token model does not name its own
+LOSSY = {"static", "confadapt"}    # methods that emit predictions nothing checks
+
+
 def parse_method(name):
-    """'ar' | 'mtp' | 'mtp@D' | 'static@K' | 'confadapt@TAU' | 'verified@K' -> (kind, value)."""
+    """'ar' | 'mtp' | 'mtp@D' | 'static@K' | 'confadapt@TAU' | 'verified@K' -> (kind, value); a ValueError names the
+    allowed values."""
     kind, _, arg = name.partition("@")
     defaults = {"ar": None, "mtp": 3, "static": 3, "confadapt": 0.9, "verified": 4}
     if kind not in defaults or (kind == "ar" and arg):
         raise ValueError(f"unknown method {name!r}: expected ar, mtp@D, static@K, confadapt@TAU or verified@K")
     if not arg:
         return kind, defaults[kind]
-    return kind, float(arg) if kind == "confadapt" else int(arg)
+    allowed = {"mtp": ("D", 1), "static": ("K", 2), "verified": ("K", 2)}
+    try:
+        value = float(arg) if kind == "confadapt" else int(arg)
+    except ValueError:
+        value = None
+    if kind == "confadapt":
+        if value is None or not 0 < value <= 1:
+            raise ValueError(f"method {name!r}: TAU must be a number in (0, 1]")
+    elif value is None or not allowed[kind][1] <= value <= MAX_DRAFTS:
+        letter, low = allowed[kind]
+        raise ValueError(f"method {name!r}: {letter} must be an integer from {low} to {MAX_DRAFTS}")
+    return kind, value
 
 
 def make_strategy(model, method, max_len, sampling=Sampling(), generator=None, schedule=None, draft_ids=None,
-                  mask_ids=None, k_max=16, batch_size=1, query_len=1, graphs=None, compile=False):
+                  mask_ids=None, k_max=K_MAX, batch_size=1, query_len=1, graphs=None, compile=False):
     """A strategy for `method` with buffers for prompt + new tokens of up to max_len positions. Build one and pass it
     to generate as `method` to keep its CUDA graphs across calls. query_len: ar's padded step length."""
     kind, value = parse_method(method)
@@ -448,6 +469,13 @@ def make_strategy(model, method, max_len, sampling=Sampling(), generator=None, s
     if kind == "confadapt":
         return MaskDrafts(model, max_len, mask_ids, k_max, tau=value, **engine)
     return MaskDrafts(model, max_len, mask_ids, value, checked=kind == "verified", **engine)
+
+
+def provenance(strategy, n):
+    """How each of the n tokens of one prefill or step was produced: 0 by the main model, d >= 1 an accepted draft
+    at depth d (mtp, verified: the drafts come first, the main model's token last) or kept mask prediction d
+    (static, confadapt: the main model's next-token prediction first, then the masks')."""
+    return list(range(1, n)) + [0] if strategy.speculative else list(range(n))
 
 
 # cuDNN attention builds a plan for every new (query length, key length) pair, 40-400 ms each on an H100; decoding meets
@@ -483,13 +511,12 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
     outs = []
     for prompt in prompts:
         out = strategy.prefill(prompt)
-        labels, first, forwards = list(range(len(out))), len(out), 1
+        labels, first, forwards = list(range(len(out))), len(out), 1   # a prefill: the main model, then masks
         while not _finished(out, max_new_tokens, stop_ids):
             new, accepted = strategy.step()
             out += new
+            labels += provenance(strategy, len(new))
             forwards += 1
-            # speculative: the accepted drafts, then the main model's token; mask methods: predictions 0, 1, ...
-            labels += [*range(1, len(new)), 0] if strategy.speculative else list(range(len(new)))
             if stats is not None and accepted is not None:
                 stats.record(*accepted)
         out = _truncate(out, max_new_tokens, stop_ids)
@@ -541,44 +568,252 @@ def _generate_batch(strategy, prompts, max_new_tokens, stop_ids, stats, trace):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CLI
+# CLI: the decoding setup bench.py shares, option checks that run before anything loads, one prompt decoded
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--init_from", default="smollm2", help="smollm2, a Hugging Face folder, a .gguf file, or a "
-                        "nanoMTP checkpoint folder")
-    parser.add_argument("--prompt", default="What is the capital of France?", help="the user's message")
-    parser.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
-    parser.add_argument("--method", default="ar", help="ar, mtp@D, static@K, confadapt@TAU or verified@K")
-    parser.add_argument("--heads", default=None, help="MTP heads file for method mtp (default: the shipped one)")
-    parser.add_argument("--mask", default=None, help="mask-token adapter file for static/confadapt/verified "
-                        "(default: the shipped one)")
-    parser.add_argument("--max_new_tokens", type=int, default=64, help="tokens to generate at most")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 for greedy")
-    parser.add_argument("--top_k", type=int, default=None, help="sample among the k most likely tokens")
-    parser.add_argument("--top_p", type=float, default=None, help="nucleus sampling threshold")
-    parser.add_argument("--seed", type=int, default=0, help="seed for sampling")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bfloat16 on GPU, float32 on CPU)")
-    args = parser.parse_args()
+DRAFT_VOCAB = 8192   # mtp drafts from this many of the heads' most frequent tokens unless told otherwise
 
-    from load import load_for_decoding
-    kind = parse_method(args.method)[0]   # attach only what the method uses
-    heads = args.heads or (None if kind == "mtp" else "none")
-    mask = args.mask or (None if kind in ("static", "confadapt", "verified") else "none")
-    model, _, tok, options = load_for_decoding(args.init_from, args.device, args.dtype, heads, mask)
-    ids = tok.encode(args.prompt) if args.raw or not tok.has_chat else tok.encode_chat(args.prompt)
-    generator = torch.Generator(args.device).manual_seed(args.seed)
-    stats = Stats()
-    t0 = time.perf_counter()
-    out = generate(model, [ids], args.max_new_tokens, args.temperature, args.top_k, args.top_p, tok.stop_ids,
-                   generator, args.method, stats, **options)[0]
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    print(tok.decode([t for t in out if t not in tok.stop_ids]))
+
+def setup(source, methods, device="cpu", dtype=torch.float32, heads=None, mask=None, draft_vocab=None):
+    """The model `methods` decode with, carrying only what they use: MTP heads for mtp, a mask-token adapter for
+    static/confadapt/verified (a gated adapter costs every forward its low-rank products even where it changes
+    nothing). heads: a list of heads files (None: those shipped for `source`); mask: an adapter file (None: the
+    shipped one); draft_vocab: how many of the heads' frequency-ordered token ids mtp drafts from (None: DRAFT_VOCAB,
+    or all the file carries if fewer; 0: the full vocabulary).
+    Returns (model, original, tokenizer, generate options). `original` judges output NLL: the model itself where its
+    next-token predictions are the original's (heads, gated adapters leave them alone), the model a mask-token model
+    was fine-tuned from, or None where that one is missing (a warning says so)."""
+    kinds = {parse_method(m)[0] for m in methods}
+    model, tokenizer = load(source)
+    original, options = model, {"mask_ids": list(model.cfg.mask_token_ids)}
+    if model.cfg.mask_token_ids:      # a mask-token checkpoint written by train.py
+        train_args = read_json(Path(source) / "config.json").get("train_args", {})
+        options["k_max"] = train_args.get("k_max", K_MAX)
+        if not model.cfg.lora_gated:   # its training moved the next-token predictions too
+            original = _init_from(source, train_args.get("init_from"))
+    if "mtp" in kinds:
+        files = heads if heads is not None else [f for f in DEFAULT_HEADS.get(str(source), []) if f.is_file()]
+        ids = None
+        for f in files:
+            carried = attach_heads(model, f)
+            ids = ids if carried is None else carried   # the last file that carries token frequencies
+        if not model.heads:
+            raise ValueError(f"method mtp needs MTP heads: {source} has none; pass --heads FILE (train.py --mode "
+                             f"heads)")
+        options["draft_ids"] = _draft_ids(ids, draft_vocab)
+    if kinds & {"static", "confadapt", "verified"}:
+        file = mask if mask is not None else DEFAULT_MASK.get(str(source))
+        if mask is not None or (file is not None and file.is_file()):   # a shipped file may be absent
+            meta = attach_mask_adapter(model, tokenizer, file)
+            options.update(mask_ids=list(model.cfg.mask_token_ids), k_max=meta.get("k_max", K_MAX))
+            if not model.cfg.lora_gated:     # ungated adapters change next-token predictions too
+                original = load(source)[0]
+        if not options["mask_ids"]:
+            raise ValueError(f"methods static, confadapt and verified need mask tokens: {source} has none; pass "
+                             f"--mask FILE (train.py --mode mask)")
+    if options.get("draft_ids") is not None:
+        options["draft_ids"] = options["draft_ids"].to(device)
+    else:
+        options.pop("draft_ids", None)
+    if original is not None and original is not model:
+        original = original.to(device=device, dtype=dtype).eval()
+    return model.to(device=device, dtype=dtype).eval(), original, tokenizer, options
+
+
+def _init_from(source, start):
+    """The model a fully fine-tuned mask-token checkpoint started from, or None (with a warning) where it is gone."""
+    if start and (start == BUNDLED or Path(start).exists()):
+        return load(start)[0]
+    print(f"warning: {source} was fine-tuned from {start!r}, which is not here: output NLL will be measured under "
+          f"the fine-tuned model itself and labelled nll_self", file=sys.stderr)
+    return None
+
+
+def _draft_ids(ids, draft_vocab):
+    """The token ids mtp drafts from (None: all), checked against what the heads files carry."""
+    if draft_vocab == 0 or (ids is None and draft_vocab is None):
+        return None
+    if ids is None:
+        raise ValueError(f"--draft_vocab {draft_vocab}: the heads files carry no token frequencies (0 = the full "
+                         f"vocabulary)")
+    if draft_vocab is None:
+        return ids[:DRAFT_VOCAB]
+    if draft_vocab > len(ids):
+        raise ValueError(f"--draft_vocab {draft_vocab}: the heads files carry only {len(ids)} token ids (allowed: 0 "
+                         f"for the full vocabulary, or 1 to {len(ids)})")
+    return ids[:draft_vocab]
+
+
+def fail(message):
+    """An expected error (bad option, missing or malformed file): one line on stderr, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+class DefaultsHelp(argparse.HelpFormatter):
+    """--help shows each default, unless the help text already explains it or there is none (a flag, None)."""
+
+    def _get_help_string(self, action):   # the hook argparse.ArgumentDefaultsHelpFormatter uses too
+        shown = all(action.default is not x for x in (None, False, argparse.SUPPRESS)) and "default" not in action.help
+        return action.help + (" (default: %(default)s)" if shown else "")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the defaults in --help and every usage error as one line."""
+
+    def __init__(self, description):
+        super().__init__(description=description, formatter_class=DefaultsHelp)
+
+    def error(self, message):
+        fail(message)
+
+
+def number(kind, low, high=None, low_open=False):
+    """An argparse type: a `kind` (int or float) in [low, high], or in (low, high] with low_open."""
+    def check(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        above = value > low if low_open else value >= low
+        if not (above and (high is None or value <= high)):   # NaN fails every comparison
+            allowed = (f"in {'(' if low_open else '['}{low}, {high}]" if high is not None else
+                       f"{'above' if low_open else 'at least'} {low}")
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text}")
+        return value
+    return check
+
+
+def method_arg(text):
+    try:
+        parse_method(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+    return text
+
+
+def device_arg(text):
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r} (expected cpu, cuda or cuda:N)")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r} (expected cpu, cuda or cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine (use --device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
+def existing_file(text):
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    return Path(text)
+
+
+def file_list(text):
+    return [existing_file(f) for f in text.split(",")]
+
+
+def add_model_args(p, max_new_tokens):
+    """The options decode.py and bench.py share: what to load, where, and how long to decode."""
+    p.add_argument("--init_from", default=BUNDLED, help="smollm2, a Hugging Face folder, a .gguf file, or a nanoMTP "
+                   "checkpoint folder")
+    p.add_argument("--heads", type=file_list, default=None, help="MTP heads files for method mtp, comma-separated, "
+                   "in training order (default: those shipped for --init_from)")
+    p.add_argument("--mask", type=existing_file, default=None, help="mask-token adapter file for static, confadapt "
+                   "and verified (default: the one shipped for --init_from)")
+    p.add_argument("--draft_vocab", type=number(int, 0), default=None, help="mtp drafts from the N most frequent "
+                   f"tokens the heads file lists; 0 = the full vocabulary (default: {DRAFT_VOCAB}, or all listed)")
+    p.add_argument("--max_new_tokens", type=number(int, 1), default=max_new_tokens, help="tokens to generate at most")
+    p.add_argument("--temperature", type=number(float, 0), default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling")
+    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="weights and activations (default: bfloat16 on cuda, float32 on cpu)")
+
+
+def check_model_args(args, methods):
+    """Checks that need several options; returns the torch dtype."""
+    kinds = {parse_method(m)[0] for m in methods}
+    unused = [(args.heads, "--heads", "mtp" in kinds), (args.draft_vocab, "--draft_vocab", "mtp" in kinds),
+              (args.mask, "--mask", bool(kinds & {"static", "confadapt", "verified"}))]
+    for value, option, used in unused:
+        if value is not None and not used:
+            fail(f"{option}: no method here uses it (methods: {', '.join(methods)})")
+    return getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+
+
+COLOURS = ["32", "33", "35", "36", "34"]   # ANSI foreground: green, yellow, magenta, cyan, blue for depth 1..5+
+
+
+def render(tokenizer, out, labels, lossy, colour):
+    """The output with each token marked by how it was produced, and a one-line legend."""
+    what = "kept mask prediction" if lossy else "accepted draft at depth"
+    pieces, done = [], ""
+    for i, d in enumerate(labels):
+        text = tokenizer.decode(out[:i + 1])
+        if text.endswith("\ufffd") and i + 1 < len(out):   # a character split across tokens: shown with the next
+            continue
+        text, done = text[len(done):], text
+        if d == 0:
+            pieces.append(text)
+        elif colour:
+            pieces.append(f"\033[{COLOURS[min(d, len(COLOURS)) - 1]}m{text}\033[0m")
+        else:
+            pieces.append(f"[{d}:{text}]")
+    if colour:
+        key = " ".join(f"\033[{c}m{d}\033[0m" for d, c in zip(["1", "2", "3", "4", "5+"], COLOURS))
+        legend = f"legend: plain = main model; colour = {what} {key}"
+    else:
+        legend = f"legend: plain = main model; [d:text] = {what} d"
+    return "".join(pieces), legend
+
+
+def main(argv=None):
+    p = Parser(__doc__.split("\n\n")[0])
+    p.add_argument("--prompt", default="What is the capital of France?", help="the user's message")
+    p.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
+    p.add_argument("--method", type=method_arg, default="ar", help="ar, mtp@D, static@K, confadapt@TAU or "
+                   f"verified@K (D and K up to {MAX_DRAFTS}, TAU in (0, 1])")
+    add_model_args(p, max_new_tokens=64)
+    p.add_argument("--top_k", type=number(int, 1), default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top_p", type=number(float, 0, 1, low_open=True), default=None, help="nucleus sampling: keep "
+                   "the smallest set of tokens whose probability reaches p")
+    p.add_argument("--show", action="store_true", help="mark each token by how it was produced: the main model, an "
+                   "accepted draft of depth d, or a kept mask prediction")
+    args = p.parse_args(argv)
+    dtype = check_model_args(args, [args.method])
+    if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
+        fail("--top_k and --top_p shape sampling: they need --temperature > 0")
+    kind = parse_method(args.method)[0]
+    try:
+        model, _, tokenizer, options = setup(args.init_from, [args.method], args.device, dtype, args.heads, args.mask,
+                                             args.draft_vocab)
+        chat = not args.raw and tokenizer.has_chat        # a from-scratch model's tokenizer has no chat template
+        ids = tokenizer.encode_chat(args.prompt) if chat else tokenizer.encode(args.prompt)
+        generator = torch.Generator(args.device).manual_seed(args.seed)
+        stats, trace = Stats(), []
+        t0 = time.perf_counter()
+        out = generate(model, [ids], args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                       tokenizer.stop_ids, generator, args.method, stats, trace, **options)[0]
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+    except (ValueError, OSError) as e:
+        fail(e)
+    shown = [(t, d) for t, d in zip(out, trace[0]) if t not in tokenizer.stop_ids]
+    tokens, labels = [t for t, _ in shown], [d for _, d in shown]
+    if args.show:
+        print("\n".join(render(tokenizer, tokens, labels, kind in LOSSY, sys.stdout.isatty())))
+    else:
+        print(tokenizer.decode(tokens))
     print(f"--- {args.method}: {len(out)} tokens in {dt:.2f} s, {len(out) / dt:.1f} tokens/s, "
           f"{stats.tokens_per_forward:.2f} tokens per forward ({args.device}, {model.embed.weight.dtype})")
+    if kind in LOSSY:
+        print(f"LOSSY: {args.method} emits mask-token predictions that nothing checks; the text may differ from the "
+              f"model's own greedy output")
 
 
 if __name__ == "__main__":

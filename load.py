@@ -530,37 +530,3 @@ def attach_mask_adapter(model, tokenizer, path):
         model.embed.weight[-n:] = tensors.pop("mask_embeddings").to(model.embed.weight.dtype)
     model.load_state_dict(tensors, strict=False)    # the adapters; everything else stays the base model's
     return meta
-
-
-def load_for_decoding(source, device="cpu", dtype=None, heads=None, mask=None, draft_vocab=8192):
-    """A model ready for decode.generate: the base model, plus MTP heads and/or a mask-token adapter.
-    heads: a file, a comma-separated list of files, None for the files shipped with the project (those present),
-    or "none"; mask: a file, None for the shipped one (if present), or "none".
-    Returns (model, original, tokenizer, options for decode.generate). `original` is the model the run started
-    from when that differs from the model's own next-token predictions (a fully fine-tuned mask-token checkpoint:
-    its train.py --init_from), else None: heads and gated adapters leave next-token predictions untouched."""
-    dtype = dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    model, tokenizer = load(source)
-    options = {"mask_ids": list(model.cfg.mask_token_ids)}
-    original = None
-    if model.cfg.mask_token_ids and not (model.cfg.lora_rank and model.cfg.lora_gated):
-        start = read_json(Path(source) / "config.json").get("train_args", {}).get("init_from")
-        if start and (start == BUNDLED or Path(start).exists()):
-            original = load(start)[0].to(device=device, dtype=dtype)
-    if heads is None:
-        files = [f for f in DEFAULT_HEADS.get(str(source), []) if f.is_file()]
-    else:
-        files = [] if heads == "none" else [Path(f) for f in str(heads).split(",")]
-    for f in files:
-        order = attach_heads(model, f)
-        if order is not None and draft_vocab:
-            options["draft_vocab"] = order[:draft_vocab].to(device)
-    mask = DEFAULT_MASK.get(str(source)) if mask is None else mask
-    if mask and mask != "none" and Path(mask).is_file():
-        meta = attach_mask_adapter(model, tokenizer, mask)
-        options["mask_ids"] = list(model.cfg.mask_token_ids)
-        options["k_max"] = meta.get("k_max", 16)
-    elif mask and mask != "none" and mask != DEFAULT_MASK.get(str(source)):
-        raise FileNotFoundError(f"{mask}: no such mask adapter file")
-    return model.to(device=device, dtype=dtype).eval(), original, tokenizer, options
