@@ -1,5 +1,5 @@
-"""Tests of data/: the synthetic math generator and scorer, the readers, the self-generation loop, the written
-folders and the reader API. CPU only, a few seconds."""
+"""Tests of data/: the synthetic math generator and scorer, the readers, the written folders and the reader API
+(self-generated chat data: test_selfgen.py). CPU only, a few seconds."""
 
 import json
 import os
@@ -14,9 +14,7 @@ from data import prepare
 from data.chars import CharTokenizer
 from data.dataset import TokenData, check_tokenizer, load_meta, load_tokenizer, read_prompts
 from data.readers import read_jsonl, read_text
-from data.selfgen import query_prefix, self_generate
 from data.synthmath import extract_answer, make_problem, make_splits, score
-from model import Config, Transformer
 
 
 def files_of(folder):
@@ -256,102 +254,3 @@ def test_prepare_jsonl_and_text(tmp_path):
     (tmp_path / "u.txt").write_text("caf\u00e9")
     with pytest.raises(ValueError, match=r"u.txt: CharTokenizer: character 'é'"):
         run("text", "--file", tmp_path / "u.txt", "--out", tmp_path / "u")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# self-generation
-
-class ChatChars(CharTokenizer):
-    """A character tokenizer with the ChatML specials and template: the fake of the bundled model's tokenizer."""
-    def __init__(self):
-        specials = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-        super().__init__([*specials, *CharTokenizer().tokens[1:]], specials)
-        self.stop_ids = [self.special["<|im_end|>"], self.eos_id]
-
-    def chat_prompt(self, messages, system=None):
-        system = system or "Be brief."
-        return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{messages}<|im_end|>\n"
-                "<|im_start|>assistant\n")
-
-
-def tiny_model(vocab_size):
-    torch.manual_seed(0)
-    cfg = Config(arch="llama", vocab_size=vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_dim=8,
-                 intermediate_size=64, max_seq_len=256)
-    model = Transformer(cfg).eval()
-    with torch.no_grad():   # small tied embeddings: near-uniform next-token distributions, so stop tokens do come up
-        model.embed.weight.mul_(0.1)
-    return model
-
-
-def test_selfgen_tiny_random_model():
-    from decode import generate
-    tok = ChatChars()
-    assert query_prefix(tok) == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
-    model = tiny_model(tok.vocab_size)
-    kw = dict(max_question_tokens=12, min_question_chars=1, max_answer_tokens=10, min_answer_tokens=1,
-              keep_truncated=True, max_rounds=10)
-    with torch.no_grad():
-        recs, counts = self_generate(model, tok, 4, 32, generator=torch.Generator().manual_seed(0), **kw)
-        again, _ = self_generate(model, tok, 4, 32, generator=torch.Generator().manual_seed(0), **kw)
-    assert recs == again and len(recs) == 4
-    assert len({q for q, *_ in recs}) == 4
-    specials = set(tok.special.values())
-    for q, prompt, pids, aids in recs:
-        assert prompt == tok.chat_prompt(q) and pids == tok.encode(prompt)
-        assert 1 <= len(aids) <= 11 and not (specials & set(tok.encode(q)))
-        # a stop token only at the end; an answer without one was cut at max_answer_tokens
-        assert not (specials & set(aids[:-1]))
-        assert aids[-1] in tok.stop_ids or len(aids) == 10
-        with torch.no_grad():
-            greedy = generate(model, [pids], 10, stop_ids=tok.stop_ids)[0]
-        assert greedy == aids   # the answers are the model's own greedy continuations
-
-
-def scripted_generate(questions, answers):
-    """A stand-in for decode.generate that returns fixed texts: questions for the query prefix, answers after."""
-    def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=(),
-                 generator=None):
-        tok = model
-        if prompts[0] == tok.encode(query_prefix(tok)):
-            return [tok.encode(questions.pop(0)) if questions else tok.encode("x<|im_end|>") for _ in prompts]
-        return [tok.encode(answers[tok.decode(p).split("user\n")[1].split("<|im_end|>")[0]]) for p in prompts]
-    return generate
-
-
-def test_selfgen_filters():
-    tok = ChatChars()
-    questions = ["What is the capital of France?<|im_end|>",
-                 "what is the  Capital of France?<|im_end|>",           # duplicate up to case and spacing
-                 "Hi?<|im_end|>",                                        # too short
-                 "A question that goes on and on without ever stopping",  # truncated (no stop, max length)
-                 "Tell me <|im_start|> something<|im_end|>",             # a special token inside
-                 "Name three colours.",                                  # stopped without echoing the stop token
-                 "Why is the sky blue?<|endoftext|>",
-                 "How do I boil an egg?<|im_end|>"]
-    answers = {"What is the capital of France?": "Paris.<|im_end|>",
-               "Name three colours.": "Red, green, blue.",               # no stop token returned: <|im_end|> added
-               "Why is the sky blue?": "Because of Rayleigh scattering and more and more and more and more and",
-               "How do I boil an egg?": "K<|im_end|>"}                   # too short
-    recs, counts = self_generate(tok, tok, 10, 1, max_question_tokens=30, min_question_chars=5,
-                                 max_answer_tokens=40, min_answer_tokens=2, keep_truncated=False,
-                                 max_rounds=len(questions), generate=scripted_generate(questions, answers))
-    assert [r[0] for r in recs] == ["What is the capital of France?", "Name three colours."]
-    assert tok.decode(recs[0][3]) == "Paris.<|im_end|>" and tok.decode(recs[1][3]) == "Red, green, blue.<|im_end|>"
-    assert counts == dict(question_truncated=1, question_short=1, question_special=1, question_duplicate=1,
-                          answer_truncated=1, answer_short=1, answer_special=0, kept_truncated_answers=0)
-
-
-def test_prepare_selfgen_writes_chat_folder(tmp_path, monkeypatch):
-    tok = ChatChars()
-    model = tiny_model(tok.vocab_size)
-    monkeypatch.setattr(prepare, "get_tokenizer", lambda name, device, dtype, with_model: (tok, model))
-    args = ["selfgen", "--n", 3, "--n_val", 1, "--n_test", 1, "--batch_size", 32, "--device", "cpu",
-            "--max_question_tokens", 12, "--min_question_chars", 1, "--max_answer_tokens", 8]
-    run(*args, "--out", tmp_path / "a")
-    run(*args, "--out", tmp_path / "b")
-    assert files_of(tmp_path / "a") == files_of(tmp_path / "b")
-    meta = load_meta(tmp_path / "a")
-    assert meta["task"] == "chat" and meta["chat"] and meta["splits"]["train"]["examples"] == 3
-    (p,) = read_prompts(tmp_path / "a", "test")
-    assert p["prompt"].startswith("<|im_start|>system\n") and p["prompt"].endswith("<|im_start|>assistant\n")
