@@ -215,7 +215,10 @@ def prepare_selfgen(args):
     chunks = []
     for c in range(n_chunks):
         with open(chunk_path(work, c)) as f:
-            chunks.append(json.load(f))
+            try:
+                chunks.append(json.load(f))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{chunk_path(work, c)}: not a chunk file ({e}); delete it to make it again") from None
     records, counts = selfgen.merge_chunks(chunks, tok, args.min_answer_tokens, not args.drop_truncated)
     stats = selfgen.describe(records, counts, args.max_answer_tokens)
     timing = {"chunks": n_chunks, "generation_seconds": round(sum(c["seconds"] for c in chunks), 1)}

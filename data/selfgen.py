@@ -181,8 +181,8 @@ def generate_chunk(model, tok, chunk, s, generate=decode_generate):
     passages = []
     for src in rng.sample(first, min(n_passage, len(first))):
         text = answer_text(tok, src["answer"])
-        if not finished(src["answer"], tok.stop_ids) and "\n\n" in text:
-            text = text.rsplit("\n\n", 1)[0]   # the paragraph the answer was cut in is unfinished
+        if not finished(src["answer"], tok.stop_ids):
+            text = text[:max(text.rfind(c) for c in ".!?\n") + 1]   # drop the sentence the answer was cut in
         passage = cut_passage(text, tok, s.max_passage_tokens, rng)
         task = rng.choice(sorted(PASSAGE_TASKS))
         messages = [{"role": "user", "content": PASSAGE_TASKS[task].format(passage=passage)}]
@@ -191,7 +191,6 @@ def generate_chunk(model, tok, chunk, s, generate=decode_generate):
             continue
         seen.add(conversation_key(messages))
         passages.append(dict(kind="passage", task=task, topic=src["topic"], messages=messages, group=src["group"]))
-    answer(model, tok, passages, s, generator, generate)
 
     # 3. second turns after a finished first answer
     done = [r for r in first if finished(r["answer"], tok.stop_ids)]
@@ -202,7 +201,7 @@ def generate_chunk(model, tok, chunk, s, generate=decode_generate):
     followups = [dict(kind="followup", task=src["task"], topic=src["topic"],
                       messages=[*h, {"role": "user", "content": q}], group=src["group"])
                  for src, h, q in zip(sources, histories, questions) if q is not None]
-    answer(model, tok, followups, s, generator, generate)
+    answer(model, tok, passages + followups, s, generator, generate)   # one call: fewer, fuller batches
     return {"records": first + passages + followups, "counts": dict(sorted(counts.items()))}
 
 

@@ -12,7 +12,7 @@ What is not: the generation itself (data/selfgen.py).
 from data.synthmath import make_problem
 
 CONCEPTS = [
-    "photosynthesis", "compound interest", "the water cycle", "inflation", "black holes", "vaccines", "plate tectonics",
+    "compound interest", "the water cycle", "inflation", "black holes", "vaccines", "plate tectonics",
     "the stock market", "machine learning", "blockchain", "the immune system", "gravity", "supply and demand",
     "the greenhouse effect", "DNA replication", "electric cars", "the internet", "credit scores", "tides",
     "nuclear fusion", "the placebo effect", "democracy", "opportunity cost", "encryption", "evolution", "volcanoes",
@@ -74,8 +74,8 @@ UNITS = [   # (unit, target, plausible amounts)
     ("megabytes", "kilobytes", (1, 5, 250)), ("square metres", "square feet", (10, 50, 120)),
 ]
 PAIRS = [
-    ("cats", "dogs"), ("tea", "coffee"), ("renting", "buying a house"), ("Python", "JavaScript"),
-    ("a virus", "a bacterium"), ("weather", "climate"), ("stocks", "bonds"), ("e-books", "paper books"),
+    ("cats", "dogs"), ("tea", "coffee"), ("renting", "buying a house"), ("Python", "JavaScript"), ("fog", "mist"),
+    ("a virus", "a bacterium"), ("stocks", "bonds"), ("e-books", "paper books"),
     ("running", "swimming"), ("a crocodile", "an alligator"), ("RAM", "storage"), ("a lake", "a pond"),
     ("baking soda", "baking powder"), ("a hurricane", "a tornado"), ("socialism", "capitalism"),
     ("a simile", "a metaphor"), ("trains", "planes for short trips"), ("a debit card", "a credit card"),

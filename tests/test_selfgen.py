@@ -13,7 +13,7 @@ import torch
 from data import prepare, selfgen, topics
 from data.chars import CharTokenizer
 from data.dataset import load_meta, read_prompts
-from data.selfgen import Settings, describe, generate_chunk, merge_chunks, split_conversations
+from data.selfgen import Settings, describe, finished, generate_chunk, merge_chunks, split_conversations
 from decode import generate
 from model import Config, Transformer
 
@@ -49,10 +49,10 @@ TINY = dict(chunk_size=10, batch_size=4, question_rounds=10, max_question_tokens
             max_answer_tokens=10, max_passage_tokens=40, magpie_share=0.5, passage_share=0.2, followup_share=0.2)
 
 
-def scripted_generate(continuations=None):
+def scripted_generate(continuations=None, answer_end="\n\nSecond part here.<|im_end|>"):
     """A stand-in for decode.generate: question prompts (those not ending in the assistant's turn) get the next of
-    `continuations` (default: ' #k?' with k counting up, always new), answer prompts get 'Reply k.' and a second
-    paragraph. Records every prompt it was given."""
+    `continuations` (default: ' #k?' with k counting up, always new), answer prompts get 'Reply k.' + answer_end.
+    Records every prompt it was given."""
     calls, counter = [], iter(range(10 ** 6))
 
     def fake(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=(), generator=None):
@@ -62,7 +62,7 @@ def scripted_generate(continuations=None):
             text = tok.decode(p)
             calls.append(text)
             if text.endswith("<|im_start|>assistant\n"):
-                outs.append(tok.encode(f"Reply {next(counter)}.\n\nSecond part here.<|im_end|>"))
+                outs.append(tok.encode(f"Reply {next(counter)}.{answer_end}")[:max_new_tokens])
             else:
                 cont = continuations.pop(0) if continuations else f" #{next(counter)}?<|im_end|>"
                 outs.append(tok.encode(cont)[:max_new_tokens])
@@ -89,6 +89,15 @@ def test_chat_prompts_parse_and_are_not_in_the_seeds():
     seeds = word_ngrams((DATA / "topics.py").read_text(encoding="utf-8"), 6)
     for p in prompts:
         assert not (word_ngrams(p, 6) & seeds), p
+
+
+def test_seed_questions_never_copy_an_evaluation_prompt():
+    from bench import QUESTIONS
+    held_out = {selfgen.normalise(p) for p in QUESTIONS}
+    held_out |= {selfgen.normalise(json.loads(line)["prompt"]) for line in open(DATA / "chat_prompts.jsonl")}
+    rng = random.Random(0)
+    openings = {selfgen.normalise(topics.seed_question(rng)[2]) for _ in range(20000)}
+    assert not (openings & held_out)
 
 
 def test_seed_question_covers_every_task_and_embeds_its_topic():
@@ -179,6 +188,21 @@ def test_cut_passage_takes_whole_paragraphs_or_leading_sentences():
     assert {selfgen.cut_passage(text, tok, 100, rng) for _ in range(50)} == {
         text, "Beta two. Beta three is long.\n\nGamma.", "Gamma."}
     assert selfgen.cut_passage(text, tok, 3, rng) == ""
+
+
+def test_passages_of_cut_answers_end_with_a_whole_sentence():
+    tok = ChatChars()
+    s = Settings(chunk_size=10, batch_size=4, magpie_share=0.0, passage_share=0.5, followup_share=0.0,
+                 max_answer_tokens=30, max_passage_tokens=60)
+    fake = scripted_generate(answer_end=" Then more words without any end at all")   # cut at 30 tokens
+    records = generate_chunk(tiny_model(tok.vocab_size), tok, 0, s, generate=fake)["records"]
+    passages = [r for r in records if r["kind"] == "passage"]
+    assert len(passages) == 5 and not any(finished(r["answer"], tok.stop_ids) for r in records)
+    for r in passages:
+        source = selfgen.answer_text(tok, records[r["group"]]["answer"])
+        assert source.startswith("Reply ") and " Then more" in source
+        passage = source.split(" Then")[0]
+        assert r["messages"][0]["content"] == topics.PASSAGE_TASKS[r["task"]].format(passage=passage)
 
 
 def test_merge_dedups_across_chunks_and_filters_answers():
@@ -285,6 +309,10 @@ def test_prepare_selfgen_shards_and_resumption_equal_one_run(tmp_path, monkeypat
         calls += 1
     assert calls == 3 and files_of(tmp_path / "three") == one
 
+    (tmp_path / "three.chunks" / "chunk_00001.json").write_text('{"records": [')   # cut short by a copy
+    with pytest.raises(ValueError, match="chunk_00001.json: not a chunk file"):
+        run(*args, "--out", tmp_path / "three", "--overwrite")
+    assert files_of(tmp_path / "three") == one    # bad input loses nothing
     with pytest.raises(ValueError, match=r"other settings \(seed\)"):
         run(*args, "--out", tmp_path / "three", "--overwrite", "--seed", 1)
     with pytest.raises(ValueError, match="--shard 2: must lie in 0..1"):
