@@ -160,7 +160,10 @@ def generate_chunk(model, tok, chunk, s, generate=decode_generate):
     seeded, passage, followup), task, topic, messages (the conversation up to the last user turn), answer (token
     ids), group (the index of the first turn it grew from: held-out splits take whole groups)."""
     rng = random.Random(f"{s.seed}/{chunk}")
-    generator = torch.Generator(model.embed.weight.device).manual_seed(rng.getrandbits(63))
+    # questions and answers draw from separate streams: sampled answers (answer_temperature > 0) leave the questions
+    # as they are with greedy ones, so the two sets compare like for like
+    asking = torch.Generator(model.embed.weight.device).manual_seed(rng.getrandbits(63))
+    answering = torch.Generator(model.embed.weight.device).manual_seed(rng.getrandbits(63))
     counts, seen = Counter(), set()
     n_passage = round(s.chunk_size * s.passage_share)
     n_followup = round(s.chunk_size * s.followup_share)
@@ -169,13 +172,13 @@ def generate_chunk(model, tok, chunk, s, generate=decode_generate):
     seeds = []
     for _ in range(s.chunk_size - n_passage - n_followup):
         seeds.append(("magpie", None, None, "") if rng.random() < s.magpie_share else ("seeded", *seed_question(rng)))
-    questions = write_questions(model, tok, [([], opening) for *_, opening in seeds], s, generator, counts, seen,
+    questions = write_questions(model, tok, [([], opening) for *_, opening in seeds], s, asking, counts, seen,
                                 generate)
     first = [dict(kind=kind, task=task, topic=topic, messages=[{"role": "user", "content": q}])
              for (kind, task, topic, _), q in zip(seeds, questions) if q is not None]
     for g, r in enumerate(first):
         r["group"] = g
-    answer(model, tok, first, s, generator, generate)
+    answer(model, tok, first, s, answering, generate)
 
     # 2. requests about a passage of an earlier answer
     passages = []
@@ -197,11 +200,11 @@ def generate_chunk(model, tok, chunk, s, generate=decode_generate):
     sources = rng.sample(done, min(n_followup, len(done)))
     histories = [[*r["messages"], {"role": "assistant", "content": answer_text(tok, r["answer"])}] for r in sources]
     contexts = [(h, rng.choice(FOLLOWUPS)) for h in histories]
-    questions = write_questions(model, tok, contexts, s, generator, counts, seen, generate)
+    questions = write_questions(model, tok, contexts, s, asking, counts, seen, generate)
     followups = [dict(kind="followup", task=src["task"], topic=src["topic"],
                       messages=[*h, {"role": "user", "content": q}], group=src["group"])
                  for src, h, q in zip(sources, histories, questions) if q is not None]
-    answer(model, tok, passages + followups, s, generator, generate)   # one call: fewer, fuller batches
+    answer(model, tok, passages + followups, s, answering, generate)   # one call: fewer, fuller batches
     return {"records": first + passages + followups, "counts": dict(sorted(counts.items()))}
 
 

@@ -126,6 +126,10 @@ def test_generate_chunk_deterministic_greedy_answers():
         c = generate_chunk(model, tok, 1, s)
     assert a == b and a["records"] != c["records"]
     assert {"magpie", "seeded"} <= {r["kind"] for r in a["records"]}
+    with torch.no_grad():   # sampled answers leave the first-turn questions as they were
+        sampled = generate_chunk(model, tok, 0, Settings(seed=3, answer_temperature=1.0, **TINY))
+    firsts = [[r["messages"] for r in x["records"] if r["kind"] in ("magpie", "seeded")] for x in (a, sampled)]
+    assert firsts[0] == firsts[1] and [r["answer"] for r in a["records"]] != [r["answer"] for r in sampled["records"]]
     for r in a["records"][:3]:   # answers are the model's own greedy continuations
         with torch.no_grad():
             prompt = tok.encode(tok.chat_prompt(r["messages"]))
