@@ -2,7 +2,7 @@
 Prepare a dataset into token files: the one command line of data/.
 
     python data/prepare.py synthmath --out data/synthmath --seed 0                         # from-scratch math
-    python data/prepare.py selfgen --init_from smollm2 --out data/chat --n 16384 --batch_size 512 --device cuda
+    python data/prepare.py selfgen --init_from smollm2 --out data/chat --n 50000 --batch_size 1024 --device cuda
     python data/prepare.py jsonl --file MetaMathQA-395K.json --format metamathqa --tokenizer smollm2 --out data/mmqa
     python data/prepare.py jsonl --file train.jsonl --format field --prompt_field q --answer_field a --out ...
     python data/prepare.py text --file input.txt --tokenizer chars --out data/text
@@ -15,11 +15,13 @@ What is not: the generators and readers (data/synthmath.py, data/selfgen.py, dat
 
 import argparse
 import json
+import math
 import os
 import random
 import shutil
 import sys
 import time
+from dataclasses import asdict, fields
 
 import numpy as np
 import torch
@@ -169,27 +171,102 @@ def prepare_synthmath(args):
 
 
 def prepare_selfgen(args):
+    """Make the missing chunks of this call's shard into {out}.chunks/ (stopping before --time_limit), then, once
+    every chunk exists and this is not a shard, merge them into the folder. Rerunning the command resumes."""
     import torch
-    from data.selfgen import self_generate
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
-    tok, model = get_tokenizer(args.init_from, args.device, dtype, with_model=True)
-    model.eval()
-    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    from data import selfgen
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise ValueError(f"--dtype {dtype}: not bfloat16, float16 or float32")
+    if not 0 <= args.shard < args.n_shards:
+        raise ValueError(f"--shard {args.shard}: must lie in 0..{args.n_shards - 1} (--n_shards {args.n_shards})")
+    if args.chunk_size < 1 or args.batch_size < 1 or args.question_rounds < 1:
+        raise ValueError("--chunk_size, --batch_size and --question_rounds must be at least 1")
+    if not (0 <= args.passage_share and 0 <= args.followup_share and args.passage_share + args.followup_share < 1
+            and 0 <= args.magpie_share <= 1):
+        raise ValueError("--magpie_share must lie in [0, 1], --passage_share and --followup_share in [0, 1) with a "
+                         "sum below 1 (first turns need the rest)")
+    settings = selfgen.Settings(**{f.name: getattr(args, f.name) for f in fields(selfgen.Settings)})
     n_total = args.n + args.n_val + args.n_test
-    with torch.no_grad():
-        records, counts = self_generate(
-            model, tok, n_total, args.batch_size, question_temperature=args.question_temperature,
-            question_top_p=args.question_top_p, max_question_tokens=args.max_question_tokens,
-            min_question_chars=args.min_question_chars, answer_temperature=args.answer_temperature,
-            max_answer_tokens=args.max_answer_tokens, min_answer_tokens=args.min_answer_tokens,
-            keep_truncated=not args.drop_truncated, system=args.system, generator=generator)
+    n_chunks = math.ceil(n_total / args.chunk_size)
+    work = args.out.rstrip("/") + ".chunks"
+    config = {"init_from": args.init_from, "dtype": dtype, **asdict(settings)}
+    open_work_folder(work, config)
+    todo = [c for c in range(args.shard, n_chunks, args.n_shards) if not os.path.exists(chunk_path(work, c))]
+    t0, last = time.time(), 0.0
+    if todo:
+        tok, model = get_tokenizer(args.init_from, args.device, getattr(torch, dtype), with_model=True)
+        model.eval()
+        for i, c in enumerate(todo):
+            if i and args.time_limit is not None and time.time() - t0 + last > args.time_limit:
+                break
+            t = time.time()
+            with torch.no_grad():
+                chunk = selfgen.generate_chunk(model, tok, c, settings)
+            last = chunk["seconds"] = round(time.time() - t, 2)
+            write_json_atomic(chunk_path(work, c), chunk)
+            print(f"chunk {c} of {n_chunks}: {len(chunk['records'])} conversations in {last:.1f} s")
+    missing = [c for c in range(n_chunks) if not os.path.exists(chunk_path(work, c))]
+    if missing:
+        print(f"{len(missing)} of {n_chunks} chunks still to make in {work}: run the same command again")
+        return
+    if args.n_shards > 1:
+        print(f"all {n_chunks} chunks are in {work}: run the command without --shard/--n_shards to write {args.out}")
+        return
+
+    tok = get_tokenizer(args.init_from)
+    chunks = []
+    for c in range(n_chunks):
+        with open(chunk_path(work, c)) as f:
+            try:
+                chunks.append(json.load(f))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{chunk_path(work, c)}: not a chunk file ({e}); delete it to make it again") from None
+    records, counts = selfgen.merge_chunks(chunks, tok, args.min_answer_tokens, not args.drop_truncated)
+    stats = selfgen.describe(records, counts, args.max_answer_tokens)
+    timing = {"chunks": n_chunks, "generation_seconds": round(sum(c["seconds"] for c in chunks), 1)}
     print(f"kept {len(records)} of {n_total} asked; filter counts: {counts}")
-    rows = [(prompt, pids, aids, tok.decode([t for t in aids if t not in tok.stop_ids]))
-            for _, prompt, pids, aids in records]
-    # questions are distinct, so held-out splits taken first share no question with train
-    splits = {"val": rows[:args.n_val], "test": rows[args.n_val:args.n_val + args.n_test],
-              "train": rows[args.n_val + args.n_test:]}
-    write_folder(args.out, tok, splits, "chat", True, True, args, {"filter_counts": counts})
+    print(f"statistics: {json.dumps(stats)}")
+    print(f"generation: {timing['generation_seconds']:.1f} s over {n_chunks} chunks")
+    splits = {}
+    for split, recs in selfgen.split_conversations(records, args.n_val, args.n_test, args.seed).items():
+        rows = []
+        for r in tqdm(recs, desc=f"tokenizing {split}", unit=" ex", leave=False):
+            prompt = tok.chat_prompt(r["messages"], system=args.system)
+            rows.append((prompt, tok.encode(prompt, specials=True), r["answer"], selfgen.answer_text(tok, r["answer"])))
+        splits[split] = rows
+    # how the work was spread over calls does not change the folder, so it is not recorded
+    recorded = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("time_limit", "shard",
+                                                                                       "n_shards")})
+    write_folder(args.out, tok, splits, "chat", True, True, recorded,
+                 {"filter_counts": counts, "stats": stats, "timing": timing})
+
+
+def chunk_path(work, c):
+    return os.path.join(work, f"chunk_{c:05d}.json")
+
+
+def open_work_folder(work, config):
+    """Create the chunk folder with its config.json, or check that the chunks already there used this config."""
+    config_path = os.path.join(work, "config.json")
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            old = json.load(f)
+        if old != config:
+            diff = sorted(k for k in old.keys() | config.keys() if old.get(k) != config.get(k))
+            raise ValueError(f"{work}: its chunks were made with other settings ({', '.join(diff)}); delete that "
+                             f"folder or choose another --out")
+        return
+    os.makedirs(work, exist_ok=True)
+    write_json_atomic(config_path, config)
+
+
+def write_json_atomic(path, obj):
+    """Through a temporary file, so an interrupted call leaves no half-written chunk behind."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, ensure_ascii=False)
+    os.replace(tmp, path)
 
 
 def encode_example(tokenizer, e, documents, chat, system):
@@ -279,25 +356,46 @@ def main(argv=None):
     p = sub.add_parser("selfgen", help="Magpie-style chat data written and answered by the model itself")
     common(p, None)
     p.add_argument("--init_from", default="smollm2", help="the instruct model (anything load.load() takes)")
-    p.add_argument("--n", type=int, default=16384, help="training examples to aim for (before answer filters)")
-    p.add_argument("--n_val", type=int, default=256, help="validation examples")
-    p.add_argument("--n_test", type=int, default=256, help="test examples (bench.py's held-out prompts)")
-    p.add_argument("--batch_size", type=int, default=512, help="sequences per generate call (256-1024 on a GPU)")
+    p.add_argument("--n", type=int, default=50_000,
+                   help="training conversations to aim for; with --n_val and --n_test this sets the number of chunks "
+                        "(dedup and answer filters keep a little fewer; a larger --n later reuses the chunks made)")
+    p.add_argument("--n_val", type=int, default=256, help="validation conversations")
+    p.add_argument("--n_test", type=int, default=256, help="test conversations (bench.py's held-out prompts)")
+    p.add_argument("--chunk_size", type=int, default=2048,
+                   help="conversations per chunk, the unit saved to {out}.chunks/ and resumed; changes the data")
+    p.add_argument("--time_limit", type=float, default=None,
+                   help="seconds: start no new chunk that would end past this (at least one chunk is made); "
+                        "rerun the same command to continue")
+    p.add_argument("--shard", type=int, default=0, help="with --n_shards: make only chunks c with c %% k == shard")
+    p.add_argument("--n_shards", type=int, default=1,
+                   help="k processes (e.g. one per GPU) share the chunks; a last call without it writes the folder")
+    p.add_argument("--batch_size", type=int, default=512,
+                   help="sequences per generate call (256-1024 on a GPU); changes the data")
     p.add_argument("--device", default="cuda", help="cuda or cpu")
     p.add_argument("--dtype", default=None,
                    help="model dtype: bfloat16, float16 or float32 (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--system", default=None, help="system prompt for the chat template (default: the template's)")
+    p.add_argument("--magpie_share", type=float, default=0.2,
+                   help="share of first turns the model writes from nothing; the rest continue a task x topic "
+                        "opening from data/topics.py")
+    p.add_argument("--passage_share", type=float, default=0.1,
+                   help="share of conversations asking about a passage of one of the model's earlier answers")
+    p.add_argument("--followup_share", type=float, default=0.1, help="share of two-turn conversations")
     p.add_argument("--question_temperature", type=float, default=1.0, help="sampling temperature of the questions")
     p.add_argument("--question_top_p", type=float, default=0.95, help="top-p of the questions")
+    p.add_argument("--question_rounds", type=int, default=3,
+                   help="attempts per question slot (a question that fails a filter is sampled again)")
     p.add_argument("--max_question_tokens", type=int, default=96, help="longer questions are dropped as truncated")
     p.add_argument("--min_question_chars", type=int, default=10, help="shorter questions are dropped")
+    p.add_argument("--max_passage_tokens", type=int, default=160, help="longest passage embedded in a question")
     p.add_argument("--answer_temperature", type=float, default=0.0,
-                   help="0 = greedy answers (what distillation needs; sampled answers trained clearly worse)")
-    p.add_argument("--max_answer_tokens", type=int, default=256,
+                   help="0 = greedy answers (what lossless drafting predicts); e.g. 0.7 samples them, to compare "
+                        "as training data")
+    p.add_argument("--max_answer_tokens", type=int, default=512,
                    help="answers are cut here (and kept, see --drop_truncated)")
     p.add_argument("--min_answer_tokens", type=int, default=2, help="shorter answers are dropped")
     p.add_argument("--drop_truncated", action="store_true",
-                   help="drop answers cut at --max_answer_tokens (kept by default: still the model's greedy tokens)")
+                   help="drop answers cut at --max_answer_tokens (kept by default: still the model's own tokens)")
 
     p = sub.add_parser("jsonl", help="a JSONL file: MetaMathQA, GSM8K, or chosen fields")
     common(p, "smollm2")

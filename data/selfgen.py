@@ -3,106 +3,296 @@ Self-generated chat data (Magpie, Xu et al. 2024): the bundled instruct model wr
 answers them. This is the data for distilling MTP heads or mask-token MTP into that same model: its own greedy answers
 are exactly what a lossless draft must predict (sampled answers trained clearly worse, see MEASURED.md).
 
-What is here: `self_generate`, the batched question-then-answer loop with its filters. What is not: loading the model,
-tokenizing to files, splitting (data/prepare.py), the decoding loop itself (decode.generate).
+What is here: `generate_chunk` (one deterministic unit of work), `merge_chunks` (cross-chunk dedup and answer
+filters), `split_conversations` (held-out splits that share no conversation with train), `describe` (statistics).
+What is not: loading the model, the work folder and its resumption, writing token files (data/prepare.py), the task
+and topic lists (data/topics.py), the decoding loop itself (decode.generate).
 
-1. Questions: the chat template up to the user's turn (`<|im_start|>system\n...<|im_end|>\n<|im_start|>user\n`) is fed
-   to the model, which continues with a plausible user message; sampled (temperature, top-p) for variety. Kept when it
-   ended with a stop token, is long enough, holds no special token, and is new (case and spacing ignored).
-2. Answers: each question in the full chat prompt, decoded greedily by default; kept when it has at least
-   min_answer_tokens tokens and no special token before its end. Answers cut at max_answer_tokens are kept by default:
-   every token is still the model's own greedy choice, which is all head distillation needs, and dropping them would
-   bias the data towards short answers (with the bundled model at 128 tokens, about 60% were cut).
+A chunk holds `chunk_size` conversations of three kinds, all decoded in batches sorted by prompt length:
+1. first turns: the chat template up to the user's turn, then either nothing (plain Magpie: the model writes the whole
+   question) or a seeded opening such as "How do I bake sourdough bread?" (a task type x topic from data/topics.py)
+   that the model continues. Questions are sampled (temperature, top-p) and kept when they end with a stop token, are
+   long enough, hold no special token and are new (case and spacing ignored); failed slots are sampled again.
+2. passage requests: "Summarise this: <passage>", the passage cut from one of this chunk's answers, so the model reads
+   its own text in the prompt as well.
+3. follow-ups: a finished first turn, then a second user turn the model writes (from an opening like "Why").
+Every question is answered greedily by default; answers cut at max_answer_tokens are kept by default: every token is
+still the model's own choice, and dropping them would bias the data towards short answers.
+A chunk depends only on its number and the settings, never on other chunks, so a set can be made in any number of
+calls or processes and still come out identical.
 """
 
-import math
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
 
-from tqdm import tqdm
+import torch
+
+from data.topics import FOLLOWUPS, PASSAGE_TASKS, seed_question
+from decode import generate as decode_generate
 
 SENTINEL = "\u2063QUESTION\u2063"   # stands for the user's text, to cut the template right where it would begin
 
 
-def query_prefix(tok, system=None):
-    """The chat template's opening up to where the user's message begins, e.g. '...<|im_start|>user\\n'."""
-    full = tok.chat_prompt(SENTINEL, system=system)
+@dataclass
+class Settings:
+    """Everything that decides a chunk's contents; prepare.py refuses to mix chunks made with different settings."""
+    seed: int = 0
+    chunk_size: int = 2048           # conversations per chunk: the unit of determinism, resumption and sharding
+    batch_size: int = 512            # sequences per generate call
+    magpie_share: float = 0.2        # first turns left entirely to the model; the rest start from a seeded opening
+    passage_share: float = 0.1       # conversations asking about a passage of an earlier answer
+    followup_share: float = 0.1      # two-turn conversations
+    question_temperature: float = 1.0
+    question_top_p: float = 0.95
+    question_rounds: int = 3         # attempts per question slot
+    max_question_tokens: int = 96
+    min_question_chars: int = 10
+    max_passage_tokens: int = 160
+    answer_temperature: float = 0.0  # 0: greedy
+    max_answer_tokens: int = 512
+    system: str | None = None        # system prompt (None: the template's own)
+
+
+def normalise(text):
+    return " ".join(text.lower().split())
+
+
+def conversation_key(messages):
+    """What makes two conversations duplicates: their user turns, case and spacing ignored."""
+    return "\n".join(normalise(m["content"]) for m in messages if m["role"] == "user")
+
+
+def finished(ids, stop_ids):
+    return bool(ids) and ids[-1] in stop_ids
+
+
+def batched(generate, model, prompts, max_new_tokens, batch_size, **kw):
+    """generate() over batches of similar length (less padding); results in the order of `prompts`."""
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+    outs = [None] * len(prompts)
+    for b in range(0, len(order), batch_size):
+        rows = order[b:b + batch_size]
+        for i, ids in zip(rows, generate(model, [prompts[i] for i in rows], max_new_tokens, **kw)):
+            outs[i] = list(ids)
+    return outs
+
+
+def user_turn_prefix(tok, history, system):
+    """The chat template after `history` up to where the next user message begins: '...<|im_start|>user\\n'."""
+    full = tok.chat_prompt([*history, {"role": "user", "content": SENTINEL}], system=system)
     return full[:full.index(SENTINEL)]
 
 
-def split_stop(ids, stop_ids, max_new_tokens):
-    """Generated ids -> (ids without a trailing stop token, the stop token or None, finished?)."""
-    if ids and ids[-1] in stop_ids:
-        return ids[:-1], ids[-1], True
-    return ids, None, len(ids) < max_new_tokens   # stopped early without echoing the stop token
-
-
-def self_generate(model, tok, n, batch_size, question_temperature=1.0, question_top_p=0.95, max_question_tokens=96,
-                  min_question_chars=10, answer_temperature=0.0, max_answer_tokens=256, min_answer_tokens=2,
-                  keep_truncated=True, system=None, max_rounds=None, generator=None, generate=None):
-    """Up to n (question, prompt_text, prompt_ids, answer_ids) records in generation order, plus a dict counting what
-    each filter dropped (and the truncated answers kept). answer_ids end with the stop token that ended the answer,
-    if it did end. `generate` defaults to decode.generate (tests pass one that scripts the model's outputs)."""
-    if generate is None:
-        from decode import generate
-    stop_ids = list(tok.stop_ids)
-    specials = set(tok.special.values())
-    # the chat template closes a turn with <|im_end|>; used when generate did not return the stop token it met
-    end_id = tok.special.get("<|im_end|>", tok.eos_id)
-    counts = dict(question_truncated=0, question_short=0, question_special=0, question_duplicate=0,
-                  answer_truncated=0, answer_short=0, answer_special=0, kept_truncated_answers=0)
-
-    # 1. questions, sampled from the template's opening, one batch of identical prompts per round
-    prefix = tok.encode(query_prefix(tok, system), specials=True)
-    max_rounds = max_rounds or 4 * math.ceil(n / batch_size) + 4
-    questions, seen = [], set()
-    bar = tqdm(total=n, desc="questions", unit=" q")
-    for _ in range(max_rounds):
-        outs = generate(model, [prefix] * batch_size, max_question_tokens, temperature=question_temperature,
-                        top_p=question_top_p, stop_ids=stop_ids, generator=generator)
-        for ids in outs:
-            ids, _, finished = split_stop(list(ids), stop_ids, max_question_tokens)
-            text = tok.decode(ids).strip()
-            key = " ".join(text.lower().split())
-            if not finished:
+def write_questions(model, tok, contexts, s, generator, counts, seen, generate):
+    """contexts: (history, opening) per slot -> the user's question per slot, or None where every round failed.
+    The model continues each opening; `seen` holds the conversation keys already taken (updated here)."""
+    stop_ids, specials = list(tok.stop_ids), set(tok.special.values())
+    prompts = [tok.encode(user_turn_prefix(tok, history, s.system) + opening, specials=True)   # template text
+               for history, opening in contexts]
+    questions = [None] * len(contexts)
+    pending = list(range(len(contexts)))
+    for _ in range(s.question_rounds):
+        outs = batched(generate, model, [prompts[i] for i in pending], s.max_question_tokens, s.batch_size,
+                       temperature=s.question_temperature, top_p=s.question_top_p, stop_ids=stop_ids,
+                       generator=generator)
+        still = []
+        for i, ids in zip(pending, outs):
+            history, opening = contexts[i]
+            text = (opening + tok.decode(ids[:-1] if finished(ids, stop_ids) else ids)).strip()
+            key = conversation_key([*history, {"role": "user", "content": text}])
+            if not finished(ids, stop_ids):
                 counts["question_truncated"] += 1
-            elif specials & set(ids):
+            elif specials & set(ids[:-1]):
                 counts["question_special"] += 1
-            elif len(text) < min_question_chars:
+            elif len(text) < s.min_question_chars:
                 counts["question_short"] += 1
             elif key in seen:
                 counts["question_duplicate"] += 1
-            elif len(questions) < n:
+            else:
                 seen.add(key)
-                questions.append(text)
-                bar.update(1)
-        if len(questions) >= n:
+                questions[i] = text
+                continue
+            still.append(i)
+        pending = still
+        if not pending:
             break
-    bar.close()
-    if len(questions) < n:
-        print(f"warning: only {len(questions)} of {n} questions after {max_rounds} rounds (counts: {counts})")
+    if pending:
+        counts["question_given_up"] += len(pending)
+    return questions
 
-    # 2. answers; batches of similar prompt length waste less padding, results go back in question order
-    prompts = [tok.chat_prompt(q, system=system) for q in questions]
-    prompt_ids = [tok.encode_chat(q, system=system) for q in questions]   # a question is plain text
-    order = sorted(range(len(prompts)), key=lambda i: (len(prompt_ids[i]), i))
-    answers = [None] * len(prompts)
-    for b in tqdm(range(0, len(order), batch_size), desc="answers", unit=" batch"):
-        rows = order[b:b + batch_size]
-        outs = generate(model, [prompt_ids[i] for i in rows], max_answer_tokens, temperature=answer_temperature,
-                        stop_ids=stop_ids, generator=generator)
-        for i, ids in zip(rows, outs):
-            answers[i] = list(ids)
 
-    records = []
-    for q, p, pids, ids in zip(questions, prompts, prompt_ids, answers):
-        ids, stop, finished = split_stop(ids, stop_ids, max_answer_tokens)
-        if not finished and not keep_truncated:
-            counts["answer_truncated"] += 1
-        elif specials & set(ids):
-            counts["answer_special"] += 1
-        elif len(ids) < min_answer_tokens:
-            counts["answer_short"] += 1
-        else:
-            tail = [] if not finished else [stop if stop is not None else end_id]
-            counts["kept_truncated_answers"] += not finished
-            records.append((q, p, pids, ids + tail))
-    return records, counts
+def answer(model, tok, records, s, generator, generate):
+    """Fill each record's "answer": the model's reply to its messages (token ids, ending with the stop token when
+    the reply ended before max_answer_tokens)."""
+    prompts = [tok.encode(tok.chat_prompt(r["messages"], system=s.system), specials=True) for r in records]
+    outs = batched(generate, model, prompts, s.max_answer_tokens, s.batch_size, temperature=s.answer_temperature,
+                   stop_ids=list(tok.stop_ids), generator=generator)
+    for r, ids in zip(records, outs):
+        r["answer"] = ids
+
+
+def answer_text(tok, ids):
+    return tok.decode([t for t in ids if t not in tok.stop_ids])
+
+
+def cut_passage(text, tok, max_tokens, rng):
+    """Whole paragraphs of `text` from a random one on, within max_tokens; the leading sentences of that paragraph
+    when it alone is too long; '' when not even its first sentence fits."""
+    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+    if not paragraphs:
+        return ""
+    start = rng.randrange(len(paragraphs))
+    passage = ""
+    for sep, pieces in (("\n\n", paragraphs[start:]), (" ", re.split(r"(?<=[.!?])\s+", paragraphs[start]))):
+        for piece in pieces:
+            longer = passage + sep + piece if passage else piece
+            if len(tok.encode(longer)) > max_tokens:
+                break
+            passage = longer
+        if passage:
+            return passage
+    return ""
+
+
+def generate_chunk(model, tok, chunk, s, generate=decode_generate):
+    """The conversations of chunk number `chunk` -> {"records": [...], "counts": {...}}. A record: kind (magpie,
+    seeded, passage, followup), task, topic, messages (the conversation up to the last user turn), answer (token
+    ids), group (the index of the first turn it grew from: held-out splits take whole groups)."""
+    rng = random.Random(f"{s.seed}/{chunk}")
+    # questions and answers draw from separate streams: sampled answers (answer_temperature > 0) leave the questions
+    # as they are with greedy ones, so the two sets compare like for like
+    asking = torch.Generator(model.embed.weight.device).manual_seed(rng.getrandbits(63))
+    answering = torch.Generator(model.embed.weight.device).manual_seed(rng.getrandbits(63))
+    counts, seen = Counter(), set()
+    n_passage = round(s.chunk_size * s.passage_share)
+    n_followup = round(s.chunk_size * s.followup_share)
+
+    # 1. first turns, from nothing or from a seeded opening
+    seeds = []
+    for _ in range(s.chunk_size - n_passage - n_followup):
+        seeds.append(("magpie", None, None, "") if rng.random() < s.magpie_share else ("seeded", *seed_question(rng)))
+    questions = write_questions(model, tok, [([], opening) for *_, opening in seeds], s, asking, counts, seen,
+                                generate)
+    first = [dict(kind=kind, task=task, topic=topic, messages=[{"role": "user", "content": q}])
+             for (kind, task, topic, _), q in zip(seeds, questions) if q is not None]
+    for g, r in enumerate(first):
+        r["group"] = g
+    answer(model, tok, first, s, answering, generate)
+
+    # 2. requests about a passage of an earlier answer
+    passages = []
+    for src in rng.sample(first, min(n_passage, len(first))):
+        text = answer_text(tok, src["answer"])
+        if not finished(src["answer"], tok.stop_ids):
+            text = text[:max(text.rfind(c) for c in ".!?\n") + 1]   # drop the sentence the answer was cut in
+        passage = cut_passage(text, tok, s.max_passage_tokens, rng)
+        task = rng.choice(sorted(PASSAGE_TASKS))
+        messages = [{"role": "user", "content": PASSAGE_TASKS[task].format(passage=passage)}]
+        if not passage or conversation_key(messages) in seen:
+            counts["passage_unusable"] += 1
+            continue
+        seen.add(conversation_key(messages))
+        passages.append(dict(kind="passage", task=task, topic=src["topic"], messages=messages, group=src["group"]))
+
+    # 3. second turns after a finished first answer
+    done = [r for r in first if finished(r["answer"], tok.stop_ids)]
+    sources = rng.sample(done, min(n_followup, len(done)))
+    histories = [[*r["messages"], {"role": "assistant", "content": answer_text(tok, r["answer"])}] for r in sources]
+    contexts = [(h, rng.choice(FOLLOWUPS)) for h in histories]
+    questions = write_questions(model, tok, contexts, s, asking, counts, seen, generate)
+    followups = [dict(kind="followup", task=src["task"], topic=src["topic"],
+                      messages=[*h, {"role": "user", "content": q}], group=src["group"])
+                 for src, h, q in zip(sources, histories, questions) if q is not None]
+    answer(model, tok, passages + followups, s, answering, generate)   # one call: fewer, fuller batches
+    return {"records": first + passages + followups, "counts": dict(sorted(counts.items()))}
+
+
+def merge_chunks(chunks, tok, min_answer_tokens=2, keep_truncated=True):
+    """Chunk dicts in chunk order -> (records, counts): duplicates across chunks dropped (the first kept), then
+    answers filtered. Each record gains "truncated"; its group becomes (chunk number, group)."""
+    counts, seen, records = Counter(), set(), []
+    specials = set(tok.special.values())
+    for c, chunk in enumerate(chunks):
+        counts.update(chunk["counts"])
+        for r in chunk["records"]:
+            key = conversation_key(r["messages"])
+            body = r["answer"][:-1] if finished(r["answer"], tok.stop_ids) else r["answer"]
+            if key in seen:
+                counts["question_duplicate_across_chunks"] += 1
+                continue
+            seen.add(key)
+            truncated = not finished(r["answer"], tok.stop_ids)
+            if truncated and not keep_truncated:
+                counts["answer_truncated"] += 1
+            elif specials & set(body):
+                counts["answer_special"] += 1
+            elif len(body) < min_answer_tokens:
+                counts["answer_short"] += 1
+            else:
+                counts["kept_truncated_answers"] += truncated
+                records.append({**r, "group": (c, r["group"]), "truncated": truncated})
+    counts["distinct_questions"] = len(seen)
+    return records, dict(sorted(counts.items()))
+
+
+def split_conversations(records, n_val, n_test, seed):
+    """{"val", "test", "train"}: held-out splits of exactly n_val and n_test records made of whole groups, so no
+    held-out conversation shares a first turn (or the passage source) with a training one."""
+    groups = {}
+    for r in records:
+        groups.setdefault(r["group"], []).append(r)
+    order = sorted(groups)
+    random.Random(seed).shuffle(order)
+    splits = {"val": [], "test": [], "train": []}
+    for g in order:
+        for name, size in (("val", n_val), ("test", n_test), ("train", None)):
+            if size is None or len(splits[name]) + len(groups[g]) <= size:
+                splits[name] += groups[g]
+                break
+    for name, size in (("val", n_val), ("test", n_test)):
+        if len(splits[name]) < size:
+            raise ValueError(f"--n_{name} {size}: only {len(splits[name])} held-out conversations could be formed "
+                             f"from {len(records)}")
+    return splits
+
+
+def length_histogram(lengths, cap):
+    """Counts in bins [1, 32), [32, 64), ... doubling up to the cap, and the cap itself (answers cut there)."""
+    edges, edge = [1], 32
+    while edge < cap:
+        edges.append(edge)
+        edge *= 2
+    edges.append(cap)
+    hist = {f"{lo}-{hi - 1}": sum(lo <= n < hi for n in lengths) for lo, hi in zip(edges, edges[1:])}
+    hist[f"{cap} (cap)"] = sum(n >= cap for n in lengths)
+    return hist
+
+
+def distinct_2(texts):
+    """Distinct word bigrams / all word bigrams over the texts (Li et al. 2016): lower means more repetitive."""
+    bigrams = [tuple(w[i:i + 2]) for w in (normalise(t).split() for t in texts) for i in range(len(w) - 1)]
+    return round(len(set(bigrams)) / max(1, len(bigrams)), 4)
+
+
+def describe(records, counts, max_answer_tokens):
+    """The statistics printed at the end and stored in meta.json."""
+    lengths = [len(r["answer"]) - (not r["truncated"]) for r in records]   # without the stop token
+    distinct = counts["distinct_questions"]
+    before = distinct + counts.get("question_duplicate", 0) + counts.get("question_duplicate_across_chunks", 0)
+    questions = [r["messages"][-1]["content"] for r in records]
+    return {
+        "conversations": len(records),
+        "answer_tokens": sum(lengths),
+        "answer_length_mean": round(sum(lengths) / max(1, len(lengths)), 1),
+        "answer_length_histogram": length_histogram(lengths, max_answer_tokens),
+        "truncated_share": round(sum(r["truncated"] for r in records) / max(1, len(records)), 4),
+        "questions_before_dedup": before,
+        "distinct_ratio_before_dedup": round(distinct / max(1, before), 4),
+        "distinct_ratio_after_dedup": round(len({conversation_key(r["messages"]) for r in records})
+                                            / max(1, len(records)), 4),
+        "question_distinct_2": distinct_2(questions),
+        "kinds": dict(sorted(Counter(r["kind"] for r in records).items())),
+        "tasks": dict(sorted(Counter(r["task"] or "magpie" for r in records).items())),
+    }

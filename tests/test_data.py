@@ -1,5 +1,5 @@
-"""Tests of data/: the synthetic math generator and scorer, the readers, the self-generation loop, the written
-folders and the reader API. CPU only, a few seconds."""
+"""Tests of data/: the synthetic math generator and scorer, the readers, the written folders and the reader API
+(self-generated chat data: test_selfgen.py). CPU only, a few seconds."""
 
 import json
 import os
@@ -13,9 +13,7 @@ import torch
 from data import prepare
 from data.dataset import TokenData, check_tokenizer, load_meta, read_split_prompts
 from data.readers import read_jsonl, read_text
-from data.selfgen import query_prefix, self_generate
 from data.synthmath import extract_answer, make_problem, make_splits, score
-from model import Config, Transformer
 from tokenizer import CharTokenizer, load_tokenizer
 
 
@@ -295,88 +293,3 @@ class ChatChars(CharTokenizer):
         specials = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
         super().__init__([*specials, *CharTokenizer().tokens[1:]], specials)
         self.stop_ids = [self.special["<|im_end|>"], self.eos_id]
-
-
-def tiny_model(vocab_size):
-    torch.manual_seed(0)
-    cfg = Config(arch="llama", vocab_size=vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_dim=8,
-                 intermediate_size=64, max_seq_len=256)
-    model = Transformer(cfg).eval()
-    with torch.no_grad():   # small tied embeddings: near-uniform next-token distributions, so stop tokens do come up
-        model.embed.weight.mul_(0.1)
-    return model
-
-
-def test_selfgen_tiny_random_model():
-    from decode import generate
-    tokenizer = ChatChars()
-    assert query_prefix(tokenizer) == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
-    model = tiny_model(tokenizer.vocab_size)
-    kw = dict(max_question_tokens=12, min_question_chars=1, max_answer_tokens=10, min_answer_tokens=1,
-              keep_truncated=True, max_rounds=10)
-    with torch.no_grad():
-        recs, counts = self_generate(model, tokenizer, 4, 32, generator=torch.Generator().manual_seed(0), **kw)
-        again, _ = self_generate(model, tokenizer, 4, 32, generator=torch.Generator().manual_seed(0), **kw)
-    assert recs == again and len(recs) == 4
-    assert len({q for q, *_ in recs}) == 4
-    specials = set(tokenizer.special.values())
-    for q, prompt, pids, aids in recs:
-        assert prompt == tokenizer.chat_prompt(q)
-        assert pids == tokenizer.encode_chat(q) == tokenizer.encode(prompt, specials=True)
-        assert 1 <= len(aids) <= 11 and not (specials & set(tokenizer.encode(q)))
-        # a stop token only at the end; an answer without one was cut at max_answer_tokens
-        assert not (specials & set(aids[:-1]))
-        assert aids[-1] in tokenizer.stop_ids or len(aids) == 10
-        with torch.no_grad():
-            greedy = generate(model, [pids], 10, stop_ids=tokenizer.stop_ids)[0]
-        assert greedy == aids   # the answers are the model's own greedy continuations
-
-
-def scripted_generate(questions, answers):
-    """A stand-in for decode.generate that returns fixed texts: questions for the query prefix, answers after."""
-    def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=(),
-                 generator=None):
-        tokenizer = model
-        encode = lambda text: tokenizer.encode(text, specials=True)    # the scripted model "writes" control tokens
-        if prompts[0] == encode(query_prefix(tokenizer)):
-            return [encode(questions.pop(0)) if questions else encode("x<|im_end|>") for _ in prompts]
-        return [encode(answers[tokenizer.decode(p).split("user\n")[1].split("<|im_end|>")[0]]) for p in prompts]
-    return generate
-
-
-def test_selfgen_filters():
-    tokenizer = ChatChars()
-    questions = ["What is the capital of France?<|im_end|>",
-                 "what is the  Capital of France?<|im_end|>",           # duplicate up to case and spacing
-                 "Hi?<|im_end|>",                                        # too short
-                 "A question that goes on and on without ever stopping",  # truncated (no stop, max length)
-                 "Tell me <|im_start|> something<|im_end|>",             # a special token inside
-                 "Name three colours.",                                  # stopped without echoing the stop token
-                 "Why is the sky blue?<|endoftext|>",
-                 "How do I boil an egg?<|im_end|>"]
-    answers = {"What is the capital of France?": "Paris.<|im_end|>",
-               "Name three colours.": "Red, green, blue.",               # no stop token returned: <|im_end|> added
-               "Why is the sky blue?": "Because of Rayleigh scattering and more and more and more and more and",
-               "How do I boil an egg?": "K<|im_end|>"}                   # too short
-    recs, counts = self_generate(tokenizer, tokenizer, 10, 1, max_question_tokens=30, min_question_chars=5,
-                                 max_answer_tokens=40, min_answer_tokens=2, keep_truncated=False,
-                                 max_rounds=len(questions), generate=scripted_generate(questions, answers))
-    assert [r[0] for r in recs] == ["What is the capital of France?", "Name three colours."]
-    assert tokenizer.decode(recs[0][3]) == "Paris.<|im_end|>" and tokenizer.decode(recs[1][3]) == "Red, green, blue.<|im_end|>"
-    assert counts == dict(question_truncated=1, question_short=1, question_special=1, question_duplicate=1,
-                          answer_truncated=1, answer_short=1, answer_special=0, kept_truncated_answers=0)
-
-
-def test_prepare_selfgen_writes_chat_folder(tmp_path, monkeypatch):
-    tokenizer = ChatChars()
-    model = tiny_model(tokenizer.vocab_size)
-    monkeypatch.setattr(prepare, "get_tokenizer", lambda name, device, dtype, with_model: (tokenizer, model))
-    args = ["selfgen", "--n", 3, "--n_val", 1, "--n_test", 1, "--batch_size", 32, "--device", "cpu",
-            "--max_question_tokens", 12, "--min_question_chars", 1, "--max_answer_tokens", 8]
-    run(*args, "--out", tmp_path / "a")
-    run(*args, "--out", tmp_path / "b")
-    assert files_of(tmp_path / "a") == files_of(tmp_path / "b")
-    meta = load_meta(tmp_path / "a")
-    assert meta["task"] == "chat" and meta["chat"] and meta["splits"]["train"]["examples"] == 3
-    (p,) = read_split_prompts(tmp_path / "a", "test")
-    assert p["prompt"].startswith("<|im_start|>system\n") and p["prompt"].endswith("<|im_start|>assistant\n")

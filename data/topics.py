@@ -1,0 +1,203 @@
+"""
+Task types and topics that seed the self-generated questions (data/selfgen.py), so the model does not keep writing the
+same few questions. A seeded question starts as the opening of a user turn, e.g. "How do I {topic}?", and the model
+continues it; the openings and topics are written for this project and share no wording with data/chat_prompts.jsonl,
+the held-out evaluation set (tests/test_selfgen.py checks that).
+
+What is here: TASKS (name -> templates and a way to fill them), `seed_question` (one random opening), PASSAGE_TASKS
+(requests that embed a passage of the model's own earlier answer), FOLLOWUPS (openings of a second user turn).
+What is not: the generation itself (data/selfgen.py).
+"""
+
+from data.synthmath import make_problem
+
+CONCEPTS = [
+    "compound interest", "the water cycle", "inflation", "black holes", "vaccines", "plate tectonics",
+    "the stock market", "machine learning", "blockchain", "the immune system", "gravity", "supply and demand",
+    "the greenhouse effect", "DNA replication", "electric cars", "the internet", "credit scores", "tides",
+    "nuclear fusion", "the placebo effect", "democracy", "opportunity cost", "encryption", "evolution", "volcanoes",
+    "solar panels", "the French Revolution", "the Roman Empire", "jet engines", "antibiotics", "recycling",
+    "the human heart", "time zones", "cloud computing", "earthquakes", "the moon's phases", "interest rates",
+    "sleep cycles", "the printing press", "GPS", "batteries", "caffeine", "the Industrial Revolution", "memory",
+    "wind turbines", "taxes", "bees and pollination", "the speed of light", "coral reefs", "the Silk Road",
+    "operating systems", "allergies", "hurricanes", "the Renaissance", "insurance", "magnets", "the metric system",
+]
+SKILLS = [
+    "bake sourdough bread", "change a flat tyre", "start a vegetable garden", "learn to touch type", "train a puppy",
+    "write a good cover letter", "prepare for a job interview", "fall asleep faster", "make a monthly budget",
+    "clean a cast iron pan", "start running", "meditate", "paint a room", "fix a leaking tap", "brew coffee at home",
+    "memorise a speech", "keep houseplants alive", "organise a small kitchen", "learn chess openings",
+    "negotiate a salary", "back up my phone", "speed up an old laptop", "make friends in a new city",
+    "plan a birthday party", "take better photos with my phone", "study for an exam", "reduce food waste",
+    "build a campfire safely", "remove a coffee stain", "save for a holiday", "stretch after a workout",
+    "start journaling", "set up a home network", "cook rice without a rice cooker", "learn a song on guitar",
+]
+LIST_SUBJECTS = [
+    "healthy breakfast ideas", "books for teenagers", "ways to save electricity", "indoor hobbies",
+    "famous scientists", "tips for working from home", "things to pack for a beach trip", "board games for families",
+    "ways to stay motivated", "vegetables that grow in shade", "questions to ask a landlord", "cheap date ideas",
+    "signs of dehydration", "programming languages for beginners", "rainy day activities for kids",
+    "uses for baking soda", "skills every adult should have", "classic films", "ways to reduce stress",
+    "animals that live in the desert", "gift ideas for a coworker", "habits of good students", "European capitals",
+    "snacks for a road trip", "ways to learn vocabulary", "common job interview questions", "causes of climate change",
+]
+STORY_SUBJECTS = [
+    "a robot who wants to be a chef", "a lighthouse keeper and a storm", "a lost kitten finding its way home",
+    "two friends on a camping trip", "a wizard who forgot a spell", "a city where it never stops raining",
+    "a girl who can talk to trees", "a time traveller stuck in 1920", "a dragon afraid of heights",
+    "a detective solving a stolen cake case", "the last day of summer", "a letter that arrives fifty years late",
+    "a shy penguin", "a train that runs at midnight", "an old map found in an attic", "a kind giant",
+    "a lonely astronaut", "a bakery that sells dreams", "a mouse in a museum", "the first snow of winter",
+]
+EMAIL_SITUATIONS = [
+    "my landlord about a broken heater", "my manager asking for a day off", "a client apologising for a delay",
+    "my neighbour about a noisy party", "a professor asking for an extension", "my team about a new meeting time",
+    "a hotel asking about late check-in", "a friend I haven't spoken to in years", "a shop about a wrong order",
+    "a colleague thanking them for their help", "a recruiter following up after an interview",
+    "my child's teacher about homework", "a customer announcing a price change", "the gym cancelling my membership",
+    "a volunteer group inviting new members", "my bank about a charge I don't recognise",
+]
+CODE_TASKS = [
+    "reverse a string", "check if a number is prime", "read a CSV file", "count words in a text",
+    "find the largest item in a list", "remove duplicates from a list", "sort a dictionary by value",
+    "convert Celsius to Fahrenheit", "check if a word is a palindrome", "merge two sorted lists",
+    "compute the factorial of a number", "download a web page", "generate a random password",
+    "find the average of some numbers", "flatten a nested list", "validate an email address",
+    "print the Fibonacci sequence", "read a JSON file", "count vowels in a string", "swap two variables",
+]
+LANGUAGES = ["Python", "JavaScript", "Java", "C", "Rust", "Go", "bash", "SQL"]
+UNITS = [   # (unit, target, plausible amounts)
+    ("miles", "kilometres", (3, 10, 26, 100)), ("kilograms", "pounds", (2, 5, 70, 250)),
+    ("degrees Fahrenheit", "degrees Celsius", (32, 50, 72, 100)), ("cups", "millilitres", (1, 2, 3)),
+    ("feet", "metres", (6, 10, 100, 5280)), ("hours", "minutes", (2, 7, 24)), ("litres", "gallons", (1, 4, 20)),
+    ("inches", "centimetres", (1, 12, 30)), ("ounces", "grams", (4, 8, 16)), ("days", "seconds", (1, 2, 7)),
+    ("megabytes", "kilobytes", (1, 5, 250)), ("square metres", "square feet", (10, 50, 120)),
+]
+PAIRS = [
+    ("cats", "dogs"), ("tea", "coffee"), ("renting", "buying a house"), ("Python", "JavaScript"), ("fog", "mist"),
+    ("a virus", "a bacterium"), ("stocks", "bonds"), ("e-books", "paper books"),
+    ("running", "swimming"), ("a crocodile", "an alligator"), ("RAM", "storage"), ("a lake", "a pond"),
+    ("baking soda", "baking powder"), ("a hurricane", "a tornado"), ("socialism", "capitalism"),
+    ("a simile", "a metaphor"), ("trains", "planes for short trips"), ("a debit card", "a credit card"),
+]
+SITUATIONS = [
+    "keep procrastinating", "just moved to a new country", "can't stop checking my phone at night",
+    "have too many meetings at work", "want to change careers at 40", "get nervous before presentations",
+    "argue with my roommate about chores", "have a job offer but I'm unsure", "find it hard to say no",
+    "feel tired every afternoon", "spend too much on takeaway food", "want to read more books",
+]
+WORDS = [
+    "serendipity", "ubiquitous", "entropy", "nostalgia", "paradox", "irony", "empathy", "algorithm", "ecosystem",
+    "metaphor", "latency", "mortgage", "bandwidth", "sustainability", "hypothesis", "melancholy", "quorum",
+]
+SENTENCES = [   # short texts to rewrite or translate
+    "hey, can u send me the file asap, thx", "The meeting got moved to Friday because half the team is away.",
+    "I think we should maybe try to finish the project sooner if possible.", "Where is the train station?",
+    "The weather is nice today.", "I would like a cup of tea, please.", "My brother lives in a big city.",
+    "we had a great time at the party last night!!", "Please close the window before you leave.",
+    "The report is late because the data came in late.", "How much does this cost?", "I am learning to cook.",
+]
+TRANSLATE_TO = ["French", "Spanish", "German", "Italian", "Portuguese"]
+RECOMMEND = [
+    "a good book for a long flight", "a hobby I can do at home", "a healthy dinner for two", "a podcast about history",
+    "a weekend trip from London", "a first programming project", "a gift for a ten-year-old", "a board game for four",
+]
+CHOICES = [
+    "working from home", "owning a car in a big city", "learning two languages at once", "a gap year",
+    "getting a dog", "buying a used phone", "solar panels on a house", "freelancing", "living alone",
+]
+PLANS = [
+    "a three-day trip to Rome", "a week of vegetarian dinners", "a study schedule for a maths exam",
+    "a beginner's workout week", "a small wedding on a budget", "a reading list for the summer",
+]
+
+
+def topic(pool):
+    return lambda rng: {"topic": rng.choice(pool)}
+
+
+def conversion(rng):
+    unit, target, amounts = rng.choice(UNITS)
+    return {"topic": f"{unit} to {target}", "unit": unit, "target": target, "amount": rng.choice(amounts)}
+
+
+def comparison(rng):
+    a, b = rng.choice(PAIRS)
+    return {"topic": f"{a} and {b}", "a": a, "b": b}
+
+
+def word_problem(rng):
+    return {"topic": make_problem(rng).question}
+
+
+def with_language(pool, languages):
+    return lambda rng: {"topic": rng.choice(pool), "lang": rng.choice(languages)}
+
+
+def listing(rng):
+    return {"topic": rng.choice(LIST_SUBJECTS), "n": rng.randint(3, 10)}
+
+
+# name -> (templates, fill(rng) -> the slots every template of that name uses; "topic" is the one recorded)
+TASKS = {
+    "explanation": (["Can you explain {topic}?", "How does {topic} work?", "Explain {topic} like I'm twelve.",
+                     "What is {topic} and why does it matter?", "I never really understood {topic}."],
+                    topic(CONCEPTS)),
+    "how-to": (["How do I {topic}?", "What's the best way to {topic}?", "Give me step-by-step instructions to {topic}.",
+                "I want to {topic}. Where should I start?", "Any tips on how to {topic}?"], topic(SKILLS)),
+    "list": (["List {n} {topic}.", "Give me {n} {topic}.", "What are some {topic}?", "I need a list of {topic}."],
+             listing),
+    "story": (["Write a short story about {topic}.", "Tell me a bedtime story about {topic}.",
+               "Write a story in which {topic} is the hero.", "Write a short poem about {topic}."],
+              topic(STORY_SUBJECTS)),
+    "email": (["Write an email to {topic}.", "Can you draft a polite email to {topic}?",
+               "Help me write a short message to {topic}."], topic(EMAIL_SITUATIONS)),
+    "code": (["Write a {lang} function to {topic}.", "How do I {topic} in {lang}?",
+              "Show me {lang} code that can {topic}."], with_language(CODE_TASKS, LANGUAGES)),
+    "conversion": (["Convert {amount} {unit} to {target}.", "How many {target} are in {amount} {unit}?",
+                    "What is {amount} {unit} in {target}?"], conversion),
+    "math": (["{topic}", "Solve this word problem: {topic}", "Can you help with this problem? {topic}"],
+             word_problem),
+    "comparison": (["What is the difference between {a} and {b}?", "Compare {a} and {b}.",
+                    "Which is better, {a} or {b}?", "How are {a} and {b} alike, and how do they differ?"],
+                   comparison),
+    "rewrite": (["Rewrite this to sound more formal: {topic}", "Fix the grammar in this sentence: {topic}",
+                 "Make this sound friendlier: {topic}"], topic(SENTENCES)),
+    "translation": (["Translate into {lang}: {topic}", "How do you say this in {lang}? {topic}"],
+                    with_language(SENTENCES, TRANSLATE_TO)),
+    "advice": (["I {topic}. What should I do?", "Any advice? I {topic}."],
+               topic(SITUATIONS)),
+    "definition": (["What does {topic} mean?", "Define {topic} and use it in a sentence.",
+                    "Where does the word {topic} come from?"], topic(WORDS)),
+    "trivia": (["Tell me an interesting fact about {topic}.", "What is one surprising thing about {topic}?",
+                "Give me a quick quiz question about {topic}."], topic(CONCEPTS)),
+    "recommendation": (["Can you recommend {topic}?", "Suggest {topic}."], topic(RECOMMEND)),
+    "planning": (["Plan {topic}.", "Help me make {topic}."], topic(PLANS)),
+    "pros-cons": (["What are the pros and cons of {topic}?", "Is {topic} a good idea? Give me both sides."],
+                  topic(CHOICES)),
+}
+
+# requests about a passage cut from one of the model's own earlier answers
+PASSAGE_TASKS = {
+    "summary": "Summarise this in one or two sentences:\n\n{passage}",
+    "simplify": "Rewrite this in simpler words:\n\n{passage}",
+    "continue": "Continue this text:\n\n{passage}",
+    "bullets": "Turn this into a bulleted list:\n\n{passage}",
+    "title": "Suggest a title for this text:\n\n{passage}",
+    "formal": "Make this sound more formal:\n\n{passage}",
+    "main-point": "{passage}\n\nWhat is the main point of the text above?",
+    "shorten": "Shorten this to about half its length:\n\n{passage}",
+    "questions": "Write three quiz questions based on this:\n\n{passage}",
+}
+
+# openings of a second user turn, which the model continues; "" leaves the whole turn to the model
+FOLLOWUPS = ["", "", "Thanks! Can you", "Can you give me an example", "Why", "Could you make that shorter",
+             "What about", "I don't understand", "Great. Now"]
+
+
+def seed_question(rng):
+    """(task name, recorded topic, opening of the user's turn) for one seeded question."""
+    task = rng.choice(sorted(TASKS))
+    templates, fill = TASKS[task]
+    slots = fill(rng)
+    return task, slots["topic"], rng.choice(templates).format(**slots)
