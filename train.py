@@ -11,19 +11,29 @@ Checkpoints (--out) hold the model, its tokenizer, the optimizer, the step, and 
 data sampler, written atomically: a resumed run (--resume) continues the same loss curve. --export writes the small
 file that ships: the heads (mode heads/extend) or the mask-token adapter (mode mask) in bf16 safetensors.
 
-Examples (presets in config/; every flag has --help):
+Nothing is lost: an existing --out is refused unless it is a checkpoint of train.py and --resume (continue it) or
+--overwrite (replace it) is given; a folder holding any file train.py did not write is never replaced. An existing
+--export file is replaced only with --overwrite. The log OUT.log.jsonl beside --out is appended to, one "run" line at
+the start of each run.
+
+Examples (presets in config/ write under out/):
   python train.py --config config/synthmath_scratch.json
   python train.py --config config/smollm2_heads.json --data data/chat
+  python train.py --out out/sm_mtpd4 --resume --max_steps 4000
 Single GPU or CPU. Not here: the losses (distill.py), the data files (data/), measurement (bench.py).
 """
 
 import argparse
+import copy
 import json
 import math
 import os
+import pickle
+import sys
 import time
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -32,9 +42,33 @@ from data.dataset import TokenData, check_tokenizer, load_tokenizer
 from load import load, save_checkpoint, save_heads, save_mask_adapter
 from model import Config, Transformer
 
+LR_FLOOR = 0.1             # the cosine schedule decays to this fraction of the peak learning rate
+EVAL_SEED = 1234           # every evaluation draws the same validation batches
+DRAFT_VOCAB_SAVED = 32768  # exported heads carry this many of the most frequent training tokens (draft vocabulary)
+# What defines a run: --resume continues only with the checkpoint's own values of these.
+RUN_OPTIONS = ("mode", "init_from", "answers_only", "arch", "n_layer", "n_head", "n_kv_head", "n_embd", "n_mtp_heads",
+               "head_init", "alpha", "beta", "top_n", "kl_direction", "k_max", "k_fixed", "target", "prefix_loss",
+               "distinct_masks", "lora_rank", "gated", "batch_size", "seq_len", "lr", "warmup", "schedule",
+               "weight_decay", "grad_clip", "seed")
+AT_LEAST_ONE = ("n_layer", "n_head", "n_kv_head", "n_embd", "batch_size", "seq_len", "eval_every", "eval_batches",
+                "save_every")
+NOT_NEGATIVE = ("n_mtp_heads", "alpha", "beta", "top_n", "prefix_loss", "lora_rank", "max_steps", "warmup",
+                "weight_decay", "grad_clip")
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+
+class Parser(argparse.ArgumentParser):
+    """argparse that raises ValueError instead of printing its usage: every expected error is one line (cli())."""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default."""
+
+
+def make_parser():
+    p = Parser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--config", help="JSON file of defaults for any of the options below (config/)")
     a = p.add_argument_group("what to train")
     a.add_argument("--mode", default="scratch", choices=["scratch", "heads", "extend", "mask"], help="the recipe")
@@ -42,7 +76,10 @@ def get_args(argv=None):
                    "folder (scratch: none)")
     a.add_argument("--data", default="data/synthmath", help="a folder prepared by data/prepare.py")
     a.add_argument("--out", default="out/run", help="checkpoint folder")
-    a.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    a.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out (its options "
+                   "are the defaults)")
+    a.add_argument("--overwrite", action="store_true", help="replace a train.py checkpoint in --out and an existing "
+                   "--export file")
     a.add_argument("--export", default=None, help="also write the shippable file here (heads or mask adapter)")
     a.add_argument("--answers_only", action="store_true", help="restrict losses to answer tokens")
     m = p.add_argument_group("model from scratch")
@@ -52,8 +89,9 @@ def get_args(argv=None):
     m.add_argument("--n_kv_head", type=int, default=8, help="key/value heads (grouped-query attention)")
     m.add_argument("--n_embd", type=int, default=256, help="width")
     h = p.add_argument_group("MTP heads (Paper B)")
-    h.add_argument("--n_heads", type=int, default=1, help="heads to train (extend: heads to add)")
-    h.add_argument("--head_init", default="last_block", choices=["last_block", "random"], help="new head init")
+    h.add_argument("--n_mtp_heads", type=int, default=1, help="MTP heads to train (extend: heads to add)")
+    h.add_argument("--head_init", default=None, choices=["last_block", "random"],
+                   help="--mode heads only: a new head starts as a copy of the last block (the default) or random")
     h.add_argument("--alpha", type=float, default=1.0, help="weight of each head's cross-entropy")
     h.add_argument("--beta", type=float, default=1.0, help="weight of each head's KL to the main head (0: plain MTP)")
     h.add_argument("--top_n", type=int, default=10000, help="KL over the main head's top-N logits (0: all)")
@@ -69,27 +107,145 @@ def get_args(argv=None):
     o = p.add_argument_group("optimisation")
     o.add_argument("--batch_size", type=int, default=32, help="sequences per step")
     o.add_argument("--seq_len", type=int, default=256, help="tokens per sequence")
-    o.add_argument("--max_steps", type=int, default=2000, help="optimizer steps")
+    o.add_argument("--max_steps", type=int, default=2000, help="optimizer steps (0: build, check, write nothing)")
     o.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     o.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
-    o.add_argument("--schedule", default="cosine", choices=["cosine", "constant"], help="after warm-up")
+    o.add_argument("--schedule", default="cosine", choices=["cosine", "constant"],
+                   help=f"after warm-up (cosine decays to {LR_FLOOR:g} x --lr)")
     o.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
     o.add_argument("--grad_clip", type=float, default=1.0, help="gradient norm clip (0: off)")
     o.add_argument("--eval_every", type=int, default=250, help="validate every N steps")
     o.add_argument("--eval_batches", type=int, default=8, help="validation batches")
     o.add_argument("--save_every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
     o.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
-    o.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    o.add_argument("--dtype", default=None, help="autocast dtype on GPU (default bfloat16); CPU trains in float32")
+    o.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    o.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="autocast dtype on the GPU; the CPU trains in float32")
+    return p
+
+
+def get_args(argv=None):
+    """Options in order of precedence: the command line, then (with --resume) the run in --out, then --config, then
+    the defaults. Every value is checked here, before anything loads."""
+    p = make_parser()
     pre, _ = p.parse_known_args(argv)
     if pre.config:
-        with open(pre.config) as f:
+        p.set_defaults(**read_config(pre.config, p))
+        pre, _ = p.parse_known_args(argv)
+    saved = None
+    if pre.resume:
+        saved = checkpoint_args(pre.out)
+        if saved is None:
+            raise ValueError(f"--resume: {pre.out} holds no train.py checkpoint to continue")
+        known = {act.dest for act in p._actions} - {"config", "resume", "overwrite"}
+        p.set_defaults(**{key: value for key, value in saved.items() if key in known})
+    args = p.parse_args(argv)
+    check_args(args)
+    if saved is not None:
+        changed = [key for key in RUN_OPTIONS if key in saved and saved[key] != getattr(args, key)]
+        if changed:
+            key = changed[0]
+            raise ValueError(f"--resume: the run in {args.out} has --{key} {saved[key]}, not {getattr(args, key)}; "
+                             f"a different run needs another --out")
+        if saved["step"] >= args.max_steps:
+            raise ValueError(f"--resume: the run in {args.out} finished at step {saved['step']} of --max_steps "
+                             f"{saved['max_steps']}; raise --max_steps to train further")
+    check_out(args)
+    return args
+
+
+def read_config(path, parser):
+    try:
+        with open(path) as f:
             defaults = json.load(f)
-        unknown = set(defaults) - {act.dest for act in p._actions}
-        if unknown:
-            raise ValueError(f"{pre.config}: unknown options {sorted(unknown)}")
-        p.set_defaults(**defaults)
-    return p.parse_args(argv)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(defaults, dict):
+        raise ValueError(f"{path}: expected a JSON object of option names and values")
+    unknown = set(defaults) - {act.dest for act in parser._actions}
+    if unknown:
+        raise ValueError(f"{path}: unknown options {sorted(unknown)}")
+    return defaults
+
+
+def check_args(args):
+    for key in AT_LEAST_ONE:
+        if getattr(args, key) < 1:
+            raise ValueError(f"--{key} {getattr(args, key)}: must be at least 1")
+    for key in NOT_NEGATIVE:
+        if getattr(args, key) < 0:
+            raise ValueError(f"--{key} {getattr(args, key)}: must not be negative")
+    if not args.lr > 0:
+        raise ValueError(f"--lr {args.lr}: must be positive")
+    if args.n_embd % args.n_head or args.n_head % args.n_kv_head:
+        raise ValueError(f"--n_embd {args.n_embd}, --n_head {args.n_head}, --n_kv_head {args.n_kv_head}: the width "
+                         f"must be a multiple of --n_head, and --n_head a multiple of --n_kv_head")
+    if (args.mode == "scratch") == bool(args.init_from):
+        raise ValueError("--mode scratch starts from nothing: drop --init_from" if args.init_from else
+                         f"--mode {args.mode} needs --init_from (a pretrained model or checkpoint)")
+    if args.mode in ("heads", "extend") and args.n_mtp_heads < 1:
+        raise ValueError(f"--n_mtp_heads {args.n_mtp_heads}: --mode {args.mode} trains at least one head")
+    if args.head_init and args.mode != "heads":
+        raise ValueError(f"--head_init applies to --mode heads only (scratch heads start random, extend copies "
+                         f"the trained heads); drop it for --mode {args.mode}")
+    if args.k_max < 2:
+        raise ValueError(f"--k_max {args.k_max}: must be at least 2 (one real token and one mask)")
+    if args.mode == "mask" and args.seq_len < args.k_max:
+        raise ValueError(f"--seq_len {args.seq_len}: mask mode needs at least --k_max {args.k_max} tokens")
+    if args.gated and not args.lora_rank:
+        raise ValueError("--gated gates LoRA adapters: give --lora_rank too")
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        raise ValueError(f"--device {args.device}: expected cpu, cuda or cuda:N")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device here (use --device cpu)")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite replaces it: choose one")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the output folder: what train.py may replace
+
+def checkpoint_args(folder):
+    """The options and step of the train.py checkpoint in folder ({**train_args, "step": N}), None if it is none."""
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(meta, dict) and meta.get("format") == "nanomtp" and "train_args" in meta and "step" in meta):
+        return None
+    return {**meta["train_args"], "step": meta["step"]}
+
+
+def written_by_checkpoint(name):
+    """A file save_checkpoint writes (model, config, training state, the tokenizer's files)."""
+    return name in ("config.json", "model.safetensors", "train_state.pt") or name.startswith("tokenizer")
+
+
+def check_out(args):
+    """Refuse an --out or --export that this run must not replace. Files train.py did not write: always. A train.py
+    checkpoint: unless --resume continues it or --overwrite replaces it. An existing --export file: unless
+    --overwrite. The checkpoint swap then only ever removes a checkpoint folder holding nothing else."""
+    out = args.out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out}: a file, not a checkpoint folder")
+    names = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if names:
+        saved = checkpoint_args(out)
+        foreign = names if saved is None else [n for n in names if not written_by_checkpoint(n)]
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise ValueError(f"--out {out}: holds files train.py did not write ({shown}); it never replaces them, "
+                             f"choose another --out")
+        if not (args.resume or args.overwrite):
+            raise ValueError(f"--out {out}: holds a checkpoint (step {saved['step']} of {saved['max_steps']}, "
+                             f"--mode {saved['mode']}); --resume continues it, --overwrite replaces it")
+    if args.export:
+        inside = os.path.commonpath([os.path.abspath(args.export), os.path.abspath(out)]) == os.path.abspath(out)
+        if inside:
+            raise ValueError(f"--export {args.export}: inside --out {out}, which every checkpoint replaces")
+        if os.path.exists(args.export) and not args.overwrite:
+            raise ValueError(f"--export {args.export}: exists; --overwrite replaces it")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -98,35 +254,28 @@ def get_args(argv=None):
 def build(args, tok):
     """The model to train, the teacher (mask mode; None otherwise) and the tokenizer (grown by mask tokens)."""
     if args.mode == "scratch":
-        if args.init_from:
-            raise ValueError("--mode scratch starts from nothing; drop --init_from (or use --mode heads/extend/mask)")
         cfg = Config(arch=args.arch, vocab_size=tok.vocab_size, n_layer=args.n_layer, n_head=args.n_head,
                      n_kv_head=args.n_kv_head, n_embd=args.n_embd, head_dim=args.n_embd // args.n_head,
                      intermediate_size=4 * args.n_embd if args.arch == "gpt2" else 8 * args.n_embd // 3,
                      max_seq_len=max(1024, args.seq_len), bias=args.arch == "gpt2")
         model = Transformer(cfg)
         model.apply(_init_weights)
-        model.add_heads(args.n_heads, init="random")
+        model.add_heads(args.n_mtp_heads, init="random")
         return model, None, tok
-    if not args.init_from:
-        raise ValueError(f"--mode {args.mode} needs --init_from (a pretrained model or checkpoint)")
     model, tok = load(args.init_from)            # the data's tokenizer is checked against this one in main()
     if args.mode == "heads":
         if len(model.heads):
-            raise ValueError(f"{args.init_from} already has {len(model.heads)} heads: use --mode extend")
-        model.add_heads(args.n_heads, init=args.head_init)
+            raise ValueError(f"{args.init_from} already has {plural(len(model.heads), 'head')}: use --mode extend")
+        model.add_heads(args.n_mtp_heads, init=args.head_init or "last_block")
     elif args.mode == "extend":
         m = len(model.heads)
         if m == 0:
             raise ValueError(f"{args.init_from} has no MTP heads to extend: train some with --mode heads first")
-        for i in range(args.n_heads):           # looped extension: new head m+i starts as a copy of head i mod m
+        for i in range(args.n_mtp_heads):       # looped extension: new head m+i starts as a copy of head i mod m
             model.add_heads(1)
             model.heads[-1].load_state_dict(model.heads[i % m].state_dict())
     else:  # mask
-        teacher = None
-        if not (args.lora_rank and args.gated):   # a gated model is its own teacher: no adapter runs without masks
-            import copy
-            teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        teacher = None if args.lora_rank and args.gated else copy.deepcopy(model).eval().requires_grad_(False)
         names = [f"<mtp_{i}>" for i in range(args.k_max - 1)] if args.distinct_masks else ["<mtp>"]
         ids = model.add_mask_tokens(len(names))
         if [tok.add_special(n) for n in names] != ids:
@@ -146,6 +295,20 @@ def _init_weights(module):
         torch.nn.init.normal_(module.weight, std=0.02)
 
 
+def set_trainable(model, args):
+    """Freeze what the recipe keeps fixed: the backbone for heads/extend, the old heads for extend, everything but
+    the adapters and the mask tokens' embedding rows for LoRA."""
+    model.requires_grad_(args.mode == "scratch" or (args.mode == "mask" and not args.lora_rank))
+    if args.mode in ("heads", "extend"):
+        model.heads[len(model.heads) - args.n_mtp_heads:].requires_grad_(True)
+    if args.mode == "mask" and args.lora_rank:
+        for name, p in model.named_parameters():
+            p.requires_grad_("lora_" in name)
+        model.embed.weight.requires_grad_(True)
+        first = model.cfg.mask_token_ids[0]
+        model.embed.weight.register_hook(lambda g: torch.cat([torch.zeros_like(g[:first]), g[first:]]))
+
+
 def make_optimizer(model, args):
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2 and p is not model.embed.weight]
@@ -161,20 +324,18 @@ def lr_at(step, args):
     if args.schedule == "constant":
         return args.lr
     progress = (step - args.warmup) / max(1, args.max_steps - args.warmup)
-    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    return args.lr * (LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # one batch -> loss
 
-def loss_fn(model, teacher, batch, args, generator):
-    x, y, m = batch
-    idx = torch.cat([x[:, :1], y], dim=1)                            # (B, T+1) the whole window
-    mask = torch.cat([torch.zeros_like(m[:, :1]), m], dim=1) if args.answers_only else None
+def loss_fn(model, teacher, idx, loss_mask, args, generator):
+    """Loss and metrics of one batch of windows idx (B, T+1) with their loss mask."""
     if args.mode != "mask":
         cfg = distill.MTPLossConfig(args.alpha, args.beta, args.top_n or None, args.kl_direction,
                                     main_loss=args.mode == "scratch")
-        return distill.mtp_loss(model, idx, mask, cfg)       # every head, depth d trained on module d-1
+        return distill.mtp_loss(model, idx, loss_mask if args.answers_only else None, cfg)
     k = args.k_max if args.k_fixed else int(torch.randint(2, args.k_max + 1, (), generator=generator))
     n_regions = max(1, idx.size(1) // (2 * args.k_max))              # Paper A: N / (2 k_max) regions
     packed = distill.pack_batch(idx.cpu(), k, n_regions, model.cfg.mask_token_ids, generator)
@@ -189,12 +350,12 @@ def loss_fn(model, teacher, batch, args, generator):
 @torch.no_grad()
 def evaluate(model, teacher, data, args, autocast):
     model.eval()
-    g = torch.Generator().manual_seed(1234)                          # the same validation batches every time
+    g = torch.Generator().manual_seed(EVAL_SEED)
     totals = {}
     for _ in range(args.eval_batches):
-        batch = data.get_batch("val", args.batch_size, args.seq_len, g, args.device)
+        idx, loss_mask = data.get_batch("val", args.batch_size, args.seq_len, g, args.device)
         with autocast:
-            loss, metrics = loss_fn(model, teacher, batch, args, g)
+            loss, metrics = loss_fn(model, teacher, idx, loss_mask, args, g)
         for key, v in {"loss": loss.item(), **metrics}.items():
             totals[key] = totals.get(key, 0.0) + v / args.eval_batches
     model.train()
@@ -202,7 +363,7 @@ def evaluate(model, teacher, data, args, autocast):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# checkpoints
+# checkpoints: save, resume, export
 
 def save(args, model, tok, optimizer, step, data_rng, loss_rng):
     """Model, tokenizer and everything a resumed run needs to continue the same loss curve, in one atomic write."""
@@ -213,54 +374,91 @@ def save(args, model, tok, optimizer, step, data_rng, loss_rng):
     save_checkpoint(args.out, model, tok, extra={"train_args": vars(args), "step": step}, train_state=state)
 
 
+def resume(args):
+    """Model, teacher (mask mode) and tokenizer of the checkpoint in --out, and its training state."""
+    model, tok = load(args.out)
+    path = os.path.join(args.out, "train_state.pt")
+    try:
+        state = torch.load(path, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{path}: unreadable, the training state is damaged ({str(e).splitlines()[0]})") from e
+    teacher = None
+    if args.mode == "mask" and not (args.lora_rank and args.gated):
+        teacher = load(args.init_from)[0].eval().requires_grad_(False)
+    return model, teacher, tok, state
+
+
+def restore(state, optimizer, data_rng, loss_rng):
+    """Put the optimizer and every random number generator back where the checkpoint left them; returns the step."""
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    data_rng.set_state(state["data_rng"])
+    loss_rng.set_state(state["loss_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng"])
+    return state["step"]
+
+
+def export(args, model, data):
+    """The small file that ships: the mask-token adapter, or the heads this run trained."""
+    os.makedirs(os.path.dirname(os.path.abspath(args.export)), exist_ok=True)
+    if args.mode == "mask":
+        save_mask_adapter(args.export, model, meta={"k_max": args.k_max})
+    else:
+        first = len(model.heads) - args.n_mtp_heads if args.mode == "extend" else 0
+        save_heads(args.export, model, draft_vocab=data_frequencies(data), first=first)
+    print(f"exported {args.export} ({os.path.getsize(args.export) / 1e6:.1f} MB)")
+
+
+def data_frequencies(data):
+    """Token ids of the training data by falling frequency: the draft vocabulary (EAGLE-3, FastMTP)."""
+    counts = np.bincount(np.asarray(data.tokens("train")), minlength=1)
+    order = np.argsort(-counts, kind="stable")
+    return torch.from_numpy(order[:min(DRAFT_VOCAB_SAVED, int((counts > 0).sum()))].astype(np.int64))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the training loop
+
 def main(argv=None):
     args = get_args(argv)
     torch.manual_seed(args.seed)
     data = TokenData(args.data)
-    data_tok = load_tokenizer(args.data)
     if args.resume:
-        model, tok = load(args.out)
-        state = torch.load(os.path.join(args.out, "train_state.pt"), weights_only=True)
-        teacher = None
-        if args.mode == "mask" and not (model.cfg.lora_rank and model.cfg.lora_gated):
-            teacher = load(args.init_from)[0].eval()
-            teacher.requires_grad_(False)
+        model, teacher, tok, state = resume(args)
     else:
-        model, teacher, tok = build(args, data_tok)
+        model, teacher, tok = build(args, load_tokenizer(args.data))
         state = None
     set_trainable(model, args)
     check_tokenizer(data.meta, tok, args.data)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"mode {args.mode}: {model.num_params() / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained, "
+          f"{plural(len(model.heads), 'MTP head')}, data {args.data} ({data.meta.get('counts', '')})")
+    if args.max_steps == 0:
+        print("--max_steps 0: model and data checked; nothing trained, saved or exported")
+        return model
     model.to(args.device)
     if teacher is not None:
         teacher.to(args.device)
     optimizer = make_optimizer(model, args)
-    data_rng, loss_rng = torch.Generator(), torch.Generator()
-    data_rng.manual_seed(args.seed), loss_rng.manual_seed(args.seed + 1)
-    step = 0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-        torch.set_rng_state(state["torch_rng"])
-        data_rng.set_state(state["data_rng"]), loss_rng.set_state(state["loss_rng"])
-        if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["cuda_rng"])
+    data_rng = torch.Generator().manual_seed(args.seed)
+    loss_rng = torch.Generator().manual_seed(args.seed + 1)
+    step = 0 if state is None else restore(state, optimizer, data_rng, loss_rng)
     on_gpu = args.device.startswith("cuda")
-    dtype = getattr(torch, args.dtype or "bfloat16")
-    autocast = torch.autocast("cuda", dtype=dtype) if on_gpu else nullcontext()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"mode {args.mode}: {model.num_params() / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained, "
-          f"{len(model.heads)} heads, data {args.data} ({data.meta.get('counts', '')})")
+    autocast = torch.autocast("cuda", dtype=getattr(torch, args.dtype)) if on_gpu else nullcontext()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     log = open(args.out.rstrip("/") + ".log.jsonl", "a")      # beside the checkpoint: it survives its replacement
+    log.write(json.dumps({"run": "resume" if args.resume else "start", "step": step,
+                          "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "args": vars(args)}) + "\n")
     model.train()
     bar = tqdm(range(step, args.max_steps), initial=step, total=args.max_steps, dynamic_ncols=True)
     t0 = time.time()
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
-        batch = data.get_batch("train", args.batch_size, args.seq_len, data_rng, args.device)
+        idx, loss_mask = data.get_batch("train", args.batch_size, args.seq_len, data_rng, args.device)
         with autocast:
-            loss, metrics = loss_fn(model, teacher, batch, args, loss_rng)
+            loss, metrics = loss_fn(model, teacher, idx, loss_mask, args, loss_rng)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if args.grad_clip:
@@ -277,37 +475,25 @@ def main(argv=None):
         log.flush()
         if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps:
             save(args, model, tok, optimizer, step + 1, data_rng, loss_rng)
+    log.close()
     if args.export:
-        if args.mode == "mask":
-            save_mask_adapter(args.export, model, meta={"k_max": args.k_max})
-        else:
-            first = len(model.heads) - args.n_heads if args.mode == "extend" else 0   # ship what this run trained
-            save_heads(args.export, model, draft_vocab=data_frequencies(data), first=first)
-        print(f"exported {args.export} ({os.path.getsize(args.export) / 1e6:.1f} MB)")
+        export(args, model, data)
     return model
 
 
-def set_trainable(model, args):
-    """Freeze what the recipe keeps fixed: the backbone for heads/extend, the old heads for extend, everything but
-    the adapters and the mask tokens' embedding rows for LoRA."""
-    model.requires_grad_(args.mode == "scratch" or (args.mode == "mask" and not args.lora_rank))
-    if args.mode in ("heads", "extend"):
-        model.heads[len(model.heads) - args.n_heads:].requires_grad_(True)
-    if args.mode == "mask" and args.lora_rank:
-        for name, p in model.named_parameters():
-            p.requires_grad_("lora_" in name)
-        model.embed.weight.requires_grad_(True)
-        first = model.cfg.mask_token_ids[0]
-        model.embed.weight.register_hook(lambda g: torch.cat([torch.zeros_like(g[:first]), g[first:]]))
+def plural(n, word):
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def data_frequencies(data, limit=32768):
-    """Token ids of the training data by falling frequency: the draft vocabulary (EAGLE-3, FastMTP)."""
-    import numpy as np
-    counts = np.bincount(np.asarray(data.tokens("train")), minlength=1)
-    order = np.argsort(-counts, kind="stable")
-    return torch.from_numpy(order[:min(limit, int((counts > 0).sum()))].astype(np.int64))
+def cli(argv=None):
+    """main() with expected errors (bad options, missing or malformed files) as one line on stderr, status 2."""
+    try:
+        main(argv)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -107,10 +107,11 @@ class TokenData:
         return np.memmap(self._path(f"{split}_index.bin"), dtype=np.int64, mode="r").reshape(-1, 3)
 
     def get_batch(self, split, batch_size, seq_len, generator=None, device="cpu", align=False):
-        """Random windows of seq_len tokens -> (x, y, loss_mask), each (batch_size, seq_len): x the inputs, y the
-        next tokens, loss_mask[b, t] = 1 when y[b, t] is an answer token (float, same shape as y). Windows start
-        anywhere (align=False) or at the start of a random example (align=True, so every answer sees its prompt);
-        they run across example boundaries. Deterministic for a CPU torch.Generator."""
+        """Random windows of seq_len + 1 tokens -> (idx, loss_mask), each (batch_size, seq_len + 1): idx the token
+        ids (the model reads idx[:, :-1] and predicts idx[:, 1:]), loss_mask[b, t] = 1 (float) when idx[b, t] is an
+        answer token, so it counts as a target; all ones for plain text. Windows start anywhere (align=False) or at
+        the start of a random example (align=True, so every answer sees its prompt); they run across example
+        boundaries. Deterministic for a CPU torch.Generator."""
         data, mask = self.tokens(split), self.mask(split)
         if len(data) < seq_len + 1:
             raise ValueError(f"{self.folder}/{split}.bin: {len(data)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
@@ -121,12 +122,11 @@ class TokenData:
             ix = [int(starts[i]) for i in pick]
         else:
             ix = torch.randint(len(data) - seq_len, (batch_size,), generator=generator).tolist()
-        x = torch.from_numpy(np.stack([data[i:i + seq_len].astype(np.int64) for i in ix]))
-        y = torch.from_numpy(np.stack([data[i + 1:i + 1 + seq_len].astype(np.int64) for i in ix]))
+        idx = torch.from_numpy(np.stack([data[i:i + seq_len + 1].astype(np.int64) for i in ix]))
         if mask is None:
-            m = torch.ones(batch_size, seq_len)
+            loss_mask = torch.ones(batch_size, seq_len + 1)
         else:
-            m = torch.from_numpy(np.stack([mask[i + 1:i + 1 + seq_len] for i in ix])).float()
+            loss_mask = torch.from_numpy(np.stack([mask[i:i + seq_len + 1] for i in ix])).float()
         if torch.device(device).type == "cuda":
-            return tuple(t.pin_memory().to(device, non_blocking=True) for t in (x, y, m))
-        return x.to(device), y.to(device), m.to(device)
+            return tuple(t.pin_memory().to(device, non_blocking=True) for t in (idx, loss_mask))
+        return idx.to(device), loss_mask.to(device)
