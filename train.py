@@ -35,6 +35,12 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, Replicate
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import distill
@@ -45,13 +51,14 @@ from model import Config, Transformer
 LR_FLOOR = 0.1             # the cosine schedule decays to this fraction of the peak learning rate
 EVAL_SEED = 1234           # every evaluation draws the same validation batches
 DRAFT_VOCAB_SAVED = 32768  # exported heads carry this many of the most frequent training tokens (draft vocabulary)
+PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312}   # dense bf16, by a substring of the GPU's name, for MFU
 # What defines a run: --resume continues only with the checkpoint's own values of these.
 RUN_OPTIONS = ("mode", "init_from", "answers_only", "arch", "n_layer", "n_head", "n_kv_head", "n_embd", "n_mtp_heads",
                "head_init", "alpha", "beta", "top_n", "kl_direction", "k_max", "k_fixed", "target", "prefix_loss",
                "distinct_masks", "lora_rank", "gated", "batch_size", "seq_len", "lr", "warmup", "schedule",
-               "weight_decay", "grad_clip", "seed")
-AT_LEAST_ONE = ("n_layer", "n_head", "n_kv_head", "n_embd", "batch_size", "seq_len", "eval_every", "eval_batches",
-                "save_every")
+               "weight_decay", "grad_clip", "seed", "grad_accum")
+AT_LEAST_ONE = ("n_layer", "n_head", "n_kv_head", "n_embd", "batch_size", "grad_accum", "seq_len", "eval_every",
+                "eval_batches", "save_every")
 NOT_NEGATIVE = ("n_mtp_heads", "alpha", "beta", "top_n", "prefix_loss", "lora_rank", "max_steps", "warmup",
                 "weight_decay", "grad_clip")
 
@@ -105,7 +112,9 @@ def make_parser():
     k.add_argument("--lora_rank", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     k.add_argument("--gated", action="store_true", help="LoRA active at mask tokens only")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--batch_size", type=int, default=32, help="sequences per step")
+    o.add_argument("--batch_size", type=int, default=32, help="sequences per micro-step and process")
+    o.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step (global batch: "
+                   "batch_size x grad_accum x processes)")
     o.add_argument("--seq_len", type=int, default=256, help="tokens per sequence")
     o.add_argument("--max_steps", type=int, default=2000, help="optimizer steps (0: build, check, write nothing)")
     o.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
@@ -121,6 +130,11 @@ def make_parser():
     o.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     o.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="autocast dtype on the GPU; the CPU trains in float32")
+    o.add_argument("--compile", action="store_true", help="torch.compile every block and head")
+    o.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"],
+                   help="under torchrun: DDP (a full copy per GPU) or FSDP2 (weights and optimizer sharded by block)")
+    o.add_argument("--peak_tflops", type=float, default=None, help="peak TFLOP/s of one accelerator for MFU "
+                   f"(default: by GPU name, {', '.join(f'{k} {v}' for k, v in PEAK_TFLOPS.items())}; none on CPU)")
     return p
 
 
@@ -175,8 +189,9 @@ def check_args(args):
     for key in NOT_NEGATIVE:
         if getattr(args, key) < 0:
             raise ValueError(f"--{key} {getattr(args, key)}: must not be negative")
-    if not args.lr > 0:
-        raise ValueError(f"--lr {args.lr}: must be positive")
+    for key in ("lr", "peak_tflops"):
+        if getattr(args, key) is not None and not getattr(args, key) > 0:
+            raise ValueError(f"--{key} {getattr(args, key)}: must be positive")
     if args.n_embd % args.n_head or args.n_head % args.n_kv_head:
         raise ValueError(f"--n_embd {args.n_embd}, --n_head {args.n_head}, --n_kv_head {args.n_kv_head}: the width "
                          f"must be a multiple of --n_head, and --n_head a multiple of --n_kv_head")
@@ -297,7 +312,7 @@ def _init_weights(module):
 
 def set_trainable(model, args):
     """Freeze what the recipe keeps fixed: the backbone for heads/extend, the old heads for extend, everything but
-    the adapters and the mask tokens' embedding rows for LoRA."""
+    the adapters and the embedding for LoRA (whose rows of real tokens keep_mask_rows then leaves unchanged)."""
     model.requires_grad_(args.mode == "scratch" or (args.mode == "mask" and not args.lora_rank))
     if args.mode in ("heads", "extend"):
         model.heads[len(model.heads) - args.n_mtp_heads:].requires_grad_(True)
@@ -305,8 +320,16 @@ def set_trainable(model, args):
         for name, p in model.named_parameters():
             p.requires_grad_("lora_" in name)
         model.embed.weight.requires_grad_(True)
-        first = model.cfg.mask_token_ids[0]
-        model.embed.weight.register_hook(lambda g: torch.cat([torch.zeros_like(g[:first]), g[first:]]))
+
+
+def keep_mask_rows(model):
+    """With LoRA, only the mask tokens' embedding rows train: zero the gradient of every other row. Done after the
+    backward pass, on the gradient as it is: a full tensor, or FSDP's shard of rows (a DTensor)."""
+    grad = model.embed.weight.grad
+    keep = (torch.arange(grad.size(0), device=grad.device) >= model.cfg.mask_token_ids[0]).to(grad.dtype)[:, None]
+    if isinstance(grad, DTensor):
+        keep = DTensor.from_local(keep, grad.device_mesh, [Replicate()] * grad.device_mesh.ndim, run_check=False)
+    grad.mul_(keep)
 
 
 def make_optimizer(model, args):
@@ -314,7 +337,7 @@ def make_optimizer(model, args):
     decay = [p for p in params if p.dim() >= 2 and p is not model.embed.weight]
     rest = [p for p in params if not (p.dim() >= 2 and p is not model.embed.weight)]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    fused = args.device.startswith("cuda")
+    fused = args.device.startswith("cuda") and args.parallel != "fsdp"   # FSDP's sharded parameters: foreach
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=fused)
 
 
@@ -330,6 +353,20 @@ def lr_at(step, args):
 # ----------------------------------------------------------------------------------------------------------------
 # one batch -> loss
 
+class Objective(torch.nn.Module):
+    """The model with its training loss as forward(): the unit DDP and FSDP wrap, so that every parameter the loss
+    touches (blocks, heads, the shared embedding and output head) is used inside the wrapper's forward. The frozen
+    teacher is an argument, not a submodule: it is neither wrapped for gradients nor all-reduced."""
+
+    def __init__(self, model, args):
+        super().__init__()
+        self.model = model
+        self.args = args
+
+    def forward(self, idx, loss_mask, teacher, generator):
+        return loss_fn(self.model, teacher, idx, loss_mask, self.args, generator)
+
+
 def loss_fn(model, teacher, idx, loss_mask, args, generator):
     """Loss and metrics of one batch of windows idx (B, T+1) with their loss mask."""
     if args.mode != "mask":
@@ -337,8 +374,7 @@ def loss_fn(model, teacher, idx, loss_mask, args, generator):
                                     main_loss=args.mode == "scratch")
         return distill.mtp_loss(model, idx, loss_mask if args.answers_only else None, cfg)
     k = args.k_max if args.k_fixed else int(torch.randint(2, args.k_max + 1, (), generator=generator))
-    n_regions = max(1, idx.size(1) // (2 * args.k_max))              # Paper A: N / (2 k_max) regions
-    packed = distill.pack_batch(idx.cpu(), k, n_regions, model.cfg.mask_token_ids, generator)
+    packed = distill.pack_batch(idx.cpu(), k, n_regions(args), model.cfg.mask_token_ids, generator)
     packed = [t.to(idx.device) for t in packed]
     cfg = distill.MaskLossConfig(args.target, args.prefix_loss)
     loss, metrics = distill.mask_loss(model, teacher or model, *packed, cfg=cfg,
@@ -347,34 +383,175 @@ def loss_fn(model, teacher, idx, loss_mask, args, generator):
     return loss, metrics
 
 
+def n_regions(args):
+    return max(1, (args.seq_len + 1) // (2 * args.k_max))           # Paper A: N / (2 k_max) regions
+
+
 @torch.no_grad()
-def evaluate(model, teacher, data, args, autocast):
-    model.eval()
+def evaluate(objective, teacher, data, args, par, autocast):
+    """Validation loss and metrics on the same batches every time, drawn and split like training batches (so any
+    split of the global batch over processes and micro-steps sees the same windows), averaged over ranks."""
+    objective.eval()
     g = torch.Generator().manual_seed(EVAL_SEED)
     totals = {}
     for _ in range(args.eval_batches):
-        idx, loss_mask = data.get_batch("val", args.batch_size, args.seq_len, g, args.device)
-        with autocast:
-            loss, metrics = loss_fn(model, teacher, idx, loss_mask, args, g)
-        for key, v in {"loss": loss.item(), **metrics}.items():
-            totals[key] = totals.get(key, 0.0) + v / args.eval_batches
-    model.train()
-    return totals
+        idx, loss_mask = data.get_batch("val", args.batch_size * args.grad_accum, args.seq_len, g, args.device,
+                                        shard=(par.rank, par.world_size))
+        for x, m in zip(idx.chunk(args.grad_accum), loss_mask.chunk(args.grad_accum)):
+            with autocast:
+                loss, metrics = objective(x, m, teacher, g)
+            for key, v in {"loss": loss.item(), **metrics}.items():
+                totals[key] = totals.get(key, 0.0) + v / (args.eval_batches * args.grad_accum)
+    if isinstance(objective, FSDPModule):   # a root left unsharded after a forward alone holds other parameters
+        objective.reshard()                 # than the optimizer's
+    objective.train()
+    return par.average(totals)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# several processes (torchrun): DDP or FSDP2
+
+class Parallel:
+    """This process's place in a torchrun job (rank, world size, mode) and the few collective steps training needs.
+    Without torchrun: rank 0 of 1, and every method is the identity."""
+
+    def __init__(self, args):
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.mode = args.parallel if self.world_size > 1 else "none"
+        self.started_group = self.world_size > 1 and not dist.is_initialized()
+        if self.started_group:
+            dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+
+    def wrap(self, objective, teacher):
+        """The module the training step calls. DDP all-reduces the gradients of trained parameters only; FSDP2
+        shards each block and head (and the teacher, which it only runs forward)."""
+        if self.mode == "ddp":
+            return DDP(objective)
+        if self.mode == "fsdp":
+            for model in (objective.model, teacher):
+                if model is not None:
+                    for unit in (*model.blocks, *model.heads):
+                        fully_shard(unit)
+            fully_shard(objective)          # the root: embeddings, final norm and output head
+            if teacher is not None:
+                fully_shard(teacher)
+        return objective
+
+    def gradient_sync(self, wrapped, on):
+        """Context of one micro-step's backward: gradients are averaged over ranks on the last micro-step only."""
+        if self.mode == "fsdp":
+            wrapped.set_requires_gradient_sync(on)
+        if self.mode == "ddp" and not on:
+            return wrapped.no_sync()
+        return nullcontext()
+
+    def average(self, metrics):
+        """Each metric averaged over the ranks that report it (keys can differ: mask mode's k is per rank)."""
+        if self.world_size == 1:
+            return metrics
+        every = [None] * self.world_size
+        dist.all_gather_object(every, metrics)
+        keys = dict.fromkeys(key for m in every for key in m)
+        return {key: sum(m[key] for m in every if key in m) / sum(key in m for m in every) for key in keys}
+
+    def gather(self, value):
+        """value from every rank, as a list on every rank."""
+        if self.world_size == 1:
+            return [value]
+        every = [None] * self.world_size
+        dist.all_gather_object(every, value)
+        return every
+
+    def full_model(self, model):
+        """The model unsharded on the CPU for saving: itself unless FSDP shards it; then a gathered copy on rank 0
+        (None elsewhere). Every rank must call it: gathering is collective."""
+        if self.mode != "fsdp":
+            return model
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank:
+            return None
+        with torch.device("meta"):
+            full = Transformer(copy.deepcopy(model.cfg))
+        full.load_state_dict(state, assign=True)
+        if full.cfg.tie_embeddings:
+            full.lm_head.weight = full.embed.weight
+        return full
+
+    def barrier(self):
+        if self.world_size > 1:
+            dist.barrier()
+
+    def close(self):
+        if self.started_group:
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training speed: FLOPs per token (the one formula), tokens/s, MFU
+
+def flops_per_token(model, args):
+    """Training FLOPs per window token of one step (PaLM's estimate, counted by part), the numerator of MFU.
+
+    A part with P matrix weights costs 2P FLOPs per token forward, and attention adds 4 T n_head head_dim per layer
+    (scores and weighted values over a window of T). Backward costs twice the forward where the part trains
+    (gradients of inputs and of weights), once where it is frozen but gradients pass through it to trained parts
+    before it, nothing where nothing before it trains. So a part counts 3x, 2x or 1x its forward:
+      scratch        3 (backbone + output head) + sum over heads 3 (head + output head)
+      heads/extend   1 (backbone + output head) + sum over heads: trained 3 head + 2 output head, frozen 1 (both)
+      mask           3 (full fine-tuning) or 2 (LoRA) x (backbone + output head) + 1 x the same for the teacher
+                     (not with --target data), on the packed sequence: T + regions x (mean k - 1) positions."""
+    cfg, T = model.cfg, args.seq_len
+    attention = 4 * T * cfg.n_head * cfg.head_dim
+
+    def forward(blocks):
+        return sum(2 * p.numel() for b in blocks for p in b.parameters() if p.dim() >= 2) + attention * len(blocks)
+
+    backbone, out_head = forward(model.blocks), 2 * cfg.n_embd * cfg.vocab_size
+    if args.mode == "mask":
+        student = (2 if args.lora_rank else 3) * (backbone + out_head)
+        teacher = 0 if args.target == "data" else backbone + out_head
+        mean_k = args.k_max if args.k_fixed else (2 + args.k_max) / 2
+        return (student + teacher) * (T + n_regions(args) * (mean_k - 1)) / T
+    main = (3 if args.mode == "scratch" else 1) * (backbone + out_head)
+    heads = 0
+    for head in model.heads:
+        trained = any(p.requires_grad for p in head.parameters())
+        heads += 3 * forward([head]) + (3 if args.mode == "scratch" else 2) * out_head if trained else \
+            forward([head]) + out_head
+    return main + heads
+
+
+def peak_flops(args):
+    """The accelerator's peak dense bf16 FLOP/s for MFU: --peak_tflops, else from the GPU's name; None if unknown."""
+    if args.peak_tflops:
+        return args.peak_tflops * 1e12
+    if not args.device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(args.device)
+    return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS.items() if key in name), None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # checkpoints: save, resume, export
 
-def save(args, model, tok, optimizer, step, data_rng, loss_rng):
-    """Model, tokenizer and everything a resumed run needs to continue the same loss curve, in one atomic write."""
-    state = {"optimizer": optimizer.state_dict(), "step": step, "torch_rng": torch.get_rng_state(),
-             "data_rng": data_rng.get_state(), "loss_rng": loss_rng.get_state()}
-    if torch.cuda.is_available():
-        state["cuda_rng"] = torch.cuda.get_rng_state()
-    save_checkpoint(args.out, model, tok, extra={"train_args": vars(args), "step": step}, train_state=state)
+def save(args, par, model, tok, optimizer, step, data_rng, loss_rng):
+    """Model, tokenizer and everything a resumed run needs to continue the same loss curve, in one atomic write by
+    rank 0. Full (unsharded) state dicts of model and optimizer, whatever the parallel mode."""
+    optimizer_state = get_optimizer_state_dict(model, optimizer,
+                                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    loss_rngs = par.gather(loss_rng.get_state())
+    full = par.full_model(model)
+    if par.rank == 0:
+        state = {"optimizer": optimizer_state, "step": step, "world_size": par.world_size,
+                 "torch_rng": torch.get_rng_state(), "data_rng": data_rng.get_state(), "loss_rng": loss_rngs}
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state()
+        save_checkpoint(args.out, full, tok, extra={"train_args": vars(args), "step": step}, train_state=state)
+    par.barrier()                                  # no rank goes on before the checkpoint is complete
 
 
-def resume(args):
+def resume(args, par):
     """Model, teacher (mask mode) and tokenizer of the checkpoint in --out, and its training state."""
     model, tok = load(args.out)
     path = os.path.join(args.out, "train_state.pt")
@@ -382,18 +559,22 @@ def resume(args):
         state = torch.load(path, weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise ValueError(f"{path}: unreadable, the training state is damaged ({str(e).splitlines()[0]})") from e
+    if state.get("world_size", 1) != par.world_size:
+        raise ValueError(f"{path}: written by {plural(state.get('world_size', 1), 'process')}, resumed by "
+                         f"{par.world_size}; resume with the same number (torchrun --nproc_per_node "
+                         f"{state.get('world_size', 1)}): each rank continues its own random stream")
     teacher = None
     if args.mode == "mask" and not (args.lora_rank and args.gated):
         teacher = load(args.init_from)[0].eval().requires_grad_(False)
     return model, teacher, tok, state
 
 
-def restore(state, optimizer, data_rng, loss_rng):
+def restore(state, par, model, optimizer, data_rng, loss_rng):
     """Put the optimizer and every random number generator back where the checkpoint left them; returns the step."""
-    optimizer.load_state_dict(state["optimizer"])
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     torch.set_rng_state(state["torch_rng"])
     data_rng.set_state(state["data_rng"])
-    loss_rng.set_state(state["loss_rng"])
+    loss_rng.set_state(state["loss_rng"][par.rank])
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda_rng"])
     return state["step"]
@@ -422,67 +603,111 @@ def data_frequencies(data):
 
 def main(argv=None):
     args = get_args(argv)
-    torch.manual_seed(args.seed)
+    par = Parallel(args)
+    try:
+        return train(args, par)
+    finally:
+        par.close()
+
+
+def train(args, par):
+    if args.device == "cuda" and par.world_size > 1:
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    if args.device.startswith("cuda"):
+        torch.cuda.set_device(args.device)
+    log = print if par.rank == 0 else lambda *a, **k: None
+    torch.manual_seed(args.seed)                 # the same initial weights on every rank
     data = TokenData(args.data)
     if args.resume:
-        model, teacher, tok, state = resume(args)
+        model, teacher, tok, state = resume(args, par)
     else:
         model, teacher, tok = build(args, load_tokenizer(args.data))
         state = None
     set_trainable(model, args)
     check_tokenizer(data.meta, tok, args.data)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"mode {args.mode}: {model.num_params() / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained, "
-          f"{plural(len(model.heads), 'MTP head')}, data {args.data} ({data.meta.get('counts', '')})")
+    log(f"mode {args.mode}: {model.num_params() / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained, "
+        f"{plural(len(model.heads), 'MTP head')}, data {args.data} ({data.meta.get('counts', '')})")
     if args.max_steps == 0:
-        print("--max_steps 0: model and data checked; nothing trained, saved or exported")
+        log("--max_steps 0: model and data checked; nothing trained, saved or exported")
         return model
+    sequences = args.batch_size * args.grad_accum * par.world_size
+    log(f"parallel: {par.mode}, world size {par.world_size}; global batch {args.batch_size} x {args.grad_accum} x "
+        f"{par.world_size} = {plural(sequences, 'sequence')}, {sequences * args.seq_len} tokens per step")
+    flops = flops_per_token(model, args) * sequences * args.seq_len       # per optimizer step, all ranks
+    peak = peak_flops(args)
     model.to(args.device)
     if teacher is not None:
         teacher.to(args.device)
+    if args.compile:
+        for unit in (*model.blocks, *model.heads):
+            unit.compile()
+    objective = Objective(model, args)
+    wrapped = par.wrap(objective, teacher)
     optimizer = make_optimizer(model, args)
-    data_rng = torch.Generator().manual_seed(args.seed)
-    loss_rng = torch.Generator().manual_seed(args.seed + 1)
-    step = 0 if state is None else restore(state, optimizer, data_rng, loss_rng)
+    data_rng = torch.Generator().manual_seed(args.seed)                   # shared: ranks read shards of one draw
+    loss_rng = torch.Generator().manual_seed(args.seed + 1 + par.rank)    # per rank: its own k and regions
+    step = 0 if state is None else restore(state, par, model, optimizer, data_rng, loss_rng)
     on_gpu = args.device.startswith("cuda")
     autocast = torch.autocast("cuda", dtype=getattr(torch, args.dtype)) if on_gpu else nullcontext()
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    log = open(args.out.rstrip("/") + ".log.jsonl", "a")      # beside the checkpoint: it survives its replacement
-    log.write(json.dumps({"run": "resume" if args.resume else "start", "step": step,
-                          "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "args": vars(args)}) + "\n")
-    model.train()
-    bar = tqdm(range(step, args.max_steps), initial=step, total=args.max_steps, dynamic_ncols=True)
+    if par.rank == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        log_file = open(args.out.rstrip("/") + ".log.jsonl", "a")  # beside the checkpoint: survives its replacement
+        log_file.write(json.dumps({"run": "resume" if args.resume else "start", "step": step,
+                                   "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "args": vars(args)}) + "\n")
+    objective.train()
+    bar = tqdm(range(step, args.max_steps), initial=step, total=args.max_steps, dynamic_ncols=True,
+               disable=par.rank != 0 or None)
     t0 = time.time()
     for step in bar:
+        t_step = time.time()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
-        idx, loss_mask = data.get_batch("train", args.batch_size, args.seq_len, data_rng, args.device)
-        with autocast:
-            loss, metrics = loss_fn(model, teacher, idx, loss_mask, args, loss_rng)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        idx, loss_mask = data.get_batch("train", args.batch_size * args.grad_accum, args.seq_len, data_rng,
+                                        args.device, shard=(par.rank, par.world_size))
+        totals = {}
+        for micro, (x, m) in enumerate(zip(idx.chunk(args.grad_accum), loss_mask.chunk(args.grad_accum))):
+            with par.gradient_sync(wrapped, on=micro == args.grad_accum - 1):
+                with autocast:
+                    loss, metrics = wrapped(x, m, teacher, loss_rng)
+                (loss / args.grad_accum).backward()
+            for key, v in {"loss": loss.item(), **metrics}.items():
+                totals[key] = totals.get(key, 0.0) + v / args.grad_accum
+        if args.mode == "mask" and args.lora_rank:
+            keep_mask_rows(model)
         if args.grad_clip:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
         optimizer.step()
-        shown = {k: v for k, v in metrics.items() if k.startswith(("acc", "agree", "k"))}
-        bar.set_postfix(loss=f"{loss.item():.3f}", **{k: f"{v:.2f}" for k, v in shown.items()})
-        record = {"step": step + 1, "loss": loss.item(), "time": time.time() - t0, **metrics}
+        optimizer.zero_grad(set_to_none=True)
+        totals = par.average(totals)
+        seconds = time.time() - t_step
+        record = {"step": step + 1, **totals, "time": time.time() - t0,
+                  "tokens_per_s": sequences * args.seq_len / seconds}
+        if peak:
+            record["mfu"] = flops / seconds / (peak * par.world_size)
+        bar.set_postfix({k: f"{v:.3f}" if k == "loss" else f"{v:.2f}" for k, v in totals.items()
+                         if k == "loss" or k.startswith(("acc", "agree", "k"))})
         if (step + 1) % args.eval_every == 0 or step + 1 == args.max_steps:
-            val = evaluate(model, teacher, data, args, autocast)
-            record["val"] = val
-            tqdm.write(f"step {step + 1}: val " + " ".join(f"{k} {v:.3f}" for k, v in val.items()))
-        log.write(json.dumps(record) + "\n")
-        log.flush()
+            record["val"] = evaluate(objective, teacher, data, args, par, autocast)
+            if par.rank == 0:
+                tqdm.write(f"step {step + 1}: val " + " ".join(f"{k} {v:.3f}" for k, v in record["val"].items()))
+        if par.rank == 0:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
         if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps:
-            save(args, model, tok, optimizer, step + 1, data_rng, loss_rng)
-    log.close()
+            save(args, par, model, tok, optimizer, step + 1, data_rng, loss_rng)
+    if par.rank == 0:
+        log_file.close()
     if args.export:
-        export(args, model, data)
+        full = par.full_model(model)
+        if par.rank == 0:
+            export(args, full, data)
+        par.barrier()
     return model
 
 
 def plural(n, word):
-    return f"{n} {word}{'' if n == 1 else 's'}"
+    return f"{n} {word}{'' if n == 1 else 'es' if word.endswith('s') else 's'}"
 
 
 def cli(argv=None):
