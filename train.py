@@ -16,11 +16,17 @@ Nothing is lost: an existing --out is refused unless it is a checkpoint of train
 --export file is replaced only with --overwrite. The log OUT.log.jsonl beside --out is appended to, one "run" line at
 the start of each run.
 
+Several GPUs: torchrun --standalone --nproc_per_node N train.py ... (--parallel ddp, the default, or fsdp). The
+global batch is batch_size x grad_accum x N sequences: every process reads its shard of one random draw, so N
+processes train what one process with the whole batch trains. Rank 0 logs and writes full (unsharded) checkpoints;
+--resume needs the same N. Each step logs tokens/s, and MFU on a GPU (the FLOPs are counted in flops_per_token).
+
 Examples (presets in config/ write under out/):
   python train.py --config config/synthmath_scratch.json
   python train.py --config config/smollm2_heads.json --data data/chat
   python train.py --out out/sm_mtpd4 --resume --max_steps 4000
-Single GPU or CPU. Not here: the losses (distill.py), the data files (data/), measurement (bench.py).
+  torchrun --standalone --nproc_per_node 8 train.py --config config/smollm2_mask.json --parallel fsdp
+Not here: the losses (distill.py), the data files (data/), measurement (bench.py).
 """
 
 import argparse
@@ -611,7 +617,7 @@ def main(argv=None):
 
 
 def train(args, par):
-    if args.device == "cuda" and par.world_size > 1:
+    if args.device.startswith("cuda") and par.world_size > 1:     # one GPU per process, whatever index was given
         args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     if args.device.startswith("cuda"):
         torch.cuda.set_device(args.device)
@@ -627,7 +633,7 @@ def train(args, par):
     check_tokenizer(data.meta, tok, args.data)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"mode {args.mode}: {model.num_params() / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained, "
-        f"{plural(len(model.heads), 'MTP head')}, data {args.data} ({data.meta.get('counts', '')})")
+        f"{plural(len(model.heads), 'MTP head')}, data {args.data} ({len(data.tokens('train')):,} training tokens)")
     if args.max_steps == 0:
         log("--max_steps 0: model and data checked; nothing trained, saved or exported")
         return model
@@ -657,7 +663,7 @@ def train(args, par):
                                    "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "args": vars(args)}) + "\n")
     objective.train()
     bar = tqdm(range(step, args.max_steps), initial=step, total=args.max_steps, dynamic_ncols=True,
-               disable=par.rank != 0 or None)
+               disable=par.rank != 0)
     t0 = time.time()
     for step in bar:
         t_step = time.time()

@@ -46,7 +46,7 @@ def worker(rank, data, tmp, port):
             train.main([*both, *two, "--out", f"{tmp}/{name}2"])
         both, two, _ = scenarios(data, tmp)["ddp"]
         train.main([*both, *two, "--out", f"{tmp}/split2", "--max_steps", "3"])
-        train.main(["--out", f"{tmp}/split2", "--resume", "--max_steps", "6"])
+        train.main(["--out", f"{tmp}/split2", "--resume", "--max_steps", "6", "--parallel", "fsdp"])
         train.main(["--data", data, *TINY, "--mode", "mask", "--init_from", f"{tmp}/base", "--lora_rank", "4",
                     "--gated", "--k_max", "4", "--batch_size", "2", "--max_steps", "2", "--parallel", "fsdp",
                     "--lr", "0.1", "--out", f"{tmp}/mask2"])
@@ -105,6 +105,7 @@ def test_heads_mode_keeps_the_backbone_frozen(runs):
 
 
 def test_two_process_resume_and_logs(runs):
+    """Checkpoints hold full state dicts: a DDP run resumed under FSDP continues the same loss curve."""
     assert_same_run(runs / "ddp2", runs / "split2")
     first = [json.loads(line) for line in open(runs / "ddp2.log.jsonl")]
     assert first[0]["run"] == "start" and "tokens_per_s" in first[1] and "mfu" not in first[1]   # no peak on CPU
