@@ -43,17 +43,15 @@ class MTPLossConfig:
     main_loss: bool = True      # include the main head's next-token loss (off when the backbone is frozen)
 
 
-def mtp_loss(model, idx, loss_mask=None, cfg=MTPLossConfig(), heads=None, schedule=None):
+def mtp_loss(model, idx, loss_mask=None, cfg=MTPLossConfig()):
     """Loss of the main model and its MTP heads on token ids idx (B, T).
 
-    Head at depth d (1-based) runs module schedule[d-1] on (depth d-1's hidden state at i, token i+d) and predicts
-    token i+d+1; the main head at position i+d predicts the same token, so its (detached) distribution there is the
+    The head at depth d (1-based) runs module d-1 on (depth d-1's hidden state at i, token i+d) and predicts token
+    i+d+1; the main head at position i+d predicts the same token, so its (detached) distribution there is the
     distillation target. loss_mask (B, T) marks which tokens count as targets (e.g. answers only).
-    heads: how many depths to train (default: all modules). Returns (loss, metrics dict)."""
-    schedule = schedule or list(range(len(model.heads)))
-    depths = heads or len(schedule)
+    Returns (loss, metrics dict)."""
     T = idx.size(1)
-    mask = torch.ones_like(idx, dtype=torch.float) if loss_mask is None else loss_mask.float()
+    loss_mask = torch.ones_like(idx, dtype=torch.float) if loss_mask is None else loss_mask.float()
     train_main = cfg.main_loss and any(p.requires_grad for p in model.blocks.parameters())
     with torch.set_grad_enabled(train_main and torch.is_grad_enabled()):
         main_logits, h = model(idx, return_hidden=True)
@@ -61,17 +59,17 @@ def mtp_loss(model, idx, loss_mask=None, cfg=MTPLossConfig(), heads=None, schedu
     loss = torch.zeros((), device=idx.device)
     if cfg.main_loss:
         ce = F.cross_entropy(main_logits[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten(), reduction="none")
-        loss = loss + _masked_mean(ce, mask[:, 1:])
+        loss = loss + _masked_mean(ce, loss_mask[:, 1:])
         metrics["main_loss"] = loss.item()
     teacher = main_logits.detach()
     pos = model.default_pos(idx)
-    for d in range(1, depths + 1):
+    for d in range(1, len(model.heads) + 1):
         n = T - d - 1                                   # positions with a target inside the sequence
         if n <= 0:
             break
-        h = model.head_forward(schedule[d - 1], h[:, :n], idx[:, d:d + n], pos[:, :n])
+        h = model.head_forward(d - 1, h[:, :n], idx[:, d:d + n], pos[:, :n])
         logits = model.logits(h)                        # (B, n, V): predictions of tokens d+1 .. d+n
-        target, m = idx[:, d + 1:d + 1 + n], mask[:, d + 1:d + 1 + n]
+        target, m = idx[:, d + 1:d + 1 + n], loss_mask[:, d + 1:d + 1 + n]
         ce = _masked_mean(F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="none"), m)
         head_loss = cfg.alpha * ce
         if cfg.beta:

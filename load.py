@@ -385,6 +385,7 @@ def save_checkpoint(folder, model, tokenizer, extra=None, train_state=None):
 
 def recover_checkpoint(folder):
     """Finish a swap that stopped between its renames: the folder is gone, the previous checkpoint is in .NAME.old."""
+    folder = Path(folder)
     old = folder.with_name(f".{folder.name}.old")
     if not folder.exists() and old.is_dir():
         old.rename(folder)

@@ -75,10 +75,12 @@ def make_norm(cfg):
     return RMSNorm(cfg.n_embd, cfg.norm_eps)
 
 
-def rope_inv_freq(cfg):
-    """Inverse frequencies of the rotary embedding, with the Hugging Face rope_scaling variants we support."""
+def rope_inv_freq(cfg, device=None):
+    """Inverse frequencies of the rotary embedding in float32 (as Hugging Face computes them), with the rope_scaling
+    variants we support. Derived from the config on every call, never stored: a stored buffer would follow the
+    model's dtype, and bf16 frequencies are off by whole radians at long positions."""
     d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
     rs = cfg.rope_scaling
     if rs is None:
         return inv_freq
@@ -105,20 +107,28 @@ def apply_rope(x, cos, sin):
 
 
 class Linear(nn.Linear):
-    """nn.Linear with an optional LoRA adapter, y = W x + b + gate * B A x * scale. gate (B, T, 1) switches the
-    adapter per position (gated LoRA); None means on everywhere. B starts at zero, so a new adapter changes nothing."""
-
-    def add_lora(self, rank, alpha=None):
-        self.lora_scale = (alpha or rank) / rank
-        self.lora_A = nn.Parameter(torch.randn(rank, self.in_features, device=self.weight.device) / self.in_features ** 0.5)
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=self.weight.device))
+    """nn.Linear that accepts the LoRA gate and ignores it, so every projection of a block is called the same way."""
 
     def forward(self, x, gate=None):
-        y = super().forward(x)
-        if not hasattr(self, "lora_A"):
-            return y
-        delta = F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.lora_scale
-        return y + (delta if gate is None else delta * gate)
+        return super().forward(x)
+
+
+class LoRALinear(Linear):
+    """A Linear with a low-rank adapter, y = W x + b + B A x, that Transformer.add_lora swaps in for a Linear (sharing
+    its weight and bias). Gated: the adapter's output is multiplied by gate (B, T, 1), 1 at mask tokens and 0
+    elsewhere. B starts at zero, so a new adapter changes nothing."""
+
+    def __init__(self, base, rank, gated):
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+        self.weight, self.bias = base.weight, base.bias
+        self.gated = gated
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.randn(rank, self.in_features, device=device) / self.in_features ** 0.5)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device))
+
+    def forward(self, x, gate=None):
+        delta = F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        return super().forward(x) + (delta * gate if self.gated else delta)
 
 
 class KVCache(nn.Module):
@@ -239,18 +249,8 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.heads = nn.ModuleList(MTPHead(cfg) for _ in range(cfg.n_mtp_heads))
-        if cfg.arch == "llama":
-            self.register_buffer("inv_freq", rope_inv_freq(cfg).float(), persistent=False)
         if cfg.lora_rank:
             self.add_lora(cfg.lora_rank, cfg.lora_gated)
-
-    def _apply(self, fn, recurse=True):
-        # .to(dtype) / .to_empty() would cast or wipe the RoPE frequencies: they are derived, so derive them again
-        # in float32 (bf16 frequencies are off by whole radians at long positions)
-        super()._apply(fn, recurse)
-        if self.cfg.arch == "llama":
-            self.inv_freq = rope_inv_freq(self.cfg).float().to(self.inv_freq.device)
-        return self
 
     # --- pieces shared by the backbone and the heads
 
@@ -258,7 +258,7 @@ class Transformer(nn.Module):
         """cos/sin of the rotary embedding at positions pos (B, T), shaped (B, 1, T, head_dim); None for GPT-2."""
         if self.cfg.arch != "llama":
             return None
-        angles = pos[..., None].float() * self.inv_freq           # (B, T, head_dim/2)
+        angles = pos[..., None].float() * rope_inv_freq(self.cfg, pos.device)   # (B, T, head_dim/2)
         angles = torch.cat([angles, angles], dim=-1)[:, None]     # (B, 1, T, head_dim)
         dtype = self.embed.weight.dtype
         return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -303,19 +303,22 @@ class Transformer(nn.Module):
     # --- Paper A: mask tokens and (gated) LoRA
 
     def lora_gate(self, idx):
-        """(B, T, 1) gate of the LoRA adapters: 1 at mask tokens, 0 elsewhere; None when adapters are always on."""
-        if not (self.cfg.lora_rank and self.cfg.lora_gated):
+        """(B, T, 1) gate of gated LoRA adapters: 1 at mask tokens, 0 elsewhere; None in a model without mask tokens
+        (ungated adapters ignore it)."""
+        if not self.cfg.mask_token_ids:
             return None
         # mask tokens are the last ids of the vocabulary; a comparison, unlike a tensor of ids, is CUDA-graph safe
         return (idx >= self.cfg.mask_token_ids[0])[..., None].to(self.embed.weight.dtype)
 
     def add_lora(self, rank, gated):
-        """LoRA adapters on every linear layer of the backbone blocks (the MTP heads keep theirs plain)."""
+        """Swap every linear layer of the backbone blocks for a LoRALinear (the MTP heads keep theirs plain).
+        gated: adapters act at mask tokens only, so next-token predictions stay exactly the original's."""
         for block in self.blocks:
-            for module in block.modules():
-                if isinstance(module, Linear):
-                    module.add_lora(rank)
-        self.cfg.lora_rank, self.cfg.lora_gated = rank, gated
+            for parent in list(block.modules()):
+                for name, child in list(parent.named_children()):
+                    if type(child) is Linear:
+                        setattr(parent, name, LoRALinear(child, rank, gated))
+        self.cfg.lora_rank, self.cfg.lora_gated = rank, gated   # recorded for checkpoints; forward never reads it
 
     def add_mask_tokens(self, n):
         """Grow the vocabulary by n mask tokens; their embedding (and untied output) rows are drawn from the mean
@@ -373,6 +376,5 @@ class Transformer(nn.Module):
             self.heads.append(head)
         self.cfg.n_mtp_heads = len(self.heads)
 
-    def num_params(self, heads=True):
-        params = {id(p): p for name, p in self.named_parameters() if heads or not name.startswith("heads.")}
-        return sum(p.numel() for p in params.values())
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())   # parameters() counts a tied embedding once

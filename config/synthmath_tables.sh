@@ -7,13 +7,13 @@ OUT=${OUT:-out/tables}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 t0=$(date +%s)
 python data/prepare.py synthmath --out data/synthmath --seed 0 --overwrite | tail -2
-S="--config config/synthmath_scratch.json --max_steps 2000 --eval_every 1000"
-python train.py $S --n_heads 4 --beta 1 --out out/sm_mtpd4 | tail -1
-python train.py $S --n_heads 4 --beta 0 --out out/sm_mtp4 | tail -1
-python train.py $S --n_heads 1 --beta 1 --out out/sm_mtpd1 | tail -1
-E="--config config/synthmath_scratch.json --mode extend --max_steps 600 --eval_every 600 --warmup 50 --lr 0.0005"
-python train.py $E --init_from out/sm_mtpd1 --n_heads 1 --out out/sm_ext2 | tail -1
-python train.py $E --init_from out/sm_ext2 --n_heads 2 --out out/sm_ext4 | tail -1
+S="--config config/synthmath_scratch.json --overwrite --max_steps 2000 --eval_every 1000"
+python train.py $S --n_mtp_heads 4 --beta 1 --out out/sm_mtpd4 | tail -1
+python train.py $S --n_mtp_heads 4 --beta 0 --out out/sm_mtp4 | tail -1
+python train.py $S --n_mtp_heads 1 --beta 1 --out out/sm_mtpd1 | tail -1
+E="--config config/synthmath_scratch.json --overwrite --mode extend --max_steps 600 --eval_every 600 --warmup 50 --lr 0.0005"
+python train.py $E --init_from out/sm_mtpd1 --n_mtp_heads 1 --out out/sm_ext2 | tail -1
+python train.py $E --init_from out/sm_ext2 --n_mtp_heads 2 --out out/sm_ext4 | tail -1
 echo "training took $(( $(date +%s) - t0 )) s"
 B="--prompts data/synthmath/test_prompts.jsonl --num_prompts 24 --max_new_tokens 200 --json"
 for run in sm_mtpd4 sm_mtp4; do
@@ -25,7 +25,7 @@ python bench.py --init_from out/sm_ext4 --methods ar,mtp@4 $B > $OUT/bench_sm_ex
 cat out/sm_*.log.jsonl | grep '"val"' > $OUT/train_logs.jsonl
 echo "all took $(( $(date +%s) - t0 )) s"
 t0=$(date +%s)
-M="--config config/synthmath_mask.json"
+M="--config config/synthmath_mask.json --overwrite"
 python train.py $M | tail -1
 for v in "soft:--target soft" "data:--target data" "fixedk:--k_fixed"; do
   python train.py $M --max_steps 400 --eval_every 400 --save_every 400 ${v#*:} --out out/sm_mask_${v%%:*} | tail -1

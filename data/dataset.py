@@ -111,27 +111,32 @@ class TokenData:
         """(n_examples, 3) int64: start offset, prompt length, total length."""
         return np.memmap(self._path(f"{split}_index.bin"), dtype=np.int64, mode="r").reshape(-1, 3)
 
-    def get_batch(self, split, batch_size, seq_len, generator=None, device="cpu", align=False):
-        """Random windows of seq_len tokens -> (x, y, loss_mask), each (batch_size, seq_len): x the inputs, y the
-        next tokens, loss_mask[b, t] = 1 when y[b, t] is an answer token (float, same shape as y). Windows start
-        anywhere (align=False) or at the start of a random example (align=True, so every answer sees its prompt);
-        they run across example boundaries. Deterministic for a CPU torch.Generator."""
-        data, mask = self.tokens(split), self.loss_mask(split)
+    def get_batch(self, split, batch_size, seq_len, generator=None, device="cpu", align=False, shard=(0, 1)):
+        """Random windows of seq_len + 1 tokens -> (idx, loss_mask), each (batch_size, seq_len + 1): idx the token
+        ids (the model reads idx[:, :-1] and predicts idx[:, 1:]), loss_mask[b, t] = 1 (float) when idx[b, t] is an
+        answer token, so it counts as a target; all ones for plain text. Windows start anywhere (align=False) or at
+        the start of a random example (align=True, so every answer sees its prompt); they run across example
+        boundaries. Deterministic for a CPU torch.Generator.
+        shard (i, n): draw the starts of n x batch_size windows and read only the i-th batch_size of them. The ranks
+        of a multi-process run share one generator seed, so together they read what one process with the whole
+        batch would."""
+        data, answers = self.tokens(split), self.loss_mask(split)
+        index, n_shards = shard
         if len(data) < seq_len + 1:
             raise ValueError(f"{self.folder}/{split}.bin: {len(data)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
         if align:
             starts = self.index(split)[:, 0]
             starts = starts[starts <= len(data) - seq_len - 1]
-            pick = torch.randint(len(starts), (batch_size,), generator=generator)
+            pick = torch.randint(len(starts), (n_shards * batch_size,), generator=generator)
             ix = [int(starts[i]) for i in pick]
         else:
-            ix = torch.randint(len(data) - seq_len, (batch_size,), generator=generator).tolist()
-        x = torch.from_numpy(np.stack([data[i:i + seq_len].astype(np.int64) for i in ix]))
-        y = torch.from_numpy(np.stack([data[i + 1:i + 1 + seq_len].astype(np.int64) for i in ix]))
-        if mask is None:
-            m = torch.ones(batch_size, seq_len)
+            ix = torch.randint(len(data) - seq_len, (n_shards * batch_size,), generator=generator).tolist()
+        ix = ix[index * batch_size:(index + 1) * batch_size]
+        idx = torch.from_numpy(np.stack([data[i:i + seq_len + 1].astype(np.int64) for i in ix]))
+        if answers is None:
+            loss_mask = torch.ones(batch_size, seq_len + 1)
         else:
-            m = torch.from_numpy(np.stack([mask[i + 1:i + 1 + seq_len] for i in ix])).float()
+            loss_mask = torch.from_numpy(np.stack([answers[i:i + seq_len + 1] for i in ix])).float()
         if torch.device(device).type == "cuda":
-            return tuple(t.pin_memory().to(device, non_blocking=True) for t in (x, y, m))
-        return x.to(device), y.to(device), m.to(device)
+            return tuple(t.pin_memory().to(device, non_blocking=True) for t in (idx, loss_mask))
+        return idx.to(device), loss_mask.to(device)

@@ -138,17 +138,16 @@ def test_get_batch_shapes_alignment_determinism(tmp_path):
     toks, loss_mask = np.asarray(data.tokens("train")), np.asarray(data.loss_mask("train"))
     for align in (False, True):
         g = torch.Generator().manual_seed(0)
-        x, y, m = data.get_batch("train", 8, 64, generator=g, align=align)
-        assert x.shape == y.shape == m.shape == (8, 64) and x.dtype == torch.int64 and m.dtype == torch.float32
-        assert torch.equal(x[:, 1:], y[:, :-1])
-        for row in range(8):   # find the window again: the loss mask belongs to the targets y
-            s = toks.tobytes().find(x[row].numpy().astype(toks.dtype).tobytes()) // toks.itemsize
-            assert (toks[s + 1:s + 65] == y[row].numpy()).all() and (loss_mask[s + 1:s + 65] == m[row].numpy()).all()
+        idx, m = data.get_batch("train", 8, 64, generator=g, align=align)
+        assert idx.shape == m.shape == (8, 65) and idx.dtype == torch.int64 and m.dtype == torch.float32
+        for row in range(8):   # find the window again: the loss mask is the answer mask of the same tokens
+            s = toks.tobytes().find(idx[row].numpy().astype(toks.dtype).tobytes()) // toks.itemsize
+            assert (toks[s:s + 65] == idx[row].numpy()).all() and (loss_mask[s:s + 65] == m[row].numpy()).all()
         if align:
-            assert (m[:, 0] == 0).all()   # an example's first target is a prompt token
+            assert (m[:, 1] == 0).all()   # an example's first target is a prompt token
         g2 = torch.Generator().manual_seed(0)
-        x2, y2, m2 = data.get_batch("train", 8, 64, generator=g2, align=align)
-        assert torch.equal(x, x2) and torch.equal(m, m2)
+        idx2, m2 = data.get_batch("train", 8, 64, generator=g2, align=align)
+        assert torch.equal(idx, idx2) and torch.equal(m, m2)
     with pytest.raises(ValueError, match="fewer than seq_len"):
         data.get_batch("val", 1, 10 ** 6)
 
@@ -249,8 +248,8 @@ def test_prepare_jsonl_and_text(tmp_path):
     run("text", "--file", tmp_path / "t.txt", "--val_frac", 0.1, "--out", tmp_path / "t")
     data = TokenData(tmp_path / "t")
     assert len(data.tokens("train")) == 901 and len(data.tokens("val")) == 100 and data.loss_mask("train") is None
-    x, y, m = data.get_batch("val", 2, 16, generator=torch.Generator().manual_seed(0))
-    assert m.shape == (2, 16) and bool((m == 1).all())
+    _, m = data.get_batch("val", 2, 16, generator=torch.Generator().manual_seed(0))
+    assert m.shape == (2, 17) and bool((m == 1).all())
     (tmp_path / "u.txt").write_text("caf\u00e9")
     with pytest.raises(ValueError, match=r"u.txt: CharTokenizer: character 'é'"):
         run("text", "--file", tmp_path / "u.txt", "--out", tmp_path / "u")

@@ -108,9 +108,10 @@ def test_rope_scaling_matters(tmp_path, tiny_bpe):
     """The scaled-rope tests above would be vacuous if scaling changed nothing at these positions."""
     hf = hf_llama(tmp_path, tiny_bpe, **LLAMAS["llama3-rope"])
     model, _ = load.load(tmp_path)
-    model.inv_freq = rope_inv_freq(load.Config(**{**model.cfg.to_dict(), "rope_scaling": None})).float()
+    unscaled = load.Transformer(load.Config(**{**model.cfg.to_dict(), "rope_scaling": None}))
+    unscaled.load_state_dict(model.state_dict())
     with pytest.raises(AssertionError):
-        assert_same_logits(hf, model, offset=3000)
+        assert_same_logits(hf, unscaled.eval(), offset=3000)
 
 
 def test_transformers4_config_keys(tmp_path, tiny_bpe):
@@ -149,7 +150,9 @@ def test_dtype_and_rope_precision(tmp_path, tiny_bpe):
     hf_llama(tmp_path, tiny_bpe)
     model, _ = load.load(tmp_path, dtype=torch.bfloat16)
     assert model.embed.weight.dtype == torch.bfloat16
-    assert model.inv_freq.dtype == torch.float32       # RoPE frequencies stay exact
+    cos, _ = model.rope(torch.tensor([[4000]]))         # RoPE frequencies stay float32: angles exact to bf16
+    exact = torch.cos(4000 * rope_inv_freq(model.cfg).double())
+    assert (cos[0, 0, 0, :len(exact)].double() - exact).abs().max() < 1e-2
 
 
 # ----------------------------------------------------------------------------------------------------------------

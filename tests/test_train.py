@@ -1,8 +1,10 @@
 """Losses, Paper A's layout and mask, training modes, checkpoints and the small shipped files (CPU, tiny models)."""
 
+import copy
 import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import distill  # noqa: E402
 import load  # noqa: E402
 import train  # noqa: E402
-from model import Config, Transformer  # noqa: E402
+from model import Config, LoRALinear, Transformer  # noqa: E402
 
 
 def tiny(vocab=40, heads=0, seed=0, **kw):
@@ -65,6 +67,34 @@ def test_topn_kl_is_zero_for_equal_distributions_and_positive_otherwise():
     assert distill.topn_kl(a, a, top_n=10).abs().max() < 1e-6
     assert (distill.topn_kl(torch.randn(5, 30), a, top_n=10) > 0).all()
     assert (distill.topn_kl(torch.randn(5, 30), a, direction="reverse") > 0).all()
+
+
+def test_topn_kl_renormalises_over_the_top_n():
+    """Equal logits on the teacher's top-N and different elsewhere: zero only when both sides are renormalised over
+    the top-N (a full-vocabulary softmax gathered afterwards would see the other tokens' mass)."""
+    teacher = torch.randn(4, 50)
+    top = teacher.topk(10, dim=-1).indices
+    student = torch.randn(4, 50) * 5 + 3                          # different everywhere, most mass elsewhere
+    student.scatter_(-1, top, teacher.gather(-1, top))
+    assert distill.topn_kl(student, teacher, top_n=10).abs().max() < 1e-5
+    assert (distill.topn_kl(student, teacher, top_n=None) > 1e-2).all()
+
+
+def test_mtp_loss_distills_each_depth_from_the_main_head_at_the_right_position():
+    """Heads whose hidden state at i is the backbone's at i + d give logits equal to the main head's at i + d, the
+    position that predicts the same token: KL 0 and agreement 1 at every depth. A target shifted by one breaks it."""
+    m = tiny(heads=3)
+    idx = torch.randint(0, 40, (2, 16))
+    main_hidden = m.hidden(idx).detach()
+
+    def head_forward(module, h_prev, next_idx, pos, cache=None, mask=None):
+        d, n = module + 1, h_prev.size(1)
+        return main_hidden[:, d:d + n]
+
+    m.head_forward = head_forward
+    _, metrics = distill.mtp_loss(m, idx, cfg=distill.MTPLossConfig(beta=1.0, top_n=None))
+    for d in (1, 2, 3):
+        assert metrics[f"kl{d}"] < 1e-6 and metrics[f"agree{d}"] == 1.0, (d, metrics)
 
 
 def test_mtp_loss_targets_are_shifted_by_depth():
@@ -164,16 +194,33 @@ def test_gated_lora_leaves_next_token_logits_unchanged():
     ids = m.add_mask_tokens(1)
     idx = torch.randint(0, 40, (2, 20))
     before = m(idx)
+    plain, ungated = copy.deepcopy(m), copy.deepcopy(m)
     m.add_lora(4, gated=True)
+    ungated.add_lora(4, gated=False)
+    assert any(isinstance(mod, LoRALinear) for mod in m.modules()) and not any(
+        isinstance(mod, LoRALinear) for mod in m.heads.modules())
     for name, p in m.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=1.0)                    # adapters that really change things
+    ungated.load_state_dict(m.state_dict())                       # the same adapters, active everywhere
     assert torch.equal(m(idx), before)                           # no mask token: not one adapter runs
     with_mask = torch.cat([idx, torch.full((2, 3), ids[0])], 1)
     out = m(with_mask)
     assert torch.allclose(out[:, :20], before, atol=1e-5)        # real tokens before the masks: unchanged
-    m.cfg.lora_gated = False
-    assert not torch.allclose(m(idx), before, atol=1e-3)         # ungated adapters do change them
+    assert not torch.allclose(out[:, 20:], plain(with_mask)[:, 20:], atol=1e-3)   # at the masks they act
+    assert not torch.allclose(ungated(idx), before, atol=1e-3)   # ungated adapters do change them
+
+
+def test_mask_tokens_are_never_predicted():
+    """Mask tokens are inputs only: their logits are -inf even when their output rows would win."""
+    for tied in (True, False):
+        m = tiny(tie_embeddings=tied)
+        ids = m.add_mask_tokens(2)
+        with torch.no_grad():
+            m.lm_head.weight[ids] = 100 * m.norm(torch.ones(32)).sign()   # rows that align with every state
+        logits = m(torch.randint(0, 40, (2, 10)))
+        assert torch.equal(logits[..., ids], torch.full_like(logits[..., ids], float("-inf")))
+        assert logits.argmax(-1).max() < ids[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -191,11 +238,16 @@ SMALL = ["--n_layer", "2", "--n_embd", "32", "--n_head", "4", "--n_kv_head", "2"
          "--seq_len", "48", "--eval_every", "1000", "--eval_batches", "1", "--device", "cpu"]
 
 
+def read_log(out):
+    """The step records of the training log beside checkpoint folder out."""
+    return [r for r in map(json.loads, open(f"{out}.log.jsonl")) if "loss" in r]
+
+
 def test_extension_copies_heads_and_freezes_the_rest(synth, tmp_path):
     base = tmp_path / "base"
-    train.main(["--mode", "scratch", "--data", str(synth), "--out", str(base), "--n_heads", "1",
+    train.main(["--mode", "scratch", "--data", str(synth), "--out", str(base), "--n_mtp_heads", "1",
                 "--max_steps", "2", *SMALL])
-    args = train.get_args(["--mode", "extend", "--init_from", str(base), "--data", str(synth), "--n_heads", "2",
+    args = train.get_args(["--mode", "extend", "--init_from", str(base), "--data", str(synth), "--n_mtp_heads", "2",
                            *SMALL])
     model, _, _ = train.build(args, None)
     train.set_trainable(model, args)
@@ -206,7 +258,7 @@ def test_extension_copies_heads_and_freezes_the_rest(synth, tmp_path):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(("heads.1.", "heads.2.")) for n in trainable)
     export = tmp_path / "ext.safetensors"
-    train.main(["--mode", "extend", "--init_from", str(base), "--data", str(synth), "--n_heads", "2",
+    train.main(["--mode", "extend", "--init_from", str(base), "--data", str(synth), "--n_mtp_heads", "2",
                 "--out", str(tmp_path / "ext"), "--export", str(export), "--max_steps", "1", *SMALL])
     frozen_before = load.load(base)[0].heads[0].state_dict()
     after = load.load(tmp_path / "ext")[0]
@@ -222,20 +274,21 @@ def test_extension_copies_heads_and_freezes_the_rest(synth, tmp_path):
 
 
 def test_resume_continues_the_same_loss_curve(synth, tmp_path):
-    common = ["--mode", "scratch", "--data", str(synth), "--n_heads", "2", "--save_every", "3", *SMALL]
+    common = ["--mode", "scratch", "--data", str(synth), "--n_mtp_heads", "2", "--save_every", "3", *SMALL]
     train.main([*common, "--out", str(tmp_path / "straight"), "--max_steps", "6"])
     train.main([*common, "--out", str(tmp_path / "split"), "--max_steps", "3"])
     train.main([*common, "--out", str(tmp_path / "split"), "--max_steps", "6", "--resume"])
-    read = lambda name: [json.loads(line) for line in open(tmp_path / f"{name}.log.jsonl")]
-    straight, split = read("straight"), read("split")
+    straight, split = read_log(tmp_path / "straight"), read_log(tmp_path / "split")
     assert [r["step"] for r in split] == [1, 2, 3, 4, 5, 6]
+    runs = [json.loads(line) for line in open(tmp_path / "split.log.jsonl") if '"run"' in line]
+    assert [(r["run"], r["step"]) for r in runs] == [("start", 0), ("resume", 3)]   # each run marks its start
     for a, b in zip(straight, split):
         assert a["step"] == b["step"] and abs(a["loss"] - b["loss"]) < 1e-5, (a["step"], a["loss"], b["loss"])
 
 
 def test_mask_mode_gated_lora_exports_and_reattaches(synth, tmp_path):
     base = tmp_path / "base"
-    train.main(["--mode", "scratch", "--data", str(synth), "--out", str(base), "--n_heads", "0",
+    train.main(["--mode", "scratch", "--data", str(synth), "--out", str(base), "--n_mtp_heads", "0",
                 "--max_steps", "1", *SMALL])
     export = tmp_path / "mask.safetensors"
     train.main(["--mode", "mask", "--init_from", str(base), "--data", str(synth), "--out", str(tmp_path / "mask"),
@@ -263,3 +316,117 @@ def test_bad_heads_files_give_clear_errors(tmp_path):
         load.attach_heads(tiny(), bad)
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         load.attach_heads(tiny(), tmp_path / "missing.safetensors")
+
+
+def test_mask_mode_resume_restores_the_loss_rng(synth, tmp_path):
+    """k and the regions are drawn from the loss RNG: a resumed run draws the same ones as an uninterrupted run."""
+    base = tmp_path / "base"
+    train.main(["--mode", "scratch", "--data", str(synth), "--out", str(base), "--n_mtp_heads", "0",
+                "--max_steps", "1", *SMALL])
+    common = ["--mode", "mask", "--init_from", str(base), "--data", str(synth), "--lora_rank", "4", "--gated",
+              "--k_max", "6", "--save_every", "3", *SMALL]
+    train.main([*common, "--out", str(tmp_path / "straight"), "--max_steps", "6"])
+    train.main([*common, "--out", str(tmp_path / "split"), "--max_steps", "3"])
+    train.main(["--out", str(tmp_path / "split"), "--resume", "--max_steps", "6"])   # the run's own options
+    straight, split = read_log(tmp_path / "straight"), read_log(tmp_path / "split")
+    assert len({r["k"] for r in straight}) > 1                    # k varies, so a reset RNG would show
+    assert [r["k"] for r in split] == [r["k"] for r in straight]
+    assert all(abs(a["loss"] - b["loss"]) < 1e-5 for a, b in zip(straight, split))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train.py: nothing lost, every bad input one line
+
+def run_cli(argv, capsys):
+    """train.py's command line in process: (exit status, stderr)."""
+    status = train.cli([str(a) for a in argv])
+    return status, capsys.readouterr().err
+
+
+def test_out_folder_of_user_files_is_kept(synth, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    for flags in ([], ["--overwrite"], ["--resume"]):
+        status, err = run_cli(["--data", synth, "--out", out, "--max_steps", "1", *SMALL, *flags], capsys)
+        assert status == 2 and err.count("\n") == 1 and err.startswith("error: ") and str(out) in err, err
+    assert os.listdir(out) == ["notes.txt"] and (out / "notes.txt").read_text() == "precious"
+
+
+def test_shipped_checkpoints_are_kept(synth, tmp_path, capsys):
+    shipped = tmp_path / "checkpoints"
+    shipped.mkdir()
+    head = shipped / "smollm2_head1.safetensors"
+    head.write_bytes(b"shipped")
+    status, err = run_cli(["--data", synth, "--out", shipped, "--overwrite", "--max_steps", "1", *SMALL], capsys)
+    assert status == 2 and "did not write" in err
+    # a shipped file is replaced only by an explicit --export and --overwrite
+    base = ["--data", synth, "--out", tmp_path / "run", "--max_steps", "1", "--export", head, *SMALL]
+    status, err = run_cli(base, capsys)
+    assert status == 2 and f"--export {head}: exists" in err and head.read_bytes() == b"shipped"
+    assert not (tmp_path / "run").exists()                        # refused before anything was written
+    assert run_cli([*base, "--overwrite"], capsys)[0] == 0 and head.read_bytes() != b"shipped"
+    for preset in (Path(train.__file__).parent / "config").glob("*.json"):
+        options = json.loads(preset.read_text())
+        assert all(options[key].startswith("out/") for key in ("out", "export") if key in options), preset
+
+
+def test_finished_run_is_not_silently_replaced(synth, tmp_path, capsys):
+    out = tmp_path / "run"
+    run = ["--data", synth, "--out", out, "--max_steps", "2", *SMALL]
+    assert run_cli(run, capsys)[0] == 0
+    weights = (out / "model.safetensors").read_bytes()
+    status, err = run_cli(run, capsys)
+    assert status == 2 and "--resume continues it, --overwrite replaces it" in err
+    status, err = run_cli([*run, "--resume"], capsys)
+    assert status == 2 and "finished at step 2" in err
+    (out / "notes.txt").write_text("mine")                       # a checkpoint holding a user's file: kept too
+    status, err = run_cli([*run, "--overwrite"], capsys)
+    assert status == 2 and "notes.txt" in err
+    assert (out / "model.safetensors").read_bytes() == weights
+    (out / "notes.txt").unlink()
+    assert run_cli([*run, "--overwrite", "--seed", "1"], capsys)[0] == 0
+    assert (out / "model.safetensors").read_bytes() != weights
+    status, err = run_cli(["--out", out, "--resume", "--max_steps", "3", "--lr", "0.5"], capsys)
+    assert status == 2 and "has --lr 0.001, not 0.5" in err       # a different run needs another --out
+    (out / "train_state.pt").write_bytes((out / "train_state.pt").read_bytes()[:100])
+    status, err = run_cli(["--out", out, "--resume", "--max_steps", "3"], capsys)
+    assert status == 2 and str(out / "train_state.pt") in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch_size", "0"], "--batch_size 0: must be at least 1"),
+    (["--max_steps", "-1"], "--max_steps -1: must not be negative"),
+    (["--lr", "-0.1"], "--lr -0.1: must be positive"),
+    (["--warmup", "-5"], "--warmup -5: must not be negative"),
+    (["--seq_len", "0"], "--seq_len 0: must be at least 1"),
+    (["--n_embd", "30"], "--n_embd 30, --n_head 4"),
+    (["--n_heads", "2"], "unrecognized arguments: --n_heads"),
+    (["--mode", "heads"], "--mode heads needs --init_from"),
+    (["--init_from", "smollm2"], "--mode scratch starts from nothing"),
+    (["--head_init", "random"], "--head_init applies to --mode heads only"),
+    (["--mode", "mask", "--init_from", "x", "--k_max", "1"], "--k_max 1: must be at least 2"),
+    (["--gated"], "--gated gates LoRA adapters"),
+    (["--device", "tpu"], "--device tpu: expected cpu, cuda or cuda:N"),
+    (["--dtype", "int8"], "argument --dtype: invalid choice"),
+    (["--lr", "fast"], "argument --lr: invalid float value"),
+    (["--resume"], "holds no train.py checkpoint"),
+    (["--config", "missing.json"], "missing.json"),
+])
+def test_bad_options_are_one_line_errors(argv, message, synth, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    status, err = run_cli(["--data", synth, "--out", tmp_path / "run", *SMALL, *argv], capsys)
+    assert status == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_config_files_and_max_steps_zero(synth, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    for text, message in (("{", "not valid JSON"), ("[1]", "expected a JSON object"), ('{"n_heads": 2}', "n_heads")):
+        bad.write_text(text)
+        status, err = run_cli(["--config", bad, "--data", synth], capsys)
+        assert status == 2 and str(bad) in err and message in err, err
+    out = tmp_path / "run"
+    assert train.cli([str(a) for a in ["--data", synth, "--out", out, "--max_steps", "0", *SMALL]]) == 0
+    assert "--max_steps 0: model and data checked; nothing trained, saved or exported" in capsys.readouterr().out
+    assert not out.exists() and not (tmp_path / "run.log.jsonl").exists()
