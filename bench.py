@@ -95,12 +95,15 @@ def hf_generate(hf, prompt, n, stop_ids):
 
 
 def run(model, tokenizer, methods, prompts, max_new_tokens=128, original=None, options=None, temperature=0.0, seed=0,
-        warmup=1, hf=None, nll_self=False, progress=False):
+        warmup=1, hf=None, nll_self=False, progress=False, compile=False):
     """Decode `prompts` (texts, used verbatim, or {"prompt": text, "answer": gold} dicts) with every method, one
     prompt at a time (speculative methods decode batch 1, so ar does too), methods interleaved. `original`: the model
     whose NLL judges the outputs (default `model`; nll_self=True says it is a fine-tuned model judging itself, and
     the metric is then named nll_self); `options`: decode.generate's method options (mask_ids, draft_ids, k_max);
-    `hf`: a transformers model of the same weights for method "hf"; progress: a bar per method on stderr.
+    `hf`: a transformers model of the same weights for method "hf"; progress: a bar per method on stderr;
+    compile: torch.compile the model's forward (CUDA graphs are used on CUDA in any case).
+    exact_match compares a method with plain greedy decoding run apart (its "reference"): `ar` itself in float32,
+    and in lower precision `ar` padded to the method's query length, the bit-exact reference (decode.py).
     Returns {"methods": {name: metrics}, ...}, JSON-ready."""
     options, original = options or {}, original or model
     device = model.embed.weight.device
@@ -109,21 +112,23 @@ def run(model, tokenizer, methods, prompts, max_new_tokens=128, original=None, o
     stop_ids = list(tokenizer.stop_ids)
     answers = [p.get("answer") if numeric(p.get("answer")) else None for p in prompts]
 
-    def generate(method, prompt, n, stats=None, generator=None, temp=temperature):
+    methods = list(dict.fromkeys(methods))
+    max_len = max(map(len, ids)) + max_new_tokens
+    gens = {m: torch.Generator(device).manual_seed(seed) for m in methods}
+    sampling = decode.Sampling(temperature)
+    # one strategy per method, built once: its buffers, CUDA graphs and compiled kernels serve every prompt
+    strategies = {m: decode.make_strategy(model, m, max_len, sampling, gens[m], compile=compile, **options)
+                  for m in methods if m != HF}
+
+    def generate(method, prompt, n, stats=None):
         if method == HF:
             return hf_generate(hf, prompt, n, stop_ids)
-        return decode.generate(model, [prompt], n, temp, stop_ids=stop_ids, generator=generator, method=method,
-                               stats=stats, **options)[0]
+        return decode.generate(model, [prompt], n, stop_ids=stop_ids, method=strategies[method], stats=stats)[0]
 
-    # plain greedy ar: the reference for exact match (taken from the timed ar run when that is greedy)
-    methods, reference = list(dict.fromkeys(methods)), None
-    if temperature > 0 or "ar" not in methods:
-        reference = [generate("ar", p, max_new_tokens, temp=0.0) for p in ids]
-    for method in methods:                                  # warm-up; a method that cannot run fails here, early
+    for method in methods:                                  # warm-up (graph capture, compilation), untimed
         for p in ids[:max(warmup, 1)]:
-            generate(method, p, max_new_tokens if warmup else 1, generator=torch.Generator(device).manual_seed(seed))
+            generate(method, p, max_new_tokens if warmup else 1)
     # timed prompt by prompt, every method in turn: clock ramps and first-time costs fall on no method alone
-    gens = {m: torch.Generator(device).manual_seed(seed) for m in methods}
     stats, outs = {m: decode.Stats() for m in methods}, {m: [] for m in methods}
     wall, ttft = dict.fromkeys(methods, 0.0), dict.fromkeys(methods, 0.0)
     bars = {m: tqdm(total=len(ids), desc=f"{m:<15}", position=i, file=sys.stderr,
@@ -131,16 +136,23 @@ def run(model, tokenizer, methods, prompts, max_new_tokens=128, original=None, o
             for i, m in enumerate(methods)}
     for p in ids:
         for m in methods:
-            out, dt = timed(device, lambda: generate(m, p, max_new_tokens, stats[m], gens[m]))
+            out, dt = timed(device, lambda: generate(m, p, max_new_tokens, stats[m]))
             outs[m].append(out)
             wall[m] += dt
         for m in methods:   # time to first token: a prefill-only call
-            ttft[m] += timed(device, lambda: generate(m, p, 1, generator=gens[m]))[1]
+            ttft[m] += timed(device, lambda: generate(m, p, 1))[1]
             bars[m].update()
     for bar in bars.values():
         bar.close()
-    if reference is None:
-        reference = outs["ar"]
+    references = {m: reference_method(m, strategies.get(m), model) for m in methods}
+    greedy = {}                                             # plain greedy outputs, run apart unless timed above
+    for ref in set(references.values()):
+        if ref in methods and temperature == 0:
+            greedy[ref] = outs[ref]
+        else:
+            strategy = decode.make_strategy(model, ref, max_len, compile=compile, **options)
+            greedy[ref] = [decode.generate(model, [p], max_new_tokens, stop_ids=stop_ids, method=strategy)[0]
+                           for p in ids]
     nll_key = "nll_self" if nll_self else "nll"
     results = {}
     for method in methods:
@@ -156,7 +168,8 @@ def run(model, tokenizer, methods, prompts, max_new_tokens=128, original=None, o
             "tok_s": tokens / wall[method],
             "speedup": None,
             "tokens_per_forward": stat.tokens_per_forward if ours else None,
-            "exact_match": sum(o == r for o, r in zip(outs[method], reference)) / len(ids),
+            "exact_match": sum(o == r for o, r in zip(outs[method], greedy[references[method]])) / len(ids),
+            "reference": references[method],
             "acceptance_rate": stat.acceptance_rate,
             "cum_acceptance_rate": stat.cum_acceptance_rate,
             nll_key: output_nll(original, ids, outs[method]),
@@ -170,6 +183,14 @@ def run(model, tokenizer, methods, prompts, max_new_tokens=128, original=None, o
     return {"device": str(device), "dtype": str(model.embed.weight.dtype).replace("torch.", ""),
             "num_prompts": len(ids), "max_new_tokens": max_new_tokens, "temperature": temperature,
             "nll_key": nll_key, "methods": results, "notes": []}
+
+
+def reference_method(method, strategy, model):
+    """The plain greedy decoding a method's output is compared with: `ar` in float32; otherwise `ar@Q`, padded to
+    the method's query length Q, whose forwards round exactly as the method's verification forwards do."""
+    if strategy is None or model.embed.weight.dtype == torch.float32:
+        return "ar"
+    return f"ar@{strategy.query_len}" if strategy.query_len > 1 else "ar"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -383,7 +404,8 @@ def main(argv=None):
         if not methods:
             raise ValueError("nothing left to measure")
         res = run(model, tokenizer, methods, rows[:args.num_prompts], args.max_new_tokens, original, options,
-                  args.temperature, args.seed, args.warmup, hf, nll_self=original is None, progress=True)
+                  args.temperature, args.seed, args.warmup, hf, nll_self=original is None, progress=True,
+                  compile=args.compile)
     except (ValueError, OSError) as e:
         decode.fail(e)
     res["notes"] += notes

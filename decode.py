@@ -432,15 +432,17 @@ LOSSY = {"static", "confadapt"}    # methods that emit predictions nothing check
 
 
 def parse_method(name):
-    """'ar' | 'mtp' | 'mtp@D' | 'static@K' | 'confadapt@TAU' | 'verified@K' -> (kind, value); a ValueError names the
-    allowed values."""
+    """'ar' | 'ar@Q' | 'mtp' | 'mtp@D' | 'static@K' | 'confadapt@TAU' | 'verified@K' -> (kind, value); a ValueError
+    names the allowed values. ar@Q is plain decoding padded to Q tokens per forward (the bf16 reference of a method
+    whose forwards carry Q tokens: mtp@D's is ar@(D+1), verified@K's ar@(2K-1))."""
     kind, _, arg = name.partition("@")
-    defaults = {"ar": None, "mtp": 3, "static": 3, "confadapt": 0.9, "verified": 4}
-    if kind not in defaults or (kind == "ar" and arg):
-        raise ValueError(f"unknown method {name!r}: expected ar, mtp@D, static@K, confadapt@TAU or verified@K")
+    defaults = {"ar": 1, "mtp": 3, "static": 3, "confadapt": 0.9, "verified": 4}
+    if kind not in defaults:
+        raise ValueError(f"unknown method {name!r}: expected ar, ar@Q, mtp@D, static@K, confadapt@TAU or verified@K")
     if not arg:
         return kind, defaults[kind]
-    allowed = {"mtp": ("D", 1), "static": ("K", 2), "verified": ("K", 2)}
+    allowed = {"ar": ("Q", 1, MAX_QUERY), "mtp": ("D", 1, MAX_DRAFTS), "static": ("K", 2, MAX_DRAFTS),
+               "verified": ("K", 2, MAX_DRAFTS)}
     try:
         value = float(arg) if kind == "confadapt" else int(arg)
     except ValueError:
@@ -448,20 +450,21 @@ def parse_method(name):
     if kind == "confadapt":
         if value is None or not 0 < value <= 1:
             raise ValueError(f"method {name!r}: TAU must be a number in (0, 1]")
-    elif value is None or not allowed[kind][1] <= value <= MAX_DRAFTS:
-        letter, low = allowed[kind]
-        raise ValueError(f"method {name!r}: {letter} must be an integer from {low} to {MAX_DRAFTS}")
+    elif value is None or not allowed[kind][1] <= value <= allowed[kind][2]:
+        letter, low, high = allowed[kind]
+        raise ValueError(f"method {name!r}: {letter} must be an integer from {low} to {high}")
     return kind, value
 
 
 def make_strategy(model, method, max_len, sampling=Sampling(), generator=None, schedule=None, draft_ids=None,
-                  mask_ids=None, k_max=K_MAX, batch_size=1, query_len=1, graphs=None, compile=False):
+                  mask_ids=None, k_max=K_MAX, batch_size=1, graphs=None, compile=False):
     """A strategy for `method` with buffers for prompt + new tokens of up to max_len positions. Build one and pass it
-    to generate as `method` to keep its CUDA graphs across calls. query_len: ar's padded step length."""
+    to generate as `method` to keep its CUDA graphs (and compiled kernels) across calls. graphs: CUDA graphs (default:
+    on CUDA); compile: torch.compile the model's forward too."""
     kind, value = parse_method(method)
     engine = dict(sampling=sampling, generator=generator, graphs=graphs, compile=compile)
     if kind == "ar":
-        return Autoregressive(model, max_len, batch_size=batch_size, query_len=query_len, **engine)
+        return Autoregressive(model, max_len, batch_size=batch_size, query_len=value, **engine)
     if kind == "mtp":
         return HeadDrafts(model, max_len, value, schedule, draft_ids, **engine)
     if not mask_ids:
@@ -732,11 +735,15 @@ def add_model_args(p, max_new_tokens):
                    help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weights and activations (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model's forward before its CUDA graphs "
+                   "are captured (cuda only; about a minute of compilation per step shape)")
 
 
 def check_model_args(args, methods):
     """Checks that need several options; returns the torch dtype."""
     kinds = {parse_method(m)[0] for m in methods}
+    if args.compile and not args.device.startswith("cuda"):
+        fail("--compile: only with --device cuda (the CPU path runs eagerly)")
     unused = [(args.heads, "--heads", "mtp" in kinds), (args.draft_vocab, "--draft_vocab", "mtp" in kinds),
               (args.mask, "--mask", bool(kinds & {"static", "confadapt", "verified"}))]
     for value, option, used in unused:
@@ -797,7 +804,7 @@ def main(argv=None):
         stats, trace = Stats(), []
         t0 = time.perf_counter()
         out = generate(model, [ids], args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                       tokenizer.stop_ids, generator, args.method, stats, trace, **options)[0]
+                       tokenizer.stop_ids, generator, args.method, stats, trace, compile=args.compile, **options)[0]
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0

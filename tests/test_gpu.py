@@ -18,13 +18,13 @@ LOSSLESS = [("mtp@1", {}), ("mtp@3", {}), ("mtp@4", {"schedule": [0, 1, 1, 0]}),
             ("verified@5", {})]
 
 
-def run(m, method, prompts, n, graphs, query_len=1, **options):
+def run(m, method, prompts, n, graphs=None, **options):
     max_len = max(map(len, prompts)) + n
     if method.startswith(("static", "confadapt", "verified")):
         options["mask_ids"] = [V - 1]
     outs = []
     for p in prompts:   # one strategy for all prompts: graphs captured once, replayed across prompts
-        s = make_strategy(m, method, max_len, graphs=graphs, query_len=query_len, **options) if not outs else s
+        s = make_strategy(m, method, max_len, graphs=graphs, **options) if not outs else s
         outs += generate(m, [p], n, method=s)
     return outs
 
@@ -35,7 +35,7 @@ def test_graph_equals_eager_float32(arch):
     prompts = [prompt(s, n) for s, n in ((0, 3), (1, 17), (2, 9))]
     ref = run(m, "ar", prompts, 40, graphs=False)
     assert run(m, "ar", prompts, 40, graphs=True) == ref
-    assert run(m, "ar", prompts, 40, graphs=True, query_len=4) == ref
+    assert run(m, "ar@4", prompts, 40, graphs=True) == ref
     for method, options in LOSSLESS:
         assert run(m, method, prompts, 40, graphs=True, **options) == ref, method
     for method in ("static@3", "confadapt@0.5"):
@@ -62,7 +62,7 @@ def test_bf16_lossless_with_shared_query_length():
     prompts = [torch.randint(0, 508, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 30, 64)]
     for method, options in LOSSLESS:
         q = make_strategy(m, method, 200, mask_ids=[511], **options).query_len
-        ref = run(m, "ar", prompts, 96, graphs=True, query_len=q)
+        ref = run(m, f"ar@{q}", prompts, 96, graphs=True)
         options = dict(options, mask_ids=[511]) if method.startswith("verified") else options
         outs = []
         for p in prompts:
