@@ -11,6 +11,8 @@ Conventions used everywhere in the project:
   which is all the "rollback" speculative decoding ever needs.
 - `mask`, when given, is a boolean (B, T, S) "may attend" matrix that replaces the position rule (Paper A's
   blocked-causal training layout needs it). S is T without a cache, the cache length with one.
+- `slots`, when given, (B, T) cache slots that differ from the positions (tree drafts verify candidates in scratch
+  slots beyond the sequence); it always comes with a `mask`, since the position rule assumes slot = position.
 - The forward pass returns logits for every position and, on request, the last block's output (the residual stream
   before the final norm), which the MTP heads consume.
 """
@@ -140,11 +142,11 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
-    def update(self, pos, k, v):
-        # pos: (B, T); k, v: (B, T, n_kv_head, head_dim). Advanced indexing writes every row at its own positions.
+    def update(self, slots, k, v):
+        # slots: (B, T); k, v: (B, T, n_kv_head, head_dim). Advanced indexing writes every row at its own slots.
         rows = torch.arange(k.size(0), device=k.device)[:, None]
-        self.k[rows, pos] = k
-        self.v[rows, pos] = v
+        self.k[rows, slots] = k
+        self.v[rows, slots] = v
         return self.k, self.v
 
 
@@ -171,7 +173,7 @@ class Attention(nn.Module):
         self.v_proj = Linear(cfg.n_embd, cfg.n_kv_head * hd, bias=cfg.bias)
         self.o_proj = Linear(cfg.n_head * hd, cfg.n_embd, bias=cfg.bias)
 
-    def forward(self, x, pos, rope, cache, mask, gate=None):
+    def forward(self, x, slots, rope, cache, mask, gate=None):
         B, T, _ = x.shape
         hd = self.cfg.head_dim
         q = self.q_proj(x, gate).view(B, T, self.cfg.n_head, hd)
@@ -182,7 +184,7 @@ class Attention(nn.Module):
             q = apply_rope(q.transpose(1, 2), cos, sin).transpose(1, 2)
             k = apply_rope(k.transpose(1, 2), cos, sin).transpose(1, 2)
         if cache is not None:
-            k, v = cache.update(pos, k, v)                        # (B, S, n_kv_head, hd), S = cache length
+            k, v = cache.update(slots, k, v)                       # (B, S, n_kv_head, hd), S = cache length
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),   # (B, heads, T or S, hd)
             attn_mask=mask[:, None], enable_gqa=self.cfg.n_kv_head != self.cfg.n_head)
@@ -212,8 +214,8 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, pos, rope, cache, mask, gate=None):
-        x = x + self.attn(self.attn_norm(x), pos, rope, cache, mask, gate)
+    def forward(self, x, slots, rope, cache, mask, gate=None):
+        x = x + self.attn(self.attn_norm(x), slots, rope, cache, mask, gate)
         return x + self.mlp(self.mlp_norm(x), gate)
 
 
@@ -228,9 +230,9 @@ class MTPHead(nn.Module):
         self.proj = nn.Linear(2 * cfg.n_embd, cfg.n_embd, bias=False)
         self.block = Block(cfg)
 
-    def forward(self, h_prev, emb, pos, rope, cache, mask):
+    def forward(self, h_prev, emb, slots, rope, cache, mask):
         x = self.proj(torch.cat([self.h_norm(h_prev), self.e_norm(emb)], dim=-1))
-        return self.block(x, pos, rope, cache, mask)
+        return self.block(x, slots, rope, cache, mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -279,9 +281,10 @@ class Transformer(nn.Module):
 
     # --- the backbone
 
-    def hidden(self, idx, pos=None, caches=None, mask=None):
+    def hidden(self, idx, pos=None, caches=None, mask=None, slots=None):
         """idx (B, T) token ids -> the last block's output (B, T, n_embd), before the final norm.
-        pos (B, T) absolute positions (default 0..T-1); caches: list of KVCache, one per layer, or None."""
+        pos (B, T) absolute positions (default 0..T-1); caches: list of KVCache, one per layer, or None;
+        slots (B, T): where the cache stores the keys (default: pos)."""
         if pos is None:
             pos = self.default_pos(idx)
         x = self.embed(idx)
@@ -291,12 +294,12 @@ class Transformer(nn.Module):
         gate = self.lora_gate(idx)
         mask = attention_mask(pos, None if caches is None else caches[0], mask)
         for i, block in enumerate(self.blocks):
-            x = block(x, pos, rope, None if caches is None else caches[i], mask, gate)
+            x = block(x, pos if slots is None else slots, rope, None if caches is None else caches[i], mask, gate)
         return x
 
-    def forward(self, idx, pos=None, caches=None, mask=None, return_hidden=False):
+    def forward(self, idx, pos=None, caches=None, mask=None, return_hidden=False, slots=None):
         """idx (B, T) token ids -> logits (B, T, vocab) [, hidden (B, T, n_embd)]; arguments as in hidden()."""
-        x = self.hidden(idx, pos, caches, mask)
+        x = self.hidden(idx, pos, caches, mask, slots)
         logits = self.logits(x)
         return (logits, x) if return_hidden else logits
 
@@ -343,11 +346,12 @@ class Transformer(nn.Module):
 
     # --- the MTP heads
 
-    def head_forward(self, module, h_prev, next_idx, pos, cache=None, mask=None):
+    def head_forward(self, module, h_prev, next_idx, pos, cache=None, mask=None, slots=None):
         """Run MTP module `module` (an index into self.heads): h_prev (B, T, C) is the previous depth's hidden
-        state at positions pos, next_idx (B, T) the token one step further. Returns this depth's hidden state."""
-        return self.heads[module](h_prev, self.embed(next_idx), pos, self.rope(pos), cache,
-                                  attention_mask(pos, cache, mask))
+        state at positions pos, next_idx (B, T) the token one step further; slots as in hidden(). Returns this
+        depth's hidden state."""
+        return self.heads[module](h_prev, self.embed(next_idx), pos if slots is None else slots, self.rope(pos),
+                                  cache, attention_mask(pos, cache, mask))
 
     def make_caches(self, batch_size, max_len=None, n_depths=0, device=None, dtype=None):
         """KV caches for the backbone and, if n_depths > 0, one single-layer cache per draft depth."""
