@@ -4,6 +4,8 @@ Generation: one `generate` loop, decoding methods as small strategies, every ste
 - `ar`            plain autoregressive decoding, batched, one token per forward.
 - `mtp@D`         Paper B: the MTP heads draft D tokens, the main model verifies them in one forward. Lossless:
                   greedy output is identical to `ar`, sampled output follows the same distribution.
+- `tree@DxK`      the MTP heads draft a tree (top K at depth 1, halving deeper; or `tree@b1,b2,...`), the main
+                  model verifies it in one forward. Lossless, greedy only.
 - `static@K`      Paper A: K-1 mask tokens after the text, emit all K predictions per forward. LOSSY.
 - `confadapt@TAU` Paper A: as static, but emit only the leading predictions whose top-1 probability >= TAU
                   (at least one). LOSSY.
@@ -31,6 +33,7 @@ CLI: python decode.py --init_from smollm2 --prompt "What is the capital of Franc
 """
 
 import argparse
+import itertools
 import sys
 import time
 import weakref
@@ -115,6 +118,7 @@ class Stats:
     proposed: list = field(default_factory=list)       # proposed[d]: drafts at depth d+1 that were checked
     accepted: list = field(default_factory=list)       # accepted[d]: drafts at depth d+1 that were accepted
     reached: list = field(default_factory=list)        # reached[d]: steps where depths 1..d+1 were all accepted
+    accepted_lengths: list = field(default_factory=list)   # accepted_lengths[n]: steps that accepted n drafts
 
     def record(self, n_drafts, n_accepted):
         for counts in (self.proposed, self.accepted, self.reached):
@@ -122,6 +126,8 @@ class Stats:
         if n_drafts == 0:      # a forward with nothing to verify (verified@K after a rejection) is not a step
             return
         self.steps += 1
+        self.accepted_lengths.extend([0] * (n_drafts + 1 - len(self.accepted_lengths)))
+        self.accepted_lengths[n_accepted] += 1
         for d in range(min(n_accepted + 1, n_drafts)):  # depth d is checked only if every earlier depth passed
             self.proposed[d] += 1
         for d in range(n_accepted):
@@ -348,6 +354,133 @@ class HeadDrafts(Strategy):
         return new, (self.depths, n)
 
 
+class TreeDrafts(Strategy):
+    """Tree drafts for `mtp` (Medusa, EAGLE-2): each depth proposes its top candidates after every candidate of the
+    depth before, and one main forward verifies the whole tree. Greedy only: the output is identical to `ar`
+    (sampling from a tree needs multi-draft rejection sampling, which is not built: use mtp@D to sample).
+
+    The tree, branches (b_1, ..., b_D): the root (node 0) is t[L]; level d holds the top-b_d tokens after each node
+    of level d-1, node by node, best first. So the first node of every level is the chain mtp@D drafts (a tree of
+    ones is that chain), and every step has the same N nodes: one query of 1 + N tokens.
+
+    Drafting, per depth d, one call of its head over two kinds of query: the window (positions L-1-2D..L-2,
+    recomputed each step as HeadDrafts does, from the chain's tokens) and every node of level d-1, at position
+    L-1. A node's input is its parent's state of depth d-1 and its own token (the root: h0[L-1] and t[L]); its query
+    sees the depth's cache up to slot L-2 and its own key, written to a scratch slot beyond the sequence; its top
+    b_d tokens become its children. Exact at depths 1 and 2. From depth 3 on, an off-chain node sees the chain's
+    states at L-2, L-3, ... (computed from the chain's tokens, not its own ancestors'): an approximation of drafting
+    only, which verification keeps lossless.
+
+    Verification: one forward of [t[L], nodes...] at positions L + level, the root in slot L and the nodes in their
+    scratch slots; each query sees the prefix (slots < L), its ancestors and itself. Siblings carry distinct tokens,
+    so the nodes that equal their parent's argmax form one path from the root: it is accepted, and the main model's
+    argmax at its last node is the bonus token. The path's keys, values and hidden states then move to slots
+    L+1..L+n, so that the next step starts from slot = position again. All of it is one graphed step."""
+    speculative = True
+
+    def __init__(self, model, max_len, branches, schedule=None, draft_ids=None, sampling=Sampling(), generator=None,
+                 graphs=None, compile=False):
+        if not sampling.greedy:
+            raise ValueError("tree drafts decode greedily only (temperature 0): sampling from a tree is not built; "
+                             "use mtp@D to sample")
+        if len(model.heads) == 0:
+            raise ValueError("method tree needs a model with MTP heads (train.py --mode heads, or --heads FILE)")
+        depths = len(branches)
+        sizes = [1]                                                # nodes per level, the root's included
+        for b in branches:
+            sizes.append(sizes[-1] * b)
+        super().__init__(model, 1, max_len, sum(sizes), sampling, generator, graphs, compile)
+        self.schedule = schedule or [min(d, len(model.heads) - 1) for d in range(depths)]  # loop the last head
+        if len(self.schedule) != depths or max(self.schedule) >= len(model.heads):
+            raise ValueError(f"head schedule {self.schedule} does not fit {depths} depths and {len(model.heads)} heads")
+        self.branches, self.depths, self.window = list(branches), depths, 2 * depths
+        self.first = [0] + list(itertools.accumulate(sizes))      # level d is nodes first[d] .. first[d+1]-1
+        parents, levels = [0], [0]
+        for d, b in enumerate(branches, 1):
+            for node in range(self.first[d - 1], self.first[d]):
+                parents += [node] * b
+                levels += [d] * b
+        up = [[0] * (depths + 1)]                                  # up[i][k]: node i's ancestor at level k, i past it
+        for i in range(1, len(parents)):
+            up.append(up[parents[i]][:levels[i]] + [i] * (depths + 1 - levels[i]))
+        self.parents, self.levels, self.up = (torch.tensor(x, device=self.device) for x in (parents, levels, up))
+        self.ancestors = torch.tensor([[j in row[:levels[i] + 1] for j in range(len(up))] for i, row in enumerate(up)],
+                                      device=self.device)                   # (1+N, 1+N): ancestor or self
+        self.draft_ids = draft_ids
+        self.draft_head = None if draft_ids is None else model.lm_head.weight[draft_ids]
+        self.newest = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.hidden = torch.zeros(1, self.cache_len, model.cfg.n_embd, device=self.device, dtype=model.embed.weight.dtype)
+        self.caches, self.depth_caches = model.make_caches(1, self.cache_len, n_depths=depths)
+        self.nodes = torch.zeros(self.query_len, dtype=torch.long, device=self.device)   # the tree's tokens
+        self.slot_ids = torch.arange(self.cache_len, device=self.device)
+        self.scratch = self.cache_len - MAX_QUERY + torch.arange(self.query_len, device=self.device)  # node i's slot
+        self.window_offsets = torch.arange(self.window, device=self.device)
+        self.path_offsets = torch.arange(depths + 1, device=self.device)
+        self.greedy_step = Graph(self._greedy_step, self.graphs)
+
+    def prefill(self, prompt):
+        n = len(prompt)
+        self.tokens[0, :n] = torch.tensor(prompt, device=self.device)
+        pos = torch.arange(n, device=self.device)[None]
+        h = self.model.hidden(self.tokens[:, :n], pos, self.caches)
+        self.hidden[:, :n] = h
+        self.tokens[0, n] = self.model.logits(h[0, -1]).argmax(-1)
+        self.newest.fill_(n)
+        for d in range(1, self.depths + 1):   # the heads' caches over the prompt; the window redoes the last positions
+            h = self.model.head_forward(self.schedule[d - 1], h, self.tokens[:, d:n + d], pos, self.depth_caches[d - 1])
+        return [int(self.tokens[0, n])]
+
+    def draft(self):
+        """Depths 1..D, one head call each over the window and the nodes of the level before; writes the tree's
+        tokens to self.nodes and its first path (the chain, which the window reads at later depths) to t[L+1..]."""
+        L = self.newest
+        win = (L - 1 - self.window).clamp_min(0) + self.window_offsets          # (W,) positions, up to L-2
+        self.nodes[:1] = self.tokens[0, L]
+        h_win, h_nodes = self.hidden[:, win], self.hidden[:, L - 1]             # (1, W, C), the root's (1, 1, C)
+        for d, b in enumerate(self.branches, 1):
+            lo, hi, end = self.first[d - 1], self.first[d], self.first[d + 1]  # level d-1: lo..hi-1; d: hi..end-1
+            slots = torch.cat([win, self.scratch[lo:hi]])
+            sees = torch.cat([win, (L - 2).expand(hi - lo)])                    # the last prefix slot each query sees
+            mask = (self.slot_ids <= sees[:, None]) | (self.slot_ids == slots[:, None])
+            pos = torch.cat([win, (L - 1).expand(hi - lo)])
+            idx = torch.cat([self.tokens[0, win + d], self.nodes[lo:hi]])
+            h = self.head_forward(self.schedule[d - 1], torch.cat([h_win, h_nodes], 1), idx[None],
+                                  self.positions(pos)[None], self.depth_caches[d - 1], mask[None], slots[None])
+            h_win, states = h[:, :self.window], h[:, self.window:]
+            top = self.model.logits(states[0], self.draft_head).topk(b, -1).indices.flatten()   # children, in order
+            self.nodes[hi:end] = top if self.draft_ids is None else self.draft_ids[top]
+            self.tokens[0, L + d] = self.nodes[hi:hi + 1]
+            h_nodes = states.repeat_interleave(b, 1)                            # each child's parent state
+
+    def _greedy_step(self):
+        self.draft()
+        L = self.newest
+        slots = torch.cat([L, self.scratch[1:]])
+        mask = (self.slot_ids < L).expand(self.query_len, -1).index_copy(1, slots, self.ancestors)
+        logits, h = self.forward(self.nodes[None], self.positions(L + self.levels)[None], self.caches, mask[None],
+                                 return_hidden=True, slots=slots[None])
+        target = logits[0].argmax(-1)                                  # the main model's token after each node
+        wrong = self.nodes != target[self.parents]
+        wrong[0] = False                                               # the root is known
+        accepted = ~(self.ancestors & wrong).any(1)                    # right from the root down to the node
+        last = (accepted * self.levels).argmax(0, keepdim=True)        # the accepted path's end: its deepest node
+        n, path = self.levels[last], self.up[last][0]                  # path: root, levels 1..n, then `last` again
+        dst = L + self.path_offsets
+        self.tokens[0, dst[1:]] = self.nodes[path[1:]]
+        self.tokens[0, L + n + 1] = target[last]
+        for cache in self.caches:   # slot = position for the path; copies past n land beyond the new position
+            cache.k[:, dst] = cache.k[:, slots[path]]
+            cache.v[:, dst] = cache.v[:, slots[path]]
+        self.hidden[:, dst] = h[:, path]
+        return torch.cat([n, self.tokens[0, L + 1 + self.path_offsets]])   # n, t[L+1..L+D+1]
+
+    def step(self):
+        out = self.greedy_step().tolist()                              # the step's one host read-back
+        n = out[0]
+        self.newest += n + 1
+        return out[1:n + 2], (self.depths, n)
+
+
 class MaskDrafts(Strategy):
     """Paper A: k-1 mask tokens after the text make one forward predict k tokens.
 
@@ -426,21 +559,25 @@ class MaskDrafts(Strategy):
 # ----------------------------------------------------------------------------------------------------------------
 # the one generate
 
-MAX_DRAFTS = 16   # mtp@D's D and static/verified@K's K: far beyond what any head or mask token drafts usefully
+MAX_DRAFTS = 16   # mtp@D's D, tree@'s depth and static/verified@K's K: far beyond what drafts usefully reach
 K_MAX = 16        # ConfAdapt's k (Paper A's k_max) where the mask-token model does not name its own
 LOSSY = {"static", "confadapt"}    # methods that emit predictions nothing checks
 
 
 def parse_method(name):
-    """'ar' | 'ar@Q' | 'mtp' | 'mtp@D' | 'static@K' | 'confadapt@TAU' | 'verified@K' -> (kind, value); a ValueError
-    names the allowed values. ar@Q is plain decoding padded to Q tokens per forward (the bf16 reference of a method
-    whose forwards carry Q tokens: mtp@D's is ar@(D+1), verified@K's ar@(2K-1))."""
+    """'ar' | 'ar@Q' | 'mtp' | 'mtp@D' | 'tree@DxK' | 'tree@b1,b2,...' | 'static@K' | 'confadapt@TAU' | 'verified@K'
+    -> (kind, value); a ValueError names the allowed values. ar@Q is plain decoding padded to Q tokens per forward
+    (the bf16 reference of a method whose forwards carry Q tokens: mtp@D's is ar@(D+1), verified@K's ar@(2K-1), a
+    tree's ar@(1 + its nodes)). A tree's value is its branch factors per depth."""
     kind, _, arg = name.partition("@")
-    defaults = {"ar": 1, "mtp": 3, "static": 3, "confadapt": 0.9, "verified": 4}
+    defaults = {"ar": 1, "mtp": 3, "tree": (4, 2, 1), "static": 3, "confadapt": 0.9, "verified": 4}
     if kind not in defaults:
-        raise ValueError(f"unknown method {name!r}: expected ar, ar@Q, mtp@D, static@K, confadapt@TAU or verified@K")
+        raise ValueError(f"unknown method {name!r}: expected ar, ar@Q, mtp@D, tree@DxK, tree@b1,b2,..., static@K, "
+                         f"confadapt@TAU or verified@K")
     if not arg:
         return kind, defaults[kind]
+    if kind == "tree":
+        return kind, tree_branches(name, arg)
     allowed = {"ar": ("Q", 1, MAX_QUERY), "mtp": ("D", 1, MAX_DRAFTS), "static": ("K", 2, MAX_DRAFTS),
                "verified": ("K", 2, MAX_DRAFTS)}
     try:
@@ -456,6 +593,24 @@ def parse_method(name):
     return kind, value
 
 
+def tree_branches(name, arg):
+    """tree@DxK: depth D, K candidates at depth 1, halving at each depth below (at least 1): 3x4 is 4,2,1 and 4x4 is
+    4,2,1,1. tree@b1,b2,...: the branch factors as given. The tree (1 + its nodes) must fit one query of MAX_QUERY."""
+    depth, x, k = arg.partition("x")
+    try:
+        branches = [max(1, int(k) >> d) for d in range(int(depth))] if x else [int(b) for b in arg.split(",")]
+    except ValueError:
+        branches = []
+    if not branches or min(branches) < 1 or len(branches) > MAX_DRAFTS or (x and int(k) < 1):
+        raise ValueError(f"method {name!r}: expected tree@DxK (depth D from 1 to {MAX_DRAFTS}, K >= 1) or tree@b1,b2,"
+                         f"... (a branch factor >= 1 per depth, up to {MAX_DRAFTS} depths)")
+    nodes = sum(itertools.accumulate(branches, lambda n, b: n * b))
+    if 1 + nodes > MAX_QUERY:
+        raise ValueError(f"method {name!r}: a tree of {nodes} nodes does not fit one forward of MAX_QUERY={MAX_QUERY} "
+                         f"tokens (at most {MAX_QUERY - 1} nodes)")
+    return tuple(branches)
+
+
 def make_strategy(model, method, max_len, sampling=Sampling(), generator=None, schedule=None, draft_ids=None,
                   mask_ids=None, k_max=K_MAX, batch_size=1, graphs=None, compile=False):
     """A strategy for `method` with buffers for prompt + new tokens of up to max_len positions. Build one and pass it
@@ -467,6 +622,8 @@ def make_strategy(model, method, max_len, sampling=Sampling(), generator=None, s
         return Autoregressive(model, max_len, batch_size=batch_size, query_len=value, **engine)
     if kind == "mtp":
         return HeadDrafts(model, max_len, value, schedule, draft_ids, **engine)
+    if kind == "tree":
+        return TreeDrafts(model, max_len, value, schedule, draft_ids, **engine)
     if not mask_ids:
         raise ValueError(f"method {method} needs a mask-token model (train.py --mode mask) and its mask token ids")
     if kind == "confadapt":
@@ -593,7 +750,7 @@ def setup(source, methods, device="cpu", dtype=torch.float32, heads=None, mask=N
         options["k_max"] = train_args.get("k_max", K_MAX)
         if not model.cfg.lora_gated:   # its training moved the next-token predictions too
             original = _init_from(source, train_args.get("init_from"))
-    if "mtp" in kinds:
+    if kinds & {"mtp", "tree"}:
         files = heads if heads is not None else [f for f in DEFAULT_HEADS.get(str(source), []) if f.is_file()]
         ids = None
         for f in files:
@@ -744,7 +901,10 @@ def check_model_args(args, methods):
     kinds = {parse_method(m)[0] for m in methods}
     if args.compile and not args.device.startswith("cuda"):
         fail("--compile: only with --device cuda (the CPU path runs eagerly)")
-    unused = [(args.heads, "--heads", "mtp" in kinds), (args.draft_vocab, "--draft_vocab", "mtp" in kinds),
+    if args.temperature > 0 and "tree" in kinds:
+        fail("--temperature: tree drafts decode greedily only (temperature 0); use mtp@D to sample")
+    heads = bool(kinds & {"mtp", "tree"})
+    unused = [(args.heads, "--heads", heads), (args.draft_vocab, "--draft_vocab", heads),
               (args.mask, "--mask", bool(kinds & {"static", "confadapt", "verified"}))]
     for value, option, used in unused:
         if value is not None and not used:
@@ -782,8 +942,8 @@ def main(argv=None):
     p = Parser(__doc__.split("\n\n")[0])
     p.add_argument("--prompt", default="What is the capital of France?", help="the user's message")
     p.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
-    p.add_argument("--method", type=method_arg, default="ar", help="ar, mtp@D, static@K, confadapt@TAU or "
-                   f"verified@K (D and K up to {MAX_DRAFTS}, TAU in (0, 1])")
+    p.add_argument("--method", type=method_arg, default="ar", help="ar, mtp@D, tree@DxK or tree@b1,b2,... "
+                   f"(greedy only), static@K, confadapt@TAU or verified@K (D and K up to {MAX_DRAFTS}, TAU in (0, 1])")
     add_model_args(p, max_new_tokens=64)
     p.add_argument("--top_k", type=number(int, 1), default=None, help="sample among the k most likely tokens")
     p.add_argument("--top_p", type=number(float, 0, 1, low_open=True), default=None, help="nucleus sampling: keep "
