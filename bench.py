@@ -3,10 +3,10 @@ Measurement: every decoding method side by side, in one process, on the same pro
 
 For each method: tokens/s (generated tokens / wall time of generate, prefill included, device synchronised),
 speedup (tokens/s over `ar`'s from the same run), tokens per forward, per-depth acceptance AR_d and cumulative CAR_d
-(decode.Stats; definitions in DESIGN.md "Metrics"), exact match against plain greedy `ar`, mean per-token NLL of the
-output under the original model (the main model without heads or adapters; one no-cache forward of prompt + output),
-task accuracy where the prompts carry numeric answers (data/synthmath.py's scorer), and time to first token (a
-prefill-only call, timed apart). Every prompt is decoded alone (batch 1), ar included.
+(decode.Stats; definitions in DESIGN.md "Metrics"), the accepted-length histogram (steps that accepted n drafts,
+chains and trees), exact match against plain greedy `ar`, mean per-token NLL of the output under the original model
+(the main model without heads or adapters; one no-cache forward of prompt + output), task accuracy where the prompts
+carry numeric answers (data/synthmath.py's scorer), and time to first token (a prefill-only call, timed apart). Every prompt is decoded alone (batch 1), ar included.
 Lossy methods (static@K, confadapt@TAU) are labelled LOSSY. `hf` is another implementation: transformers' own
 `generate` (greedy) on the same weights, for comparison. A table for people; with --json, one JSON object last.
 
@@ -172,6 +172,7 @@ def run(model, tokenizer, methods, prompts, max_new_tokens=128, original=None, o
             "reference": references[method],
             "acceptance_rate": stat.acceptance_rate,
             "cum_acceptance_rate": stat.cum_acceptance_rate,
+            "accepted_lengths": stat.accepted_lengths,
             nll_key: output_nll(original, ids, outs[method]),
             "accuracy": sum(scored) / len(scored) if scored else None,
             "ttft_ms": 1000 * ttft[method] / len(ids),
@@ -220,6 +221,10 @@ def table(res):
                  f"{res['device']} {res['dtype']}; tok/fwd excludes prefill; exact = output identical to plain "
                  f"greedy ar" + ("; nll_self = NLL under the fine-tuned model itself, NOT the original" if
                                  nll == "nll_self" else ""))
+    hists = [f"{name} {' '.join(map(str, r['accepted_lengths']))}" for name, r in res["methods"].items()
+             if r.get("accepted_lengths")]
+    if hists:   # the acceptance histogram beside the rates: how many steps accepted n = 0, 1, 2, ... drafts
+        lines.append("accepted drafts per step, steps with n = 0, 1, 2, ...: " + " | ".join(hists))
     return "\n".join(lines + res["notes"])
 
 
@@ -360,8 +365,9 @@ def tau_list(text):
 
 def main(argv=None):
     p = decode.Parser(__doc__.split("\n\n")[0])
-    p.add_argument("--methods", type=method_list, default="ar,mtp", help="comma-separated: ar, mtp@D, static@K, "
-                   f"confadapt@TAU, verified@K (D and K up to {decode.MAX_DRAFTS}, TAU in (0, 1]), hf (transformers)")
+    p.add_argument("--methods", type=method_list, default="ar,mtp", help="comma-separated: ar, mtp@D, tree@DxK, "
+                   f"tree@b1,b2,..., static@K, confadapt@TAU, verified@K (D and K up to {decode.MAX_DRAFTS}, TAU in "
+                   "(0, 1]), hf (transformers)")
     decode.add_model_args(p, max_new_tokens=128)
     p.add_argument("--prompts", type=decode.existing_file, default=None, help='JSONL file, one {"prompt": text, '
                    '"answer": gold?} a line, the prompt used verbatim (default: data/smollm2_heldout.jsonl for '
