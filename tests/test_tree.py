@@ -162,6 +162,20 @@ def test_tree_accepts_off_chain_and_beats_the_chain(monkeypatch):
     assert tree.tokens_per_forward > chain.tokens_per_forward + 0.2, (tree.tokens_per_forward, chain.tokens_per_forward)
 
 
+def test_tree_step_is_idempotent(monkeypatch):
+    """A CUDA graph's capture runs the step function several times on the same state (decode.Graph): running it
+    three times per step must change nothing, prompts of one token (the window clamped at 0) included."""
+    runs = {}
+    for repeats in (1, 3):
+        monkeypatch.setattr(decode.Graph, "__call__", lambda self: [self.fn() for _ in range(repeats)][-1])
+        m = tiny(2, heads=2, residual=0.01)
+        stats = Stats()
+        runs[repeats] = [generate(m, [prompt(s, n)], 24, method="tree@3x4", stats=stats) for s, n in ((0, 1), (1, 9))]
+        runs[repeats].append(stats.accepted_lengths)
+    assert runs[3] == runs[1]
+    assert runs[1][:2] == [generate(m, [prompt(s, n)], 24) for s, n in ((0, 1), (1, 9))]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # names, errors, stats, bench
 
