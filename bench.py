@@ -353,7 +353,13 @@ def check_prompts_tokenizer(path, tokenizer):
 
 
 def method_list(text):
-    methods = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    names = []
+    for m in filter(None, (m.strip() for m in text.split(","))):
+        if m.isdigit() and names and names[-1].startswith("tree@"):   # tree@4,2,2,1: its branch factors go on
+            names[-1] += f",{m}"
+        else:
+            names.append(m)
+    methods = list(dict.fromkeys(names))
     if not methods:
         raise argparse.ArgumentTypeError("no methods given (e.g. ar,mtp@3)")
     return [m if m == HF else decode.method_arg(m) for m in methods]
