@@ -6,7 +6,8 @@ speedup (tokens/s over `ar`'s from the same run), tokens per forward, per-depth 
 (decode.Stats; definitions in DESIGN.md "Metrics"), the accepted-length histogram (steps that accepted n drafts,
 chains and trees), exact match against plain greedy `ar`, mean per-token NLL of the output under the original model
 (the main model without heads or adapters; one no-cache forward of prompt + output), task accuracy where the prompts
-carry numeric answers (data/synthmath.py's scorer), and time to first token (a prefill-only call, timed apart). Every prompt is decoded alone (batch 1), ar included.
+carry numeric answers (data/synthmath.py's scorer), and time to first token (a prefill-only call, timed apart).
+Every prompt is decoded alone (batch 1), ar included.
 Lossy methods (static@K, confadapt@TAU) are labelled LOSSY. `hf` is another implementation: transformers' own
 `generate` (greedy) on the same weights, for comparison. A table for people; with --json, one JSON object last.
 

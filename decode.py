@@ -409,7 +409,8 @@ class TreeDrafts(Strategy):
         self.draft_ids = draft_ids
         self.draft_head = None if draft_ids is None else model.lm_head.weight[draft_ids]
         self.newest = torch.zeros(1, dtype=torch.long, device=self.device)
-        self.hidden = torch.zeros(1, self.cache_len, model.cfg.n_embd, device=self.device, dtype=model.embed.weight.dtype)
+        self.hidden = torch.zeros(1, self.cache_len, model.cfg.n_embd, device=self.device,
+                                  dtype=model.embed.weight.dtype)
         self.caches, self.depth_caches = model.make_caches(1, self.cache_len, n_depths=depths)
         self.nodes = torch.zeros(self.query_len, dtype=torch.long, device=self.device)   # the tree's tokens
         self.slot_ids = torch.arange(self.cache_len, device=self.device)
