@@ -37,7 +37,7 @@ import model as nano
 
 from data.dataset import check_tokenizer, load_meta
 from data.synthmath import score
-from tokenizer import CharTokenizer
+from tokenizer import CHATML_START, CharTokenizer
 
 HF = "hf"   # the method name of transformers' generate
 QUESTIONS = [  # short held-out chat questions (not in data/'s chat prompts)
@@ -109,7 +109,7 @@ def run(model, tokenizer, methods, prompts, max_new_tokens=128, original=None, o
     options, original = options or {}, original or model
     device = model.embed.weight.device
     prompts = [p if isinstance(p, dict) else {"prompt": p} for p in prompts]
-    ids = [tokenizer.encode(p["prompt"], specials=True) for p in prompts]   # prompts come from the chat template
+    ids = [encode_prompt(tokenizer, p["prompt"]) for p in prompts]
     stop_ids = list(tokenizer.stop_ids)
     answers = [p.get("answer") if numeric(p.get("answer")) else None for p in prompts]
 
@@ -185,6 +185,14 @@ def run(model, tokenizer, methods, prompts, max_new_tokens=128, original=None, o
     return {"device": str(device), "dtype": str(model.embed.weight.dtype).replace("torch.", ""),
             "num_prompts": len(ids), "max_new_tokens": max_new_tokens, "temperature": temperature,
             "nll_key": nll_key, "methods": results, "notes": []}
+
+
+def encode_prompt(tokenizer, text):
+    """A prompt that data/prepare.py wrote is already in the chat template (its control tokens are read as such); a
+    plain message (data/chat_prompts.jsonl, the built-in questions) is put into the template here, as user text."""
+    if text.startswith(CHATML_START):
+        return tokenizer.encode(text, specials=True)
+    return tokenizer.encode_chat(text) if tokenizer.has_chat else tokenizer.encode(text)
 
 
 def reference_method(method, strategy, model):
@@ -405,8 +413,7 @@ def main(argv=None):
         if rows:
             check_prompts_tokenizer(prompts_file, tokenizer)
         else:
-            chat = tokenizer.chat_prompt if tokenizer.has_chat else None   # a from-scratch model's has no template
-            rows = [chat(q) if chat else q for q in QUESTIONS]
+            rows = QUESTIONS
         hf, notes = None, []
         if HF in methods:
             hf, why = hf_model(model, args.init_from)

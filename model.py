@@ -184,11 +184,16 @@ class Attention(nn.Module):
             q = apply_rope(q.transpose(1, 2), cos, sin).transpose(1, 2)
             k = apply_rope(k.transpose(1, 2), cos, sin).transpose(1, 2)
         if cache is not None:
-            k, v = cache.update(slots, k, v)                       # (B, S, n_kv_head, hd), S = cache length
-        y = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),   # (B, heads, T or S, hd)
-            attn_mask=mask[:, None], enable_gqa=self.cfg.n_kv_head != self.cfg.n_head)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1), gate)
+            k, v = cache.update(slots, k, v)                      # (B, S, n_kv_head, hd), S = cache length
+        # Grouped-query attention with the g = n_head / n_kv_head query heads of a group folded into the query
+        # length: every kernel that takes a mask can run it, and keys and values are never repeated (SDPA's
+        # enable_gqa with a mask falls back to a kernel that copies them, costly over a long cache or a big batch).
+        kv, g = self.cfg.n_kv_head, self.cfg.n_head // self.cfg.n_kv_head
+        q = q.view(B, T, kv, g, hd).permute(0, 2, 3, 1, 4).reshape(B, kv, g * T, hd)        # (B, kv, g*T, hd)
+        mask = mask[:, None, None].expand(-1, -1, g, -1, -1).reshape(B, 1, g * T, -1)     # (B, 1, g*T, S)
+        y = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        y = y.view(B, kv, g, T, hd).permute(0, 3, 1, 2, 4)                                 # (B, T, kv, g, hd)
+        return self.o_proj(y.reshape(B, T, -1), gate)
 
 
 class MLP(nn.Module):
