@@ -440,18 +440,26 @@ class TreeDrafts(Strategy):
         h_win, h_nodes = self.hidden[:, win], self.hidden[:, L - 1]             # (1, W, C), the root's (1, 1, C)
         for d, b in enumerate(self.branches, 1):
             lo, hi, end = self.first[d - 1], self.first[d], self.first[d + 1]  # level d-1: lo..hi-1; d: hi..end-1
-            slots = torch.cat([win, self.scratch[lo:hi]])
-            sees = torch.cat([win, (L - 2).expand(hi - lo)])                    # the last prefix slot each query sees
-            mask = (self.slot_ids <= sees[:, None]) | (self.slot_ids == slots[:, None])
-            pos = torch.cat([win, (L - 1).expand(hi - lo)])
-            idx = torch.cat([self.tokens[0, win + d], self.nodes[lo:hi]])
-            h = self.head_forward(self.schedule[d - 1], torch.cat([h_win, h_nodes], 1), idx[None],
-                                  self.positions(pos)[None], self.depth_caches[d - 1], mask[None], slots[None])
-            h_win, states = h[:, :self.window], h[:, self.window:]
-            top = self.model.logits(states[0], self.draft_head).topk(b, -1).indices.flatten()   # children, in order
+            h_win, logits, states = self.depth(d, win, h_win, h_nodes, self.nodes[lo:hi])
+            top = logits.topk(b, -1).indices.flatten()                          # children, in order
             self.nodes[hi:end] = top if self.draft_ids is None else self.draft_ids[top]
             self.tokens[0, L + d] = self.nodes[hi:hi + 1]
             h_nodes = states.repeat_interleave(b, 1)                            # each child's parent state
+
+    def depth(self, d, win, h_win, h_nodes, tokens):
+        """Depth d's head over the window (states h_win) and the given nodes (their parents' states h_nodes and
+        their tokens), each node a query at position L-1 in its own scratch slot. Returns the window's new states,
+        the nodes' draft logits and their states."""
+        L, n = self.newest, len(tokens)
+        slots = torch.cat([win, self.scratch[:n]])
+        sees = torch.cat([win, (L - 2).expand(n)])                              # the last prefix slot each query sees
+        mask = (self.slot_ids <= sees[:, None]) | (self.slot_ids == slots[:, None])
+        pos = torch.cat([win, (L - 1).expand(n)])
+        idx = torch.cat([self.tokens[0, win + d], tokens])
+        h = self.head_forward(self.schedule[d - 1], torch.cat([h_win, h_nodes], 1), idx[None],
+                              self.positions(pos)[None], self.depth_caches[d - 1], mask[None], slots[None])
+        states = h[:, self.window:]
+        return h[:, :self.window], self.model.logits(states[0], self.draft_head), states
 
     def _greedy_step(self):
         self.draft()
