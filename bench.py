@@ -381,7 +381,7 @@ def tau_list(text):
 def main(argv=None):
     p = decode.Parser(__doc__.split("\n\n")[0])
     p.add_argument("--methods", type=method_list, default="ar,mtp", help="comma-separated: ar, mtp@D, tree@DxK, "
-                   f"tree@b1,b2,..., static@K, confadapt@TAU, verified@K (D and K up to {decode.MAX_DRAFTS}, TAU in "
+                   f"tree@b1,b2,..., tree@autoN, static@K, confadapt@TAU, verified@K (D and K up to {decode.MAX_DRAFTS}, TAU in "
                    "(0, 1]), hf (transformers)")
     decode.add_model_args(p, max_new_tokens=128)
     p.add_argument("--prompts", type=decode.existing_file, default=None, help='JSONL file, one {"prompt": text, '

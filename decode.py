@@ -4,8 +4,9 @@ Generation: one `generate` loop, decoding methods as small strategies, every ste
 - `ar`            plain autoregressive decoding, batched, one token per forward.
 - `mtp@D`         Paper B: the MTP heads draft D tokens, the main model verifies them in one forward. Lossless:
                   greedy output is identical to `ar`, sampled output follows the same distribution.
-- `tree@DxK`      the MTP heads draft a tree (top K at depth 1, halving deeper; or `tree@b1,b2,...`), the main
-                  model verifies it in one forward. Lossless, greedy only.
+- `tree@DxK`      the MTP heads draft a tree (top K at depth 1, halving deeper; or `tree@b1,b2,...`; or
+                  `tree@autoN`, N nodes chosen by draft probability), the main model verifies it in one forward.
+                  Lossless, greedy only.
 - `static@K`      Paper A: K-1 mask tokens after the text, emit all K predictions per forward. LOSSY.
 - `confadapt@TAU` Paper A: as static, but emit only the leading predictions whose top-1 probability >= TAU
                   (at least one). LOSSY.
@@ -490,6 +491,64 @@ class TreeDrafts(Strategy):
         return out[1:n + 2], (self.depths, n)
 
 
+AUTO_DEPTH, AUTO_TOPK = 4, 4   # tree@autoN: depths drafted, tokens each frontier node proposes (and frontier size)
+AUTO_PROPOSED = AUTO_TOPK + (AUTO_DEPTH - 1) * AUTO_TOPK ** 2   # nodes proposed per step, the most N can be
+
+
+class AutoTreeDrafts(TreeDrafts):
+    """tree@autoN (EAGLE-2): a tree of N nodes whose shape follows the heads' confidence, rebuilt every step.
+
+    A node's score is the sum of the draft log-probabilities along its path. Per depth d (AUTO_DEPTH of them), the
+    head runs on a frontier (the root, then the AUTO_TOPK best-scored nodes of the level before) and every frontier
+    node proposes its AUTO_TOPK best tokens. Of all the nodes proposed, the N best-scored make the tree: a child never
+    scores above its parent (ties go to the parent, proposed first), so every chosen node's ancestors are chosen.
+    The tree's structure (parents, levels, ancestors) is computed in the step, so its shape stays fixed: verification
+    is TreeDrafts'."""
+
+    def __init__(self, model, max_len, budget, schedule=None, draft_ids=None, **engine):
+        # a placeholder of the right depth and node count: draft() rewrites the structure every step
+        super().__init__(model, max_len, [1] * (AUTO_DEPTH - 1) + [budget - AUTO_DEPTH + 1], schedule, draft_ids,
+                         **engine)
+        self.budget, self.root = budget, AUTO_PROPOSED       # the root's id among the proposed nodes: after them
+        self.proposed_levels = torch.tensor([1] * AUTO_TOPK + [d for d in range(2, AUTO_DEPTH + 1)
+                                                               for _ in range(AUTO_TOPK ** 2)], device=self.device)
+
+    def draft(self):
+        """Proposes, depth by depth, then chooses the N best-scored nodes; writes their tokens and the tree's
+        structure, and the best path (which the window reads at later depths) to t[L+1..]."""
+        L, k = self.newest, AUTO_TOPK
+        win = (L - 1 - self.window).clamp_min(0) + self.window_offsets
+        self.nodes[:1] = self.tokens[0, L]
+        h_win, h_front = self.hidden[:, win], self.hidden[:, L - 1]
+        front, score, ids = self.nodes[:1], torch.zeros(1, device=self.device), torch.full_like(self.newest, self.root)
+        proposed = []                                                    # per depth: (tokens, scores, parents)
+        for d in range(1, self.depths + 1):
+            h_win, logits, states = self.depth(d, win, h_win, h_front, front)
+            top = torch.log_softmax(logits.float(), -1).topk(k, -1)    # (f, k)
+            tokens = top.indices.flatten()
+            tokens = tokens if self.draft_ids is None else self.draft_ids[tokens]
+            scores = (score[:, None] + top.values).flatten()
+            proposed.append((tokens, scores, ids.repeat_interleave(k)))
+            best = scores.topk(k).indices                                # the next frontier, best first
+            self.tokens[0, L + d] = tokens[best[:1]]
+            front, score, ids = tokens[best], scores[best], (d > 1) * (k + (d - 2) * k * k) + best
+            h_front = states[:, best // k]
+        tokens, scores, parents = (torch.cat(x) for x in zip(*proposed))
+        chosen = scores.sort(descending=True, stable=True).indices[:self.budget].sort().values  # parents first
+        index = torch.zeros(self.root + 1, dtype=torch.long, device=self.device)   # proposal id -> tree node
+        index[chosen] = torch.arange(1, self.budget + 1, device=self.device)
+        self.nodes[1:] = tokens[chosen]
+        self.parents[1:] = index[parents[chosen]]
+        self.levels[1:] = self.proposed_levels[chosen]
+        chain = [torch.arange(self.query_len, device=self.device)]       # each node, its parent, its grandparent, ...
+        for _ in range(self.depths):
+            chain.append(self.parents[chain[-1]])
+        chain = torch.stack(chain, 1)                                    # (1+N, D+1)
+        self.ancestors.copy_((chain[:, :, None] == chain[:, :1].T[None]).any(1))
+        up = self.levels[:, None] - self.path_offsets                    # steps up to the ancestor at each level
+        self.up.copy_(torch.where(up >= 0, chain.gather(1, up.clamp_min(0)), chain[:, :1]))
+
+
 class MaskDrafts(Strategy):
     """Paper A: k-1 mask tokens after the text make one forward predict k tokens.
 
@@ -604,7 +663,14 @@ def parse_method(name):
 
 def tree_branches(name, arg):
     """tree@DxK: depth D, K candidates at depth 1, halving at each depth below (at least 1): 3x4 is 4,2,1 and 4x4 is
-    4,2,1,1. tree@b1,b2,...: the branch factors as given. The tree (1 + its nodes) must fit one query of MAX_QUERY."""
+    4,2,1,1. tree@b1,b2,...: the branch factors as given. The tree (1 + its nodes) must fit one query of MAX_QUERY.
+    Returns the branch factors, or for tree@autoN (a dynamic tree, AutoTreeDrafts) the node budget N."""
+    if arg.startswith("auto"):
+        budget = int(arg[4:]) if arg[4:].isdigit() else 0
+        if not AUTO_DEPTH <= budget <= min(AUTO_PROPOSED, MAX_QUERY - 1):
+            raise ValueError(f"method {name!r}: tree@autoN takes a node budget N from {AUTO_DEPTH} to "
+                             f"{min(AUTO_PROPOSED, MAX_QUERY - 1)}")
+        return budget
     depth, x, k = arg.partition("x")
     try:
         branches = [max(1, int(k) >> d) for d in range(int(depth))] if x else [int(b) for b in arg.split(",")]
@@ -632,7 +698,8 @@ def make_strategy(model, method, max_len, sampling=Sampling(), generator=None, s
     if kind == "mtp":
         return HeadDrafts(model, max_len, value, schedule, draft_ids, **engine)
     if kind == "tree":
-        return TreeDrafts(model, max_len, value, schedule, draft_ids, **engine)
+        tree = AutoTreeDrafts if isinstance(value, int) else TreeDrafts
+        return tree(model, max_len, value, schedule, draft_ids, **engine)
     if not mask_ids:
         raise ValueError(f"method {method} needs a mask-token model (train.py --mode mask) and its mask token ids")
     if kind == "confadapt":
@@ -951,8 +1018,8 @@ def main(argv=None):
     p = Parser(__doc__.split("\n\n")[0])
     p.add_argument("--prompt", default="What is the capital of France?", help="the user's message")
     p.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
-    p.add_argument("--method", type=method_arg, default="ar", help="ar, mtp@D, tree@DxK or tree@b1,b2,... "
-                   f"(greedy only), static@K, confadapt@TAU or verified@K (D and K up to {MAX_DRAFTS}, TAU in (0, 1])")
+    p.add_argument("--method", type=method_arg, default="ar", help="ar, mtp@D, tree@DxK, tree@b1,b2,... or "
+                   f"tree@autoN (greedy only), static@K, confadapt@TAU or verified@K (D and K up to {MAX_DRAFTS}, TAU in (0, 1])")
     add_model_args(p, max_new_tokens=64)
     p.add_argument("--top_k", type=number(int, 1), default=None, help="sample among the k most likely tokens")
     p.add_argument("--top_p", type=number(float, 0, 1, low_open=True), default=None, help="nucleus sampling: keep "

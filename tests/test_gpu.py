@@ -18,7 +18,8 @@ LOSSLESS = [("mtp@1", {}), ("mtp@3", {}), ("mtp@4", {"schedule": [0, 1, 1, 0]}),
             ("verified@5", {})]
 # lossless too, but not bit-exact in bf16: a tree's ancestors sit in scratch slots, so attention sums their values in
 # another order than `ar`'s positional slots do
-TREES = [("tree@3x4", {}), ("tree@4,2,2,1", {}), ("tree@1x8", {}), ("tree@3x3", {"schedule": [1, 0, 1]})]
+TREES = [("tree@3x4", {}), ("tree@4,2,2,1", {}), ("tree@1x8", {}), ("tree@3x3", {"schedule": [1, 0, 1]}),
+         ("tree@auto16", {}), ("tree@auto40", {})]
 
 
 def run(m, method, prompts, n, graphs=None, **options):
@@ -57,16 +58,17 @@ def test_tree_graph_equals_eager_step_by_step():
     """A replayed tree step leaves the same tokens, hidden states and main cache as the eager step (float32)."""
     m = tiny(2, heads=2, residual=0.01).cuda()
     p = prompt(3, 11)
-    graphed, eager = (make_strategy(m, "tree@3x4", 80, graphs=g) for g in (True, False))
-    for s in (graphed, eager):
-        s.prefill(p)
-    for _ in range(12):
-        assert graphed.step() == eager.step()
-        L = int(eager.newest)
-        assert torch.equal(graphed.tokens[:, :L + 1], eager.tokens[:, :L + 1])
-        torch.testing.assert_close(graphed.hidden[:, :L], eager.hidden[:, :L])
-        for a, b in zip(graphed.caches, eager.caches):
-            torch.testing.assert_close(a.k[:, :L], b.k[:, :L])
+    for method in ("tree@3x4", "tree@auto16"):
+        graphed, eager = (make_strategy(m, method, 80, graphs=g) for g in (True, False))
+        for s in (graphed, eager):
+            s.prefill(p)
+        for _ in range(12):
+            assert graphed.step() == eager.step(), method
+            L = int(eager.newest)
+            assert torch.equal(graphed.tokens[:, :L + 1], eager.tokens[:, :L + 1])
+            torch.testing.assert_close(graphed.hidden[:, :L], eager.hidden[:, :L])
+            for a, b in zip(graphed.caches, eager.caches):
+                torch.testing.assert_close(a.k[:, :L], b.k[:, :L])
 
 
 def bf16_model():

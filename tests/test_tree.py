@@ -3,7 +3,8 @@ Tree drafts (decode.TreeDrafts) on tiny random models, CPU: greedy output identi
 and both architectures; a tree of ones is exactly the chain; the drafted tree equals the heads' top candidates
 recomputed without caches (depths 1 and 2, where drafting is exact); after every step the main cache and hidden
 states hold the accepted path at slot = position; trees accept off-chain candidates and beat the chain in tokens per
-forward; sampling refused; method names; the accepted-length histogram in Stats and bench.
+forward; dynamic trees (tree@autoN) likewise; sampling refused; method names; the accepted-length histogram in
+Stats and bench.
 """
 
 import pytest
@@ -30,6 +31,8 @@ def one_thread():
     ("tree@1x3", {}), ("tree@3x4", {}), ("tree@4,2,2,1", {}), ("tree@2,5", {}),
     ("tree@3x3", {"schedule": [1, 0, 1]}),                    # heads in another order, one of them looped
     ("tree@2x4", {"draft_ids": torch.arange(40)}),            # candidates from a sub-vocabulary
+    ("tree@auto4", {}), ("tree@auto16", {}), ("tree@auto52", {}),   # dynamic trees, up to every proposed node
+    ("tree@auto12", {"draft_ids": torch.arange(40)}),
 ])
 def test_tree_greedy_equals_ar(method, opts):
     stats = Stats()
@@ -37,7 +40,7 @@ def test_tree_greedy_equals_ar(method, opts):
         m, cases = case(seed, residual)
         for p, ref in cases:
             assert generate(m, [p], 24, method=method, stats=stats, **opts) == ref, (seed, len(p), method)
-    assert_exercised(stats, depths=min(2, len(parse_method(method)[1])))
+    assert_exercised(stats, depths=1 if method == "tree@1x3" else 2)
 
 
 def test_tree_greedy_equals_ar_gpt2():
@@ -45,7 +48,8 @@ def test_tree_greedy_equals_ar_gpt2():
     for seed, residual in MODELS:
         m, cases = case(seed, residual, arch="gpt2")
         for p, ref in cases:
-            assert generate(m, [p], 24, method="tree@3x4", stats=stats) == ref, seed
+            for method in ("tree@3x4", "tree@auto16"):
+                assert generate(m, [p], 24, method=method, stats=stats) == ref, (seed, method)
     assert_exercised(stats, depths=1)
 
 
@@ -66,7 +70,8 @@ def test_tree_full_context(arch):
     for seed, n in ((1, 1), (2, 9), (3, 17)):
         m = tiny(seed, arch=arch, heads=2, residual=0.01, max_seq_len=32)
         p = prompt(seed, n)
-        assert generate(m, [p], 32 - n, method="tree@4,2,2,1") == generate(m, [p], 32 - n), seed
+        for method in ("tree@4,2,2,1", "tree@auto16"):
+            assert generate(m, [p], 32 - n, method=method) == generate(m, [p], 32 - n), (seed, method)
 
 
 def test_tree_stop_token():
@@ -121,6 +126,37 @@ def test_tree_drafts_equal_recompute():
 
 
 @torch.no_grad()
+def test_auto_tree_drafts_and_structure():
+    """tree@autoN: with N = every proposed node, levels 1 and 2 are the heads' top AUTO_TOPK candidates recomputed
+    from scratch; with a smaller N, the chosen nodes form a tree whose parents, levels, ancestors and per-level
+    ancestors (`up`) agree with each other."""
+    m = tiny(2, heads=2)
+    k, checked = decode.AUTO_TOPK, 0
+    for s in strategy_steps(m, f"tree@auto{decode.AUTO_PROPOSED}", prompt(2, 7), 6):
+        s.draft()
+        L = int(s.newest)
+        t, nodes, parents, levels = (s.tokens[:, :L + 1], s.nodes.tolist(), s.parents.tolist(), s.levels.tolist())
+        pos = m.default_pos(t[:, :L])
+        h1 = m.head_forward(0, m.hidden(t[:, :L]), t[:, 1:L + 1], pos)
+        first = [i for i in range(len(nodes)) if levels[i] == 1]
+        assert [nodes[i] for i in first] == top(m, h1, k), L
+        for i in first:
+            h2 = m.head_forward(1, h1, torch.cat([t[:, 2:L + 1], torch.tensor([[nodes[i]]])], 1), pos)
+            assert [nodes[j] for j in range(len(nodes)) if parents[j] == i] == top(m, h2, k), (L, i)
+            checked += 1
+    assert checked == 6 * k
+    for s in strategy_steps(m, "tree@auto10", prompt(3, 5), 6):
+        s.draft()
+        parents, levels, up = s.parents.tolist(), s.levels.tolist(), s.up.tolist()
+        assert parents[0] == levels[0] == 0 and max(levels) >= 2
+        for i in range(1, len(parents)):
+            assert parents[i] < i and levels[i] == levels[parents[i]] + 1
+            assert up[i][levels[i]] == i and up[i][0] == 0
+            assert all(parents[up[i][d]] == up[i][d - 1] for d in range(1, levels[i] + 1))
+            assert s.ancestors[i].nonzero().flatten().tolist() == sorted(up[i][:levels[i] + 1])
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_tree_cache_equals_recompute(arch):
     """After every step, slots 0..L-1 of the main cache and the hidden states equal one forward over the text: the
@@ -152,14 +188,16 @@ def test_tree_accepts_off_chain_and_beats_the_chain(monkeypatch):
         off_chain[0] += accepted[1] > 0 and new[0] != top1
         return new, accepted
     monkeypatch.setattr(TreeDrafts, "step", recording_step)
-    chain, tree = Stats(), Stats()
+    chain, tree, auto = Stats(), Stats(), Stats()
     for seed, residual in MODELS[1:]:
         m, cases = case(seed, residual)
         for p, ref in cases:
             generate(m, [p], 24, method="mtp@3", stats=chain)
+            generate(m, [p], 24, method="tree@auto16", stats=auto)
             assert generate(m, [p], 24, method="tree@3x4", stats=tree) == ref
     assert off_chain[0] > 0
     assert tree.tokens_per_forward > chain.tokens_per_forward + 0.2, (tree.tokens_per_forward, chain.tokens_per_forward)
+    assert auto.tokens_per_forward > chain.tokens_per_forward + 0.2, (auto.tokens_per_forward, chain.tokens_per_forward)
 
 
 def test_tree_step_is_idempotent(monkeypatch):
@@ -170,10 +208,11 @@ def test_tree_step_is_idempotent(monkeypatch):
         monkeypatch.setattr(decode.Graph, "__call__", lambda self: [self.fn() for _ in range(repeats)][-1])
         m = tiny(2, heads=2, residual=0.01)
         stats = Stats()
-        runs[repeats] = [generate(m, [prompt(s, n)], 24, method="tree@3x4", stats=stats) for s, n in ((0, 1), (1, 9))]
+        runs[repeats] = [generate(m, [prompt(s, n)], 24, method=method, stats=stats)
+                         for s, n in ((0, 1), (1, 9)) for method in ("tree@3x4", "tree@auto16")]
         runs[repeats].append(stats.accepted_lengths)
     assert runs[3] == runs[1]
-    assert runs[1][:2] == [generate(m, [prompt(s, n)], 24) for s, n in ((0, 1), (1, 9))]
+    assert runs[1][:4] == [generate(m, [prompt(s, n)], 24) for s, n in ((0, 1), (1, 9)) for _ in range(2)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -185,14 +224,19 @@ def test_tree_names():
     assert parse_method("tree@4,2,2,1") == ("tree", (4, 2, 2, 1))
     assert parse_method("tree@1x63") == ("tree", (63,))
     assert parse_method("tree")[0] == "tree"
+    assert parse_method("tree@auto16") == ("tree", 16)
     for bad in ("tree@3x", "tree@x4", "tree@0x4", "tree@3x0", "tree@4,0", "tree@a", "tree@17x1", "tree@3x4x2"):
         with pytest.raises(ValueError, match="expected tree@DxK"):
+            parse_method(bad)
+    for bad in ("tree@auto", "tree@auto3", f"tree@auto{decode.AUTO_PROPOSED + 1}", "tree@autox", "tree@auto-5"):
+        with pytest.raises(ValueError, match="node budget"):
             parse_method(bad)
     for big in ("tree@3x8", "tree@1x64", "tree@8,8"):   # 104, 64 and 72 nodes: more than one forward holds
         with pytest.raises(ValueError, match="MAX_QUERY"):
             parse_method(big)
     m = tiny(0, heads=2)
     assert make_strategy(m, "tree@3x4", 40).query_len == 1 + 4 + 8 + 8
+    assert make_strategy(m, "tree@auto16", 40).query_len == 1 + 16
 
 
 def test_tree_refuses_sampling(capsys):
