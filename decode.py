@@ -376,7 +376,9 @@ class TreeDrafts(Strategy):
     scratch slots; each query sees the prefix (slots < L), its ancestors and itself. Siblings carry distinct tokens,
     so the nodes that equal their parent's argmax form one path from the root: it is accepted, and the main model's
     argmax at its last node is the bonus token. The path's keys, values and hidden states then move to slots
-    L+1..L+n, so that the next step starts from slot = position again. All of it is one graphed step."""
+    L+1..L+n, so that the next step starts from slot = position again. All of it is one graphed step.
+    bf16: unlike a chain's, a tree's output is not bit-identical to ar@(1+N), since attention sums an ancestor's
+    values from its scratch slot, in another order than from its positional slot; rare near-ties can then differ."""
     speculative = True
 
     def __init__(self, model, max_len, branches, schedule=None, draft_ids=None, sampling=Sampling(), generator=None,
