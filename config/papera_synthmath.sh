@@ -30,7 +30,7 @@ if (( SMOKE )); then
   TEACHER_STEPS=2; CONVERT_STEPS=2; EVAL=2; BATCH=4; PROMPTS=3; SWEEP_PROMPTS=2; NEW=16
 else
   RESULTS=${RESULTS:-results/papera}; RUNS=out/papera; DATA=data/papera_synthmath
-  DEV=cuda; BUDGET_S=${BUDGET_S:-420}   # optional steps start only while they fit in this many seconds
+  DEV=cuda; BUDGET_S=${BUDGET_S:-460}   # optional steps start only while they fit in this many seconds
   SIZES="--n_test 512"
   MODEL="--n_layer 6 --n_head 8 --n_kv_head 8 --n_embd 256"
   TEACHER_STEPS=2000; CONVERT_STEPS=800; EVAL=200; BATCH=64; PROMPTS=512; SWEEP_PROMPTS=128; NEW=64
