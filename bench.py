@@ -15,6 +15,8 @@ What is not here: the decoding itself and the model setup (decode.py), loading (
     python bench.py --methods ar,mtp@1,mtp@3,hf --num_prompts 4       # smollm2, its shipped heads and held-out prompts
     python bench.py --methods ar,static@2,verified@4,hf --prompts data/smollm2_heldout.jsonl --num_prompts 4
     python bench.py --init_from out/synthmath_mask --prompts data/synthmath/test_prompts.jsonl --sweep --taus 0.6,0.9
+    python bench.py --init_from out/papera/gated --prompts data/papera_synthmath/test_prompts.jsonl --methods ar \
+        --sweep --taus 0.8,0.9 --k_maxes 4,8,16           # ConfAdapt at every tau and k_max (confadapt@TAU:K)
     python bench.py --tiny --methods ar,mtp@2,static@3,verified@3      # a random model, no weights: a smoke test
 
 The programmatic entry point is `run(model, tokenizer, methods, prompts, ...) -> dict`; the CLI wraps it.
@@ -408,7 +410,8 @@ def k_max_list(text):
 def main(argv=None):
     p = decode.Parser(__doc__.split("\n\n")[0])
     p.add_argument("--methods", type=method_list, default="ar,mtp", help="comma-separated: ar, mtp@D, static@K, "
-                   f"confadapt@TAU, verified@K (D and K up to {decode.MAX_DRAFTS}, TAU in (0, 1]), hf (transformers)")
+                   f"confadapt@TAU[:K], verified@K (D and K up to {decode.MAX_DRAFTS}, TAU in (0, 1]), "
+                   "hf (transformers)")
     decode.add_model_args(p, max_new_tokens=128)
     p.add_argument("--prompts", type=decode.existing_file, default=None, help='JSONL file, one {"prompt": text, '
                    '"answer": gold?} a line, the prompt used verbatim (default: data/smollm2_heldout.jsonl for '
