@@ -6,7 +6,7 @@ Generation: one `generate` loop, decoding methods as small strategies, every ste
                   greedy output is identical to `ar`, sampled output follows the same distribution.
 - `static@K`      Paper A: K-1 mask tokens after the text, emit all K predictions per forward. LOSSY.
 - `confadapt@TAU` Paper A: as static, but emit only the leading predictions whose top-1 probability >= TAU
-                  (at least one). LOSSY.
+                  (at least one), k = the model's k_max (`confadapt@TAU:K`: k = K). LOSSY.
 - `verified@K`    mask-token drafts checked by the model's own next-token predictions in the next forward.
                   Lossless with respect to the mask-token model's own one-token-at-a-time decoding.
 
@@ -432,9 +432,10 @@ LOSSY = {"static", "confadapt"}    # methods that emit predictions nothing check
 
 
 def parse_method(name):
-    """'ar' | 'ar@Q' | 'mtp' | 'mtp@D' | 'static@K' | 'confadapt@TAU' | 'verified@K' -> (kind, value); a ValueError
-    names the allowed values. ar@Q is plain decoding padded to Q tokens per forward (the bf16 reference of a method
-    whose forwards carry Q tokens: mtp@D's is ar@(D+1), verified@K's ar@(2K-1))."""
+    """'ar' | 'ar@Q' | 'mtp' | 'mtp@D' | 'static@K' | 'confadapt@TAU[:K]' | 'verified@K' -> (kind, value); a
+    ValueError names the allowed values. confadapt@TAU:K overrides k_max (confadapt_k_max). ar@Q is plain decoding
+    padded to Q tokens per forward (the bf16 reference of a method whose forwards carry Q tokens: mtp@D's is
+    ar@(D+1), verified@K's ar@(2K-1))."""
     kind, _, arg = name.partition("@")
     defaults = {"ar": 1, "mtp": 3, "static": 3, "confadapt": 0.9, "verified": 4}
     if kind not in defaults:
@@ -443,6 +444,10 @@ def parse_method(name):
         return kind, defaults[kind]
     allowed = {"ar": ("Q", 1, MAX_QUERY), "mtp": ("D", 1, MAX_DRAFTS), "static": ("K", 2, MAX_DRAFTS),
                "verified": ("K", 2, MAX_DRAFTS)}
+    if kind == "confadapt":
+        arg, _, k = arg.partition(":")
+        if k and not (k.isdigit() and 2 <= int(k) <= MAX_DRAFTS):
+            raise ValueError(f"method {name!r}: K (k_max) must be an integer from 2 to {MAX_DRAFTS}")
     try:
         value = float(arg) if kind == "confadapt" else int(arg)
     except ValueError:
@@ -454,6 +459,13 @@ def parse_method(name):
         letter, low, high = allowed[kind]
         raise ValueError(f"method {name!r}: {letter} must be an integer from {low} to {high}")
     return kind, value
+
+
+def confadapt_k_max(method, k_max):
+    """ConfAdapt's k (masks per forward + 1): K of confadapt@TAU:K, else the model's k_max. A sweep over K shows
+    what the masks each forward carries cost in speed."""
+    k = method.partition("@")[2].partition(":")[2]
+    return int(k) if k else k_max
 
 
 def make_strategy(model, method, max_len, sampling=Sampling(), generator=None, schedule=None, draft_ids=None,
@@ -470,7 +482,7 @@ def make_strategy(model, method, max_len, sampling=Sampling(), generator=None, s
     if not mask_ids:
         raise ValueError(f"method {method} needs a mask-token model (train.py --mode mask) and its mask token ids")
     if kind == "confadapt":
-        return MaskDrafts(model, max_len, mask_ids, k_max, tau=value, **engine)
+        return MaskDrafts(model, max_len, mask_ids, confadapt_k_max(method, k_max), tau=value, **engine)
     return MaskDrafts(model, max_len, mask_ids, value, checked=kind == "verified", **engine)
 
 
