@@ -16,6 +16,8 @@ What is not here: the decoding itself and the model setup (decode.py), loading (
     python bench.py --methods ar,mtp@1,mtp@3,hf --num_prompts 4       # smollm2, its shipped heads and held-out prompts
     python bench.py --methods ar,static@2,verified@4,hf --prompts data/smollm2_heldout.jsonl --num_prompts 4
     python bench.py --init_from out/synthmath_mask --prompts data/synthmath/test_prompts.jsonl --sweep --taus 0.6,0.9
+    python bench.py --init_from out/papera/gated --prompts data/papera_synthmath/test_prompts.jsonl --methods ar \
+        --sweep --taus 0.8,0.9 --k_maxes 4,8,16           # ConfAdapt at every tau and k_max (confadapt@TAU:K)
     python bench.py --tiny --methods ar,mtp@2,static@3,verified@3      # a random model, no weights: a smoke test
 
 The programmatic entry point is `run(model, tokenizer, methods, prompts, ...) -> dict`; the CLI wraps it.
@@ -75,6 +77,17 @@ def output_nll(model, prompts, outs):
         total -= torch.log_softmax(logits, -1).gather(-1, target).sum().item()
         count += len(out)
     return total / count if count else None
+
+
+def wilson(successes, n, z=1.96):
+    """The Wilson score interval (95% for z=1.96) of a proportion: unlike p +- z sqrt(p(1-p)/n) it stays inside
+    [0, 1] and is not empty at 0/n or n/n, where accuracies near 100% live."""
+    if n == 0:
+        return None
+    p, z2 = successes / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
 def numeric(answer):
@@ -176,6 +189,10 @@ def run(model, tokenizer, methods, prompts, max_new_tokens=128, original=None, o
             "accepted_lengths": stat.accepted_lengths,
             nll_key: output_nll(original, ids, outs[method]),
             "accuracy": sum(scored) / len(scored) if scored else None,
+            "accuracy_ci95": wilson(sum(scored), len(scored)),
+            "scored": len(scored),
+            "k_max": decode.confadapt_k_max(method, options.get("k_max", decode.K_MAX))
+            if ours and decode.parse_method(method)[0] == "confadapt" else None,
             "ttft_ms": 1000 * ttft[method] / len(ids),
             "sample": texts[0][:200],
         }
@@ -210,26 +227,34 @@ def fmt(x, spec):
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+def interval(r):
+    """An accuracy's 95% interval as text, "-" where there is none."""
+    ci = r.get("accuracy_ci95")
+    return f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "-"
+
+
 def table(res):
     acc = any(r["accuracy"] is not None for r in res["methods"].values())
     nll = res["nll_key"]
     width = 5 * ACCEPT_SHOWN + 4        # the rates shown and " ..." after them
-    head = f"{'method':<15} {'tok/s':>8} {'speedup':>8} {'tok/fwd':>8} {'exact':>6} {nll:>8}" + \
-           (f" {'acc':>6}" if acc else "") + f"   {'accept (per depth)':<{width}} {'ttft ms':>8} {'wall s':>7}"
+    name_width = max(15, *map(len, res["methods"]))
+    head = f"{'method':<{name_width}} {'tok/s':>8} {'speedup':>8} {'tok/fwd':>8} {'exact':>6} {nll:>8}" + \
+           (f" {'acc':>6} {'acc 95%':>11}" if acc else "") + \
+           f"   {'accept (per depth)':<{width}} {'ttft ms':>8} {'wall s':>7}"
     lines = [head]
     for name, r in res["methods"].items():
         rates = r["acceptance_rate"]
         accept = " ".join(f"{a:.2f}" for a in rates[:ACCEPT_SHOWN]) + (" ..." if len(rates) > ACCEPT_SHOWN else "")
         label = "  LOSSY" if r["lossy"] else "" if r["implementation"] == "nanoMTP" else f"  ({r['implementation']})"
-        lines.append(f"{name:<15} {r['tok_s']:>8.1f} {fmt(r['speedup'], '.2f') + 'x':>8} "
+        lines.append(f"{name:<{name_width}} {r['tok_s']:>8.1f} {fmt(r['speedup'], '.2f') + 'x':>8} "
                      f"{fmt(r['tokens_per_forward'], '.2f'):>8} {r['exact_match']:>6.2f} {fmt(r[nll], '.3f'):>8}" +
-                     (f" {fmt(r['accuracy'], '.3f'):>6}" if acc else "") +
+                     (f" {fmt(r['accuracy'], '.3f'):>6} {interval(r):>11}" if acc else "") +
                      f"   {accept or '-':<{width}} {r['ttft_ms']:>8.1f} {r['wall_s']:>7.2f}" + label)
     prompts = f"{res['num_prompts']} prompt{'s' if res['num_prompts'] != 1 else ''}"
     lines.append(f"{prompts}, max_new_tokens={res['max_new_tokens']}, temperature={res['temperature']}, "
                  f"{res['device']} {res['dtype']}; tok/fwd excludes prefill; exact = output identical to plain "
-                 f"greedy ar" + ("; nll_self = NLL under the fine-tuned model itself, NOT the original" if
-                                 nll == "nll_self" else ""))
+                 f"greedy ar" + ("; acc 95% = Wilson interval" if acc else "") +
+                 ("; nll_self = NLL under the fine-tuned model itself, NOT the original" if nll == "nll_self" else ""))
     hists = [f"{name} {' '.join(map(str, r['accepted_lengths']))}" for name, r in res["methods"].items()
              if r.get("accepted_lengths")]
     if hists:   # the acceptance histogram beside the rates: how many steps accepted n = 0, 1, 2, ... drafts
@@ -237,16 +262,25 @@ def table(res):
     return "\n".join(lines + res["notes"])
 
 
-def write_sweep(res, taus, out):
-    """Markdown table of the ConfAdapt tau sweep and, where matplotlib exists, quality against tokens per forward."""
+def sweep_method(tau, k_max=None):
+    """The method name of one sweep point: ConfAdapt at tau, with the model's k_max or k_max masks + 1."""
+    return f"confadapt@{tau:g}" + (f":{k_max}" if k_max else "")
+
+
+def write_sweep(res, taus, k_maxes, out):
+    """The ConfAdapt sweep over tau (and k_max) as a markdown table, and where matplotlib exists a PNG of quality
+    against tokens per forward, one curve per k_max. Returns notes for the table's footer."""
     out, nll = Path(out), res["nll_key"]
     out.mkdir(parents=True, exist_ok=True)
-    rows = [("ar", res["methods"]["ar"])] if "ar" in res["methods"] else []
-    rows += [(f"{t:g}", res["methods"][f"confadapt@{t:g}"]) for t in taus]
-    md = [f"| tau | tok/fwd | tok/s | speedup | exact match | accuracy | {nll} |",
-          "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    md += [f"| {t} | {r['tokens_per_forward']:.2f} | {r['tok_s']:.1f} | {fmt(r['speedup'], '.2f')} | "
-           f"{r['exact_match']:.2f} | {fmt(r['accuracy'], '.3f')} | {fmt(r[nll], '.3f')} |" for t, r in rows]
+    curves = {k: [(f"{t:g}", res["methods"][sweep_method(t, k)]) for t in taus] for k in k_maxes or [None]}
+    ar = res["methods"].get("ar")
+    md = [f"| method | k_max | tau | tok/fwd | tok/s | speedup | exact match | accuracy | acc 95% | {nll} |",
+          "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = ([("ar", "-", "-", ar)] if ar else []) + \
+        [(sweep_method(float(t), k), r["k_max"], t, r) for k, points in curves.items() for t, r in points]
+    md += [f"| {name} | {k} | {t} | {r['tokens_per_forward']:.2f} | {r['tok_s']:.1f} | {fmt(r['speedup'], '.2f')} | "
+           f"{r['exact_match']:.2f} | {fmt(r['accuracy'], '.3f')} | {interval(r)} | {fmt(r[nll], '.3f')} |"
+           for name, k, t, r in rows]
     (out / "sweep.md").write_text("\n".join(md) + "\n")
     try:
         import matplotlib
@@ -254,18 +288,29 @@ def write_sweep(res, taus, out):
         import matplotlib.pyplot as plt
     except ImportError:
         return [f"wrote {out / 'sweep.md'} (no matplotlib: no plot)"]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, key in zip(axes, ("exact_match", "accuracy", nll)):
-        pts = [(r["tokens_per_forward"], r[key], t) for t, r in rows if r[key] is not None]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
-        for x, y, t in pts:
-            ax.annotate(t, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    keys = [key for key in ("accuracy", "exact_match", nll) if any(r[key] is not None for *_, r in rows)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.4 * len(keys), 3.8), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for k, points in curves.items():
+            pts = [(r["tokens_per_forward"], r[key], t, r["accuracy_ci95"]) for t, r in points if r[key] is not None]
+            label = f"k_max {points[0][1]['k_max']}"
+            if key == "accuracy":    # the 95% interval as error bars
+                err = [[y - ci[0] for _, y, _, ci in pts], [ci[1] - y for _, y, _, ci in pts]]
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=err, fmt="o-", capsize=3, label=label)
+            else:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
+            for x, y, t, _ in pts:
+                ax.annotate(t, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if ar and ar[key] is not None:
+            ax.axhline(ar[key], color="grey", linestyle="--", linewidth=1, label="ar")
         ax.set_xlabel("tokens per forward")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
-    fig.suptitle("ConfAdapt: quality against tokens per forward (LOSSY)")
+        ax.legend(fontsize=7)
+    fig.suptitle("ConfAdapt (LOSSY): quality against tokens per forward, labels = tau")
     fig.tight_layout()
     fig.savefig(out / "sweep.png", dpi=120)
+    plt.close(fig)
     return [f"wrote {out / 'sweep.md'} and {out / 'sweep.png'}"]
 
 
@@ -378,11 +423,15 @@ def tau_list(text):
     return [decode.number(float, 0, 1, low_open=True)(t) for t in text.split(",")]
 
 
+def k_max_list(text):
+    return list(dict.fromkeys(decode.number(int, 2, decode.MAX_DRAFTS)(k) for k in text.split(",")))
+
+
 def main(argv=None):
     p = decode.Parser(__doc__.split("\n\n")[0])
     p.add_argument("--methods", type=method_list, default="ar,mtp", help="comma-separated: ar, mtp@D, tree@DxK, "
-                   f"tree@b1,b2,..., tree@autoN, static@K, confadapt@TAU, verified@K (D and K up to {decode.MAX_DRAFTS}, TAU in "
-                   "(0, 1]), hf (transformers)")
+                   f"tree@b1,b2,..., tree@autoN, static@K, confadapt@TAU[:K], verified@K (D and K up to "
+                   f"{decode.MAX_DRAFTS}, TAU in (0, 1]), hf (transformers)")
     decode.add_model_args(p, max_new_tokens=128)
     p.add_argument("--prompts", type=decode.existing_file, default=None, help='JSONL file, one {"prompt": text, '
                    '"answer": gold?} a line, the prompt used verbatim (default: data/smollm2_heldout.jsonl for '
@@ -394,12 +443,16 @@ def main(argv=None):
                    "markdown table (and a PNG where matplotlib exists) to --out")
     p.add_argument("--taus", type=tau_list, default="0.5,0.6,0.7,0.8,0.9,0.95", help="ConfAdapt thresholds, "
                    "comma-separated, each in (0, 1], for --sweep")
+    p.add_argument("--k_maxes", type=k_max_list, default=None, help="with --sweep: run the tau sweep once per "
+                   "k_max (ConfAdapt's masks per forward + 1), comma-separated, e.g. 4,8,16 (default: the model's)")
     p.add_argument("--out", default="out/bench", help="folder for --sweep's table and plot")
     p.add_argument("--tiny", action="store_true", help="a tiny random model with heads and a mask token, no "
                    "weights: checks that everything runs")
     args = p.parse_args(argv)
+    if args.k_maxes and not args.sweep:
+        decode.fail("--k_maxes: only with --sweep")
     taus = args.taus if args.sweep else []
-    methods = args.methods + [f"confadapt@{t:g}" for t in taus if f"confadapt@{t:g}" not in args.methods]
+    methods = list(dict.fromkeys(args.methods + [sweep_method(t, k) for k in args.k_maxes or [None] for t in taus]))
     ours = [m for m in methods if m != HF]
     dtype = decode.check_model_args(args, ours)
     prompts_file = args.prompts or (HELDOUT if args.init_from == load.BUNDLED and not args.tiny else None)
@@ -430,7 +483,7 @@ def main(argv=None):
         decode.fail(e)
     res["notes"] += notes
     if taus:
-        res["notes"] += write_sweep(res, taus, args.out)
+        res["notes"] += write_sweep(res, taus, args.k_maxes, args.out)
     print(table(res))
     if args.json:
         print(json.dumps(res))

@@ -9,7 +9,7 @@ Generation: one `generate` loop, decoding methods as small strategies, every ste
                   Lossless, greedy only.
 - `static@K`      Paper A: K-1 mask tokens after the text, emit all K predictions per forward. LOSSY.
 - `confadapt@TAU` Paper A: as static, but emit only the leading predictions whose top-1 probability >= TAU
-                  (at least one). LOSSY.
+                  (at least one), k = the model's k_max (`confadapt@TAU:K`: k = K). LOSSY.
 - `verified@K`    mask-token drafts checked by the model's own next-token predictions in the next forward.
                   Lossless with respect to the mask-token model's own one-token-at-a-time decoding.
 
@@ -635,21 +635,26 @@ LOSSY = {"static", "confadapt"}    # methods that emit predictions nothing check
 
 
 def parse_method(name):
-    """'ar' | 'ar@Q' | 'mtp' | 'mtp@D' | 'tree@DxK' | 'tree@b1,b2,...' | 'static@K' | 'confadapt@TAU' | 'verified@K'
-    -> (kind, value); a ValueError names the allowed values. ar@Q is plain decoding padded to Q tokens per forward
-    (the bf16 reference of a method whose forwards carry Q tokens: mtp@D's is ar@(D+1), verified@K's ar@(2K-1), a
-    tree's ar@(1 + its nodes)). A tree's value is its branch factors per depth."""
+    """'ar' | 'ar@Q' | 'mtp' | 'mtp@D' | 'tree@DxK' | 'tree@b1,b2,...' | 'tree@autoN' | 'static@K' | 'confadapt@TAU[:K]'
+    | 'verified@K' -> (kind, value); a ValueError names the allowed values. confadapt@TAU:K overrides k_max
+    (confadapt_k_max); a tree's value is its branch factors per depth, or tree@autoN's node budget. ar@Q is plain
+    decoding padded to Q tokens per forward (the bf16 reference of a method whose forwards carry Q tokens: mtp@D's is
+    ar@(D+1), verified@K's ar@(2K-1), a tree's ar@(1 + its nodes))."""
     kind, _, arg = name.partition("@")
     defaults = {"ar": 1, "mtp": 3, "tree": (4, 2, 1), "static": 3, "confadapt": 0.9, "verified": 4}
     if kind not in defaults:
-        raise ValueError(f"unknown method {name!r}: expected ar, ar@Q, mtp@D, tree@DxK, tree@b1,b2,..., static@K, "
-                         f"confadapt@TAU or verified@K")
+        raise ValueError(f"unknown method {name!r}: expected ar, ar@Q, mtp@D, tree@DxK, tree@b1,b2,..., tree@autoN, "
+                         f"static@K, confadapt@TAU or verified@K")
     if not arg:
         return kind, defaults[kind]
     if kind == "tree":
         return kind, tree_branches(name, arg)
     allowed = {"ar": ("Q", 1, MAX_QUERY), "mtp": ("D", 1, MAX_DRAFTS), "static": ("K", 2, MAX_DRAFTS),
                "verified": ("K", 2, MAX_DRAFTS)}
+    if kind == "confadapt":
+        arg, _, k = arg.partition(":")
+        if k and not (k.isdigit() and 2 <= int(k) <= MAX_DRAFTS):
+            raise ValueError(f"method {name!r}: K (k_max) must be an integer from 2 to {MAX_DRAFTS}")
     try:
         value = float(arg) if kind == "confadapt" else int(arg)
     except ValueError:
@@ -688,6 +693,13 @@ def tree_branches(name, arg):
     return tuple(branches)
 
 
+def confadapt_k_max(method, k_max):
+    """ConfAdapt's k (masks per forward + 1): K of confadapt@TAU:K, else the model's k_max. A sweep over K shows
+    what the masks each forward carries cost in speed."""
+    k = method.partition("@")[2].partition(":")[2]
+    return int(k) if k else k_max
+
+
 def make_strategy(model, method, max_len, sampling=Sampling(), generator=None, schedule=None, draft_ids=None,
                   mask_ids=None, k_max=K_MAX, batch_size=1, graphs=None, compile=False):
     """A strategy for `method` with buffers for prompt + new tokens of up to max_len positions. Build one and pass it
@@ -705,7 +717,7 @@ def make_strategy(model, method, max_len, sampling=Sampling(), generator=None, s
     if not mask_ids:
         raise ValueError(f"method {method} needs a mask-token model (train.py --mode mask) and its mask token ids")
     if kind == "confadapt":
-        return MaskDrafts(model, max_len, mask_ids, k_max, tau=value, **engine)
+        return MaskDrafts(model, max_len, mask_ids, confadapt_k_max(method, k_max), tau=value, **engine)
     return MaskDrafts(model, max_len, mask_ids, value, checked=kind == "verified", **engine)
 
 
@@ -1021,7 +1033,8 @@ def main(argv=None):
     p.add_argument("--prompt", default="What is the capital of France?", help="the user's message")
     p.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
     p.add_argument("--method", type=method_arg, default="ar", help="ar, mtp@D, tree@DxK, tree@b1,b2,... or "
-                   f"tree@autoN (greedy only), static@K, confadapt@TAU or verified@K (D and K up to {MAX_DRAFTS}, TAU in (0, 1])")
+                   f"tree@autoN (greedy only), static@K, confadapt@TAU or verified@K (D and K up to {MAX_DRAFTS}, TAU "
+                   "in (0, 1])")
     add_model_args(p, max_new_tokens=64)
     p.add_argument("--top_k", type=number(int, 1), default=None, help="sample among the k most likely tokens")
     p.add_argument("--top_p", type=number(float, 0, 1, low_open=True), default=None, help="nucleus sampling: keep "

@@ -1,0 +1,106 @@
+"""
+Paper A's measurement plumbing: the Wilson interval on accuracies, ConfAdapt's k_max override (confadapt@TAU:K) and
+bench's tau x k_max sweep on a tiny random model, and config/papera_table.py on a fake bench JSON.
+"""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import bench
+import decode
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("papera_table", ROOT / "config" / "papera_table.py")
+papera_table = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(papera_table)
+
+
+@pytest.mark.parametrize("successes, n, low, high", [
+    (0, 10, 0.0, 0.2775), (5, 10, 0.2366, 0.7634), (10, 10, 0.7225, 1.0), (81, 100, 0.7222, 0.8749)])
+def test_wilson_known_values(successes, n, low, high):
+    lo, hi = bench.wilson(successes, n)
+    assert lo == pytest.approx(low, abs=1e-4) and hi == pytest.approx(high, abs=1e-4)
+
+
+def test_wilson_of_nothing_is_none():
+    assert bench.wilson(0, 0) is None
+
+
+def test_accuracy_interval_in_results_and_table():
+    m, _, tokenizer, options = bench.tiny_setup("cpu", torch.float32, seed=0)
+    prompts = [{"prompt": "1+1=", "answer": 2}, {"prompt": "2+2=", "answer": "4"}, {"prompt": "hi", "answer": "x"}]
+    res = bench.run(m, tokenizer, ["ar"], prompts, max_new_tokens=4, options=options)
+    r = res["methods"]["ar"]
+    assert r["scored"] == 2                 # the non-numeric answer is not scored
+    assert r["accuracy_ci95"] == bench.wilson(round(r["accuracy"] * 2), 2)
+    lo, hi = r["accuracy_ci95"]
+    assert f"{lo:.3f}-{hi:.3f}" in bench.table(res) and "acc 95%" in bench.table(res)
+
+
+def test_confadapt_k_max_override():
+    m, _, _, options = bench.tiny_setup("cpu", torch.float32, seed=0)
+    options = {**options, "k_max": 8}
+    assert decode.make_strategy(m, "confadapt@0.9", 32, **options).k == 8      # the model's k_max
+    strategy = decode.make_strategy(m, "confadapt@0.9:3", 32, **options)
+    assert strategy.k == 3 and strategy.query_len == 5 and strategy.tau == 0.9
+    for bad in ("confadapt@0.9:1", "confadapt@0.9:17", "confadapt@0.9:x"):
+        with pytest.raises(ValueError, match="K \\(k_max\\)"):
+            decode.parse_method(bad)
+
+
+def test_k_max_sweep(tmp_path, capsys):
+    res = bench.main(["--tiny", "--methods", "ar", "--sweep", "--taus", "0.5,0.9", "--k_maxes", "2,4",
+                      "--num_prompts", "1", "--max_new_tokens", "6", "--out", str(tmp_path)])
+    names = ["confadapt@0.5:2", "confadapt@0.9:2", "confadapt@0.5:4", "confadapt@0.9:4"]
+    assert list(res["methods"]) == ["ar"] + names
+    for name in names:
+        r = res["methods"][name]
+        assert r["k_max"] == int(name[-1]) and len(r["acceptance_rate"]) == r["k_max"] - 1
+    md = (tmp_path / "sweep.md").read_text().splitlines()
+    assert md[0].startswith("| method | k_max | tau | tok/fwd |") and "acc 95%" in md[0]
+    assert [line.split(" | ")[0][2:] for line in md[2:]] == ["ar"] + names
+    assert [line.split(" | ")[1] for line in md[3:]] == ["2", "2", "4", "4"]
+    assert "confadapt@0.9:4" in capsys.readouterr().out          # the table shows the long names whole
+
+
+def test_k_maxes_needs_sweep(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--tiny", "--k_maxes", "4"])
+    assert e.value.code == 2 and "--k_maxes: only with --sweep" in capsys.readouterr().err
+
+
+def fake_result(accuracy, n=100, **methods):
+    row = dict(lossy=False, tokens_per_forward=1.0, speedup=1.0, exact_match=1.0, k_max=None)
+    return {"methods": {name: {**row, **m, "accuracy": m.get("accuracy", accuracy),
+                               "accuracy_ci95": bench.wilson(round(m.get("accuracy", accuracy) * n), n)}
+                        for name, m in methods.items()}}
+
+
+def test_papera_table(tmp_path):
+    (tmp_path / "bench_teacher.json").write_text(json.dumps(fake_result(0.8, ar={})))
+    gated = fake_result(0.8, ar={}, **{
+        "static@3": dict(lossy=True, tokens_per_forward=2.9, speedup=2.5, accuracy=0.6),
+        "confadapt@0.9": dict(lossy=True, tokens_per_forward=3.4, speedup=3.0, accuracy=0.76, k_max=8)})
+    (tmp_path / "bench_gated.json").write_text(json.dumps(gated))
+    papera_table.main([str(tmp_path)])
+    md = (tmp_path / "papera_table.md").read_text()
+    assert "Teacher (ar): accuracy 0.800" in md
+    rows = {line.split(" | ")[1]: line.split(" | ") for line in md.splitlines() if line.startswith("| gated")}
+    assert rows["confadapt@0.9 (LOSSY)"][2:] == ["<=8", "3.40", "0.760", bench.interval(gated["methods"]
+                                                 ["confadapt@0.9"]), "3.00x", "1.00", "+5.0% |"]
+    assert rows["static@3 (LOSSY)"][2] == "3" and rows["static@3 (LOSSY)"][-1] == "+25.0% |"
+    assert rows["ar"][-1] == "+0.0% |"
+
+
+@pytest.mark.parametrize("files, message", [({}, "no bench_teacher.json"),
+                                            ({"bench_teacher.json": "{oops"}, "not a bench.py JSON result")])
+def test_papera_table_errors(tmp_path, capsys, files, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(SystemExit) as e:
+        papera_table.main([str(tmp_path)])
+    assert e.value.code == 2 and message in capsys.readouterr().err
