@@ -151,7 +151,7 @@ def test_stop_token_inside_accepted_run(monkeypatch):
 
     def recording_step(self):
         new, accepted = step(self)
-        chunks.append(new)
+        chunks.append(new[0])   # batch 1: the one row
         return new, accepted
     monkeypatch.setattr(decode.HeadDrafts, "step", recording_step)
     inside = 0

@@ -1,0 +1,114 @@
+"""
+Speculative decoding of a batch (decode.HeadDrafts with B rows): every row's greedy output equals that row decoded
+alone with `ar`, whatever the other rows do (prompt lengths, stop points, acceptance); Stats count only rows still
+decoding; sampling keeps each row's distribution. Tiny random models on CPU (tests/test_decode.py's).
+"""
+
+import pytest
+import torch
+
+import decode
+from decode import Stats, generate
+from test_decode import V, assert_exercised, prompt, tiny
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+LENGTHS = (1, 9, 4, 17, 2)   # different prompt lengths: the right-padded prefill and per-row windows
+
+
+@pytest.mark.parametrize("arch, seed, method", [("llama", 1, "mtp@1"), ("llama", 2, "mtp@3"), ("gpt2", 1, "mtp@2"),
+                                                ("gpt2", 2, "mtp@4"), ("llama", 0, "mtp@2")])
+def test_batch_equals_ar_alone(arch, seed, method):
+    m = tiny(seed, arch=arch, heads=2, residual=None if seed == 0 else 0.01)
+    prompts = [prompt(seed + i, n) for i, n in enumerate(LENGTHS)]
+    alone = [generate(m, [p], 24, method="ar")[0] for p in prompts]
+    stats = Stats()
+    assert generate(m, prompts, 24, method=method, stats=stats) == alone
+    if seed:   # fully random models (seed 0) reject nearly every draft
+        assert_exercised(stats)
+    # stop ids that end rows at different points, some inside an accepted run
+    stop = [alone[0][3], alone[2][10]]
+    alone = [generate(m, [p], 24, method="ar", stop_ids=stop)[0] for p in prompts]
+    assert len({len(a) for a in alone}) > 1, "every row stopped at the same point: the test lost its point"
+    assert generate(m, prompts, 24, method=method, stop_ids=stop) == alone
+
+
+def test_one_strategy_reused_across_batches():
+    """Buffers left by an earlier, longer batch must not leak into the next (pads, windows, caches)."""
+    m = tiny(2, heads=2, residual=0.01)
+    s = decode.make_strategy(m, "mtp@3", 60, batch_size=3)
+    long = [prompt(i, 30) for i in range(3)]
+    short = [prompt(10 + i, n) for i, n in enumerate((2, 7, 1))]
+    for batch in (long, short, long):
+        assert generate(m, batch, 24, method=s) == [generate(m, [p], 24)[0] for p in batch]
+
+
+def test_full_context_batch():
+    """Rows that reach the model's context while others stopped long before: positions stay in range."""
+    m = tiny(1, arch="gpt2", heads=2, residual=0.01, max_seq_len=32)
+    prompts = [prompt(1, 12), prompt(2, 3), prompt(3, 8)]
+    alone = [generate(m, [p], 20, method="ar")[0] for p in prompts]
+    stop = [alone[1][1]]
+    alone = [generate(m, [p], 20, method="ar", stop_ids=stop)[0] for p in prompts]
+    assert generate(m, prompts, 20, method="mtp@4", stop_ids=stop) == alone
+
+
+def test_finished_rows_do_not_count():
+    """tokens per forward counts rows still decoding: a row that stops early takes no forwards, so batching leaves
+    the metric (and acceptance) exactly as decoding each row alone does."""
+    m = tiny(2, heads=2, residual=0.01)
+    prompts = [prompt(i, n) for i, n in enumerate((3, 11, 6))]
+    first = generate(m, prompts[:1], 30)[0]
+    i = next(i for i in range(1, 30) if first[i] not in first[:i])   # row 0 stops at its (i+1)-th token
+    stop = [first[i]]
+    batch, alone = Stats(), Stats()
+    outs = generate(m, prompts, 30, method="mtp@3", stop_ids=stop, stats=batch)
+    for p in prompts:
+        generate(m, [p], 30, method="mtp@3", stop_ids=stop, stats=alone)
+    assert len(outs[0]) == i + 1 < max(map(len, outs))
+    assert batch == alone
+    ar = Stats()
+    generate(m, prompts, 30, stop_ids=stop, stats=ar)
+    assert ar.tokens_per_forward == 1.0
+
+
+def test_trace_per_row():
+    m = tiny(2, heads=2, residual=0.01)
+    prompts = [prompt(i, n) for i, n in enumerate((3, 11, 6))]
+    trace, stats = [], Stats()
+    outs = generate(m, prompts, 24, method="mtp@3", trace=trace, stats=stats)
+    assert [len(t) for t in trace] == [len(o) for o in outs]
+    alone = []
+    for p in prompts:
+        generate(m, [p], 24, method="mtp@3", trace=alone)
+    assert trace == alone
+
+
+def test_batch_sampling_keeps_each_row():
+    """Sampled rows of a batch: row b follows the distribution of decoding prompt b alone (two different prompts,
+    so a row that read another row's state would show). Exact 2-token distribution as in test_decode.e2e_tv."""
+    m = tiny(7, vocab=5, heads=2, std=0.5, n_layer=1, n_embd=16, head_dim=8, n_head=2, n_kv_head=1,
+             intermediate_size=32, max_seq_len=16)
+    prompts = [[1, 3, 2], [4]]
+    exact = []
+    with torch.no_grad():
+        for p in prompts:
+            idx = torch.tensor([p + [x] for x in range(5)])
+            probs = torch.softmax(m(idx).float(), -1)
+            exact.append((probs[0, len(p) - 1][:, None] * probs[:, len(p)]).flatten())
+    assert 0.5 * (exact[0] - exact[1]).abs().sum() > 0.2
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(2, 25)
+    s = decode.make_strategy(m, "mtp@2", 6, decode.Sampling(1.0), g, batch_size=2)
+    for _ in range(600):
+        for b, (a, c) in enumerate(generate(m, prompts, 2, method=s)):
+            counts[b, 5 * a + c] += 1
+    for b in range(2):
+        assert 0.5 * (counts[b] / counts[b].sum() - exact[b]).abs().sum() < 0.12, b
