@@ -23,7 +23,8 @@ bf16: a token's logits from a 1-token forward and from a 4-token forward round d
 so `ar` takes `query_len`: `ar` padded to a method's query length is that method's bit-exact reference
 (`Strategy.query_len`, bench.py's exact-match column).
 
-Speculative methods decode one sequence at a time (batch 1); `ar` batches. Nothing here trains or measures speed
+`ar` and `mtp@D` decode a batch of prompts as one batch (each row at its own positions, accepting its own number of
+drafts per step); the mask-token methods decode one prompt at a time. Nothing here trains or measures speed
 (bench.py does); each call can fill a `Stats` with forwards and per-depth acceptance, and a `trace` with how each
 token was produced.
 
@@ -35,6 +36,7 @@ import sys
 import time
 import weakref
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -251,8 +253,9 @@ class Autoregressive(Strategy):
         self.newest.copy_(lens)
         return nxt
 
-    def step(self):
-        """Every row's next token, stopped rows included, and per row (drafts checked, accepted): none."""
+    def step(self, live):
+        """Every row's next token, stopped rows included (live: which rows still decode, unused here), and per row
+        (drafts checked, accepted): none."""
         if self.sampling.greedy:
             nxt = self.next()
         else:
@@ -260,6 +263,56 @@ class Autoregressive(Strategy):
             self.tokens[self.rows, self.newest + 1] = nxt
         self.newest += 1              # in place, outside the graph: the graph reads it and must stay idempotent
         return [[t] for t in nxt.tolist()], [(0, 0)] * len(nxt)    # the step's one host read-back
+
+
+COST_REPEATS = 5       # timed replays per depth when HeadDrafts measures its step costs
+ACCEPT_PRIOR = 0.7     # a depth's acceptance before any evidence: optimistic, so drafting gets tried
+PRIOR_WEIGHT = 4.0     # ... worth this many observed drafts
+ACCEPT_DECAY = 0.95    # per step: older evidence fades, so the estimate follows the text (about 20 steps' memory)
+
+
+class DepthRule:
+    """How many tokens to draft this step, so that speculation never costs more than it saves.
+
+    A step of depth k (k drafts, then one verify forward of k+1 tokens per row) yields on average
+    E(k) = 1 + a1 + a1 a2 + ... + a1 ... ak tokens per row, a_d the acceptance of depth d given depths 1..d-1 were
+    accepted, and takes costs[k] times as long as a plain one-token step (costs[0] = 1). The rule drafts
+    k = argmax E(k) / costs[k] over 0..D (the smallest k on ties): k = 0 is plain decoding. As the batch grows, the
+    verify forward stops being almost free (costs[k] rises towards k+1) and the rule drafts less, or not at all.
+    a_d: decayed counts of accepted / checked drafts of rows still decoding, with a prior. costs: measured per
+    strategy (one batch size, one device) by HeadDrafts.measure_costs, or given."""
+
+    def __init__(self, depths, costs=None):
+        if costs is not None and (len(costs) != depths + 1 or min(costs) <= 0):
+            raise ValueError(f"costs: expected {depths + 1} positive step costs (depths 0..{depths}), got {costs}")
+        self.costs = costs
+        self.accepted = [ACCEPT_PRIOR * PRIOR_WEIGHT] * depths
+        self.checked = [PRIOR_WEIGHT] * depths
+
+    @property
+    def acceptance(self):
+        return [a / c for a, c in zip(self.accepted, self.checked)]
+
+    def expected_tokens(self):
+        """E(k) for k = 0..D."""
+        out, reach = [1.0], 1.0
+        for a in self.acceptance:
+            reach *= a
+            out.append(out[-1] + reach)
+        return out
+
+    def choose(self):
+        gains = [e / c for e, c in zip(self.expected_tokens(), self.costs)]
+        return gains.index(max(gains))
+
+    def observe(self, depth, ns):
+        """A step of `depth` in which rows still decoding accepted ns drafts each: depth d was checked in the rows
+        that accepted d-1 or more, and accepted in those that accepted d or more."""
+        for d in range(1, depth + 1):
+            checked = sum(n >= d - 1 for n in ns)
+            if checked:
+                self.checked[d - 1] = ACCEPT_DECAY * self.checked[d - 1] + checked
+                self.accepted[d - 1] = ACCEPT_DECAY * self.accepted[d - 1] + sum(n >= d for n in ns)
 
 
 class HeadDrafts(Strategy):
@@ -279,12 +332,17 @@ class HeadDrafts(Strategy):
 
     Every row has its own L (`newest`, (B,)): windows and verified tokens are gathered per row, each row accepts its
     own n and advances by n+1. The caches write each row at its own positions, so rows never wait for each other.
-    A row that has finished keeps computing (fixed shapes) but stops advancing at max_len; generate drops its tokens."""
+    A row that has finished keeps computing (fixed shapes) but stops advancing at max_len; generate drops its tokens.
+
+    adaptive=True (mtp@autoD): each step drafts `DepthRule`'s choice of 0..D tokens (0: a plain one-token forward),
+    one CUDA graph per depth. A step of depth k < D leaves depths k+1..D behind; the 2D window catches up what fits
+    and older positions of those depths keep stale states. That only lowers their drafts' acceptance: verification
+    keeps the output exact (in float32; in bf16 the mixed query lengths round as no single ar@Q does)."""
     batched = True
     speculative = True
 
-    def __init__(self, model, max_len, depths, schedule=None, draft_ids=None, sampling=Sampling(), generator=None,
-                 batch_size=1, graphs=None, compile=False):
+    def __init__(self, model, max_len, depths, schedule=None, draft_ids=None, adaptive=False, costs=None,
+                 sampling=Sampling(), generator=None, batch_size=1, graphs=None, compile=False):
         if len(model.heads) == 0:
             raise ValueError("method mtp needs a model with MTP heads (train.py --mode heads, or --heads FILE)")
         super().__init__(model, batch_size, max_len, depths + 1, sampling, generator, graphs, compile)
@@ -303,7 +361,10 @@ class HeadDrafts(Strategy):
         self.caches, self.depth_caches = model.make_caches(batch_size, self.cache_len, n_depths=depths)
         self.window_offsets = torch.arange(self.window, device=self.device)
         self.step_offsets = torch.arange(depths + 1, device=self.device)
-        self.greedy_step = Graph(self._greedy_step, self.graphs and sampling.greedy)
+        # one graph per depth in use; costs: a DepthRule table given (None: measured at the first step)
+        self.rule = DepthRule(depths, costs) if adaptive else None
+        self.greedy_steps = {k: Graph(partial(self._greedy_step, k), self.graphs and sampling.greedy)
+                             for k in (range(depths + 1) if adaptive else [depths])}
 
     def prefill(self, prompts):
         """prompts: B lists of ids; the main model and then every depth over each row's prompt. Returns the first new
@@ -316,15 +377,15 @@ class HeadDrafts(Strategy):
             h = self.model.head_forward(self.schedule[d - 1], h, self.tokens[:, d:n + d], pos, self.depth_caches[d - 1])
         return nxt
 
-    def draft(self):
-        """Depths 1..D in turn, each on its window; writes t[L+1..L+D] of every row.
-        Returns (drafts (B, D), their distributions (B, D, V) or None when greedy)."""
+    def draft(self, depth):
+        """Depths 1..depth in turn, each on its window; writes t[L+1..L+depth] of every row.
+        Returns (drafts (B, depth), their distributions (B, depth, V) or None when greedy or depth 0)."""
         L = self.newest[:, None]                                  # (B, 1)
         start = (L - self.window).clamp_min(0)
         pos = start + self.window_offsets                         # (B, W)
         at = (L - 1 - start)[..., None].expand(-1, -1, self.hidden.size(-1))   # (B, 1, C): the window row of L-1
         h, probs = self.hidden.gather(1, pos[..., None].expand(-1, -1, self.hidden.size(-1))), []   # (B, W, C)
-        for d in range(1, self.depths + 1):
+        for d in range(1, depth + 1):
             h = self.head_forward(self.schedule[d - 1], h, self.tokens.gather(1, pos + d), self.positions(pos),
                                   self.depth_caches[d - 1])
             logits = self.model.logits(h.gather(1, at), self.draft_head)[:, 0]    # (B, V'): predicts t[L+d]
@@ -337,12 +398,12 @@ class HeadDrafts(Strategy):
                     q = q.new_zeros(q.size(0), self.model.cfg.vocab_size).index_copy_(1, self.draft_ids, q)
                 probs.append(q)
             self.tokens.scatter_(1, L + d, tok if self.draft_ids is None else self.draft_ids[tok])
-        return self.tokens.gather(1, L + 1 + self.step_offsets[:-1]), torch.stack(probs, 1) if probs else None
+        return self.tokens.gather(1, L + 1 + self.step_offsets[:depth]), torch.stack(probs, 1) if probs else None
 
-    def check(self):
-        """The verify forward over t[L..L+D] of every row; stores its hidden states (rows past the accepted ones are
-        rewritten before anything reads them). Returns the main model's logits (B, D+1, V)."""
-        pos = self.newest[:, None] + self.step_offsets           # (B, D+1)
+    def check(self, depth):
+        """The verify forward over t[L..L+depth] of every row; stores its hidden states (rows past the accepted ones
+        are rewritten before anything reads them). Returns the main model's logits (B, depth+1, V)."""
+        pos = self.newest[:, None] + self.step_offsets[:depth + 1]   # (B, depth+1)
         logits, h = self.forward(self.tokens.gather(1, pos), self.positions(pos), self.caches, return_hidden=True)
         self.hidden[self.rows, pos] = h
         return logits
@@ -353,28 +414,50 @@ class HeadDrafts(Strategy):
         self.tokens[self.rows[:, 0], self.newest + n + 1] = nxt
         torch.clamp_max(self.newest + n + 1, self.max_len, out=self.advanced)
 
-    def _greedy_step(self):
-        drafts, _ = self.draft()
-        target = self.check().argmax(-1)                          # (B, D+1)
+    def _greedy_step(self, depth):
+        drafts, _ = self.draft(depth)
+        target = self.check(depth).argmax(-1)                     # (B, depth+1)
         n = (drafts == target[:, :-1]).long().cumprod(1).sum(1)   # (B,)
         self.accept(n, target.gather(1, n[:, None])[:, 0])
-        return torch.cat([n[:, None], self.tokens.gather(1, self.newest[:, None] + 1 + self.step_offsets)], 1)
+        return torch.cat([n[:, None], self.tokens.gather(1, self.newest[:, None] + 1 + self.step_offsets[:depth + 1])],
+                         1)
 
-    def step(self):
-        """One draft-and-verify step of every row, finished rows included. Returns (per row the new tokens, per row
-        (drafts checked, drafts accepted))."""
+    def step(self, live):
+        """One draft-and-verify step of every row, finished rows included; live[b]: row b is still decoding (the
+        depth rule learns from those rows only). Returns (per row the new tokens, per row (drafts checked, drafts
+        accepted))."""
+        if self.rule is not None and self.rule.costs is None:
+            self.rule.costs = self.measure_costs()
+        depth = self.depths if self.rule is None else self.rule.choose()
         if self.sampling.greedy:
-            out = self.greedy_step().tolist()                     # (B, 1 + D+1): n, t[L+1..L+D+1]; one read-back
+            out = self.greedy_steps[depth]().tolist()            # (B, 1 + depth+1): n, t[L+1..]; one read-back
             ns, new = [r[0] for r in out], [r[1:r[0] + 2] for r in out]
         else:
-            drafts, q = self.draft()
-            logits = self.check()
+            drafts, q = self.draft(depth)
+            logits = self.check(depth)
             ns, nxt = zip(*(verify(drafts[b], q[b], logits[b], self.sampling, self.generator)
                             for b in range(len(drafts))))
             self.accept(torch.tensor(ns, device=self.device), torch.tensor(nxt, device=self.device))
             new = [row[:n] + [t] for row, n, t in zip(drafts.tolist(), ns, nxt)]
         self.newest.copy_(self.advanced)   # outside the graph: the graph reads newest and must stay idempotent
-        return new, [(self.depths, n) for n in ns]
+        if self.rule is not None:
+            self.rule.observe(depth, [n for n, alive in zip(ns, live) if alive])
+        return new, [(depth, n) for n in ns]
+
+    def measure_costs(self):
+        """Wall time of a greedy step of every depth over that of depth 0, each step replayed COST_REPEATS times
+        after its warm-up (graph capture). The steps are idempotent, so timing them changes no decoding state."""
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        seconds = []
+        for step in self.greedy_steps.values():
+            step()
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(COST_REPEATS):
+                step()
+            sync()
+            seconds.append(time.perf_counter() - t0)
+        return [s / seconds[0] for s in seconds]
 
 
 class MaskDrafts(Strategy):
@@ -462,11 +545,14 @@ BATCHED = {"ar", "mtp"}            # methods that decode several prompts as one 
 
 
 def parse_method(name):
-    """'ar' | 'ar@Q' | 'mtp' | 'mtp@D' | 'static@K' | 'confadapt@TAU' | 'verified@K' -> (kind, value); a ValueError
+    """'ar' | 'ar@Q' | 'mtp' | 'mtp@D' | 'mtp@auto[D]' | 'static@K' | 'confadapt@TAU' | 'verified@K' -> (kind, value); a ValueError
     names the allowed values. ar@Q is plain decoding padded to Q tokens per forward (the bf16 reference of a method
-    whose forwards carry Q tokens: mtp@D's is ar@(D+1), verified@K's ar@(2K-1))."""
+    whose forwards carry Q tokens: mtp@D's is ar@(D+1), verified@K's ar@(2K-1)). mtp@autoD (D: 3 if left out)
+    chooses the depth of every step from 0 to D (`DepthRule`); its value is D."""
     kind, _, arg = name.partition("@")
     defaults = {"ar": 1, "mtp": 3, "static": 3, "confadapt": 0.9, "verified": 4}
+    if kind == "mtp" and arg.startswith("auto"):
+        arg = arg[len("auto"):] or str(defaults["mtp"])
     if kind not in defaults:
         raise ValueError(f"unknown method {name!r}: expected ar, ar@Q, mtp@D, static@K, confadapt@TAU or verified@K")
     if not arg:
@@ -496,7 +582,8 @@ def make_strategy(model, method, max_len, sampling=Sampling(), generator=None, s
     if kind == "ar":
         return Autoregressive(model, max_len, batch_size=batch_size, query_len=value, **engine)
     if kind == "mtp":
-        return HeadDrafts(model, max_len, value, schedule, draft_ids, batch_size=batch_size, **engine)
+        return HeadDrafts(model, max_len, value, schedule, draft_ids, adaptive="@auto" in method,
+                          batch_size=batch_size, **engine)
     if not mask_ids:
         raise ValueError(f"method {method} needs a mask-token model (train.py --mode mask) and its mask token ids")
     if kind == "confadapt":
@@ -579,7 +666,7 @@ def _decode(strategy, prompts, max_new_tokens, stop_ids):
     run = Run(outs, [list(range(len(out))) for out in outs], first=len(outs[0]))   # prefill: the model, then masks
     live = [not _finished(out, out, max_new_tokens, stop_ids) for out in outs]
     while any(live):
-        news, accepted = strategy.step()
+        news, accepted = strategy.step(live) if strategy.batched else strategy.step()
         news = news if strategy.batched else [news]
         accepted = accepted if strategy.batched else [accepted]
         run.forwards += sum(live)

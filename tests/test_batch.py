@@ -112,3 +112,92 @@ def test_batch_sampling_keeps_each_row():
             counts[b, 5 * a + c] += 1
     for b in range(2):
         assert 0.5 * (counts[b] / counts[b].sum() - exact[b]).abs().sum() < 0.12, b
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# mtp@auto: the draft depth of each step chosen by DepthRule
+
+def test_depth_rule_arithmetic():
+    rule = decode.DepthRule(3, [1.0, 1.0, 1.0, 1.0])
+    assert rule.acceptance == [pytest.approx(decode.ACCEPT_PRIOR)] * 3
+    a = decode.ACCEPT_PRIOR
+    assert rule.expected_tokens() == pytest.approx([1, 1 + a, 1 + a + a * a, 1 + a + a * a + a ** 3])
+    assert rule.choose() == 3                              # free verification: draft all the way
+    rule.costs = [1.0, 2.0, 3.0, 4.0]                       # verification as dear as plain steps: never draft
+    assert rule.choose() == 0
+    rule.costs = [1.0, 1.5, 2.5, 3.5]                       # E/cost = 1, 1.13, 0.88, 0.72
+    assert rule.choose() == 1
+    rule.costs = [1.0, 1.0 + a, 1.0 + a + a * a, 9.0]       # ties go to the cheaper, shallower step
+    assert rule.choose() == 0
+    rule.observe(3, [0, 3, 1])      # depth 1 checked in 3 rows, accepted in 2; depth 2: 2 and 1; depth 3: 1 and 1
+    w, decay = decode.PRIOR_WEIGHT, decode.ACCEPT_DECAY
+    assert rule.checked == pytest.approx([decay * w + 3, decay * w + 2, decay * w + 1])
+    assert rule.accepted == pytest.approx([decay * a * w + 2, decay * a * w + 1, decay * a * w + 1])
+    rule.observe(1, [1, 1])         # a depth-1 step leaves depths 2 and 3 alone
+    assert rule.checked[1:] == pytest.approx([decay * w + 2, decay * w + 1])
+    rule.costs = [1.0, 1.2, 1.4, 1.6]
+    for _ in range(40):             # drafts keep failing: the rule stops drafting
+        rule.observe(rule.choose(), [0, 0, 0])
+    assert rule.choose() == 0
+    with pytest.raises(ValueError, match="costs"):
+        decode.DepthRule(3, [1.0, 1.1])
+
+
+def adaptive(m, costs, batch_size, max_len=60):
+    return decode.HeadDrafts(m, max_len, 3, adaptive=True, costs=costs, batch_size=batch_size)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_auto_equals_ar(arch):
+    """Lossless whatever depths the rule picks: cheap verification (drafts), dear (plain steps), measured costs."""
+    m = tiny(2, arch=arch, heads=2, residual=0.01)
+    prompts = [prompt(i, n) for i, n in enumerate(LENGTHS)]
+    alone = [generate(m, [p], 24)[0] for p in prompts]
+    stop = [alone[1][5]]
+    stopped = [generate(m, [p], 24, stop_ids=stop)[0] for p in prompts]
+    for costs in ([1.0, 1.05, 1.1, 1.15], [1.0, 1.8, 2.6, 3.4], None):
+        s, stats = adaptive(m, costs, len(prompts)), Stats()
+        assert generate(m, prompts, 24, method=s, stats=stats) == alone, costs
+        assert generate(m, prompts, 24, method=s, stop_ids=stop) == stopped, costs
+        assert s.rule.costs[0] == 1.0 and len(s.rule.costs) == 4
+        if costs == [1.0, 1.8, 2.6, 3.4]:      # E(k)/costs[k] < 1 from the prior on: plain steps only
+            assert stats.steps == 0 and stats.tokens_per_forward == 1.0
+        elif costs is not None:
+            assert_exercised(stats)
+
+
+def test_auto_switches_depth():
+    """With costs that make depth 1 pay only while acceptance is high, a model whose drafts fail stops drafting
+    and one whose drafts succeed keeps drafting; both stay exact."""
+    costs = [1.0, 1.3, 1.5, 1.7]
+    for seed, residual, deep in ((0, None, False), (2, 0.005, True)):
+        m = tiny(seed, heads=2, residual=residual)
+        prompts = [prompt(i, n) for i, n in enumerate(LENGTHS)]
+        s, stats = adaptive(m, costs, len(prompts), max_len=80), Stats()
+        assert generate(m, prompts, 60, method=s, stats=stats) == [generate(m, [p], 60)[0] for p in prompts]
+        assert (s.rule.choose() > 0) == deep, s.rule.acceptance
+        assert (stats.steps < stats.forwards - stats.prefills) != deep   # plain steps happened only where drafts failed
+
+
+def test_auto_learns_from_live_rows_only(monkeypatch):
+    """Without decay the rule's counts are exactly Stats' (which count rows still decoding) plus the prior."""
+    monkeypatch.setattr(decode, "ACCEPT_DECAY", 1.0)
+    m = tiny(2, heads=2, residual=0.01)
+    prompts = [prompt(i, n) for i, n in enumerate(LENGTHS)]
+    first = generate(m, prompts[:1], 30)[0]
+    stop = [first[next(i for i in range(1, 30) if first[i] not in first[:i])]]
+    s, stats = adaptive(m, [1.0] * 4, len(prompts)), Stats()
+    generate(m, prompts, 30, method=s, stop_ids=stop, stats=stats)
+    w = decode.PRIOR_WEIGHT
+    assert s.rule.checked == pytest.approx([w + p for p in stats.proposed])
+    assert s.rule.accepted == pytest.approx([decode.ACCEPT_PRIOR * w + a for a in stats.accepted])
+
+
+def test_parse_auto():
+    assert decode.parse_method("mtp@auto") == ("mtp", 3)
+    assert decode.parse_method("mtp@auto5") == ("mtp", 5)
+    with pytest.raises(ValueError, match="D must be"):
+        decode.parse_method("mtp@auto0")
+    m = tiny(2, heads=2, residual=0.01)
+    assert decode.make_strategy(m, "mtp@auto2", 40).rule is not None
+    assert decode.make_strategy(m, "mtp@2", 40).rule is None
