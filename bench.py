@@ -256,6 +256,116 @@ def write_sweep(res, taus, out):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# speed against batch size
+
+def run_batches(model, tokenizer, methods, prompts, batch_sizes, max_new_tokens=128, options=None, temperature=0.0,
+                seed=0, compile=False, progress=False):
+    """tokens/s of every method at every batch size: the prompts (texts or {"prompt": ...} dicts, used verbatim)
+    repeated in order to fill each batch, decoded as one batch (decode.generate with B prompts), after one untimed
+    warm-up call of the same batch (graph capture, compilation, mtp@auto's cost measurement), methods interleaved.
+    Per method and size: tok/s (generated tokens of all rows / wall time, prefill included), speedup over `ar` at
+    the same size, tokens per forward (rows still decoding only) and exact match per row against plain greedy (as
+    run() defines it, run at the same batch size). Returns {"batch_sizes": [...], "methods": {name: [one dict per
+    size]}, ...}, JSON-ready."""
+    options = options or {}
+    device = model.embed.weight.device
+    ids = [tokenizer.encode(p["prompt"] if isinstance(p, dict) else p, specials=True) for p in prompts]
+    stop_ids = list(tokenizer.stop_ids)
+    max_len = max(map(len, ids)) + max_new_tokens
+    sampling = decode.Sampling(temperature)
+    results = {m: [] for m in methods}
+    for B in tqdm(batch_sizes, desc="batch sizes", file=sys.stderr, disable=None if progress else True):
+        batch = (ids * math.ceil(B / len(ids)))[:B]
+        strategies = {m: decode.make_strategy(model, m, max_len, sampling, torch.Generator(device).manual_seed(seed),
+                                              batch_size=B, compile=compile, **options) for m in methods}
+        for m in methods:                                   # warm-up, untimed
+            decode.generate(model, batch, max_new_tokens, stop_ids=stop_ids, method=strategies[m])
+        outs, stats, wall = {}, {m: decode.Stats() for m in methods}, {}
+        for m in methods:
+            outs[m], wall[m] = timed(device, lambda: decode.generate(model, batch, max_new_tokens, stop_ids=stop_ids,
+                                                                     method=strategies[m], stats=stats[m]))
+        references = {m: reference_method(m, strategies[m], model) for m in methods}
+        greedy = {}
+        for ref in set(references.values()):
+            if ref in methods and temperature == 0:
+                greedy[ref] = outs[ref]
+            else:
+                strategy = decode.make_strategy(model, ref, max_len, batch_size=B, compile=compile, **options)
+                greedy[ref] = decode.generate(model, batch, max_new_tokens, stop_ids=stop_ids, method=strategy)
+        del strategies                                      # their caches and graphs before the next, larger size
+        for m in methods:
+            tokens = sum(map(len, outs[m]))
+            results[m].append({
+                "batch_size": B, "tokens": tokens, "wall_s": wall[m], "tok_s": tokens / wall[m], "speedup": None,
+                "tokens_per_forward": stats[m].tokens_per_forward,
+                "acceptance_rate": stats[m].acceptance_rate,
+                "exact_match": sum(o == r for o, r in zip(outs[m], greedy[references[m]])) / B,
+                "reference": references[m]})
+    if "ar" in results:
+        for rows in results.values():
+            for r, ar in zip(rows, results["ar"]):
+                r["speedup"] = r["tok_s"] / ar["tok_s"]
+    return {"device": str(device), "dtype": str(model.embed.weight.dtype).replace("torch.", ""),
+            "batch_sizes": list(batch_sizes), "num_prompts": len(ids), "max_new_tokens": max_new_tokens,
+            "temperature": temperature, "methods": results, "notes": []}
+
+
+def batch_table(res):
+    """One row per batch size: every method's tok/s, speedup over ar and tokens per forward."""
+    methods = list(res["methods"])
+    head = f"{'batch':>5}" + "".join(f"  {m + ' tok/s':>16} {'speedup':>7} {'tok/fwd':>7} {'exact':>5}"
+                                     for m in methods)
+    lines = [head]
+    for i, B in enumerate(res["batch_sizes"]):
+        line = f"{B:>5}"
+        for m in methods:
+            r = res["methods"][m][i]
+            line += (f"  {r['tok_s']:>16.1f} {fmt(r['speedup'], '.2f') + 'x':>7} {r['tokens_per_forward']:>7.2f}"
+                     f" {r['exact_match']:>5.2f}")
+        lines.append(line)
+    lines.append(f"{res['num_prompts']} prompts repeated to fill each batch, max_new_tokens={res['max_new_tokens']}, "
+                 f"temperature={res['temperature']}, {res['device']} {res['dtype']}; tok/s counts every row's "
+                 f"tokens, prefill included; tok/fwd counts rows still decoding; exact = rows identical to plain "
+                 f"greedy ar at the same batch size")
+    return "\n".join(lines + res["notes"])
+
+
+def write_batches(res, out):
+    """Markdown table and, where matplotlib exists, tokens/s and speedup against batch size."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    methods = list(res["methods"])
+    md = ["| batch | " + " | ".join(f"{m} tok/s | {m} speedup" for m in methods) + " |",
+          "| ---: |" + " ---: | ---: |" * len(methods)]
+    for i, B in enumerate(res["batch_sizes"]):
+        md.append(f"| {B} | " + " | ".join(f"{res['methods'][m][i]['tok_s']:.1f} | "
+                                           f"{fmt(res['methods'][m][i]['speedup'], '.2f')}" for m in methods) + " |")
+    (out / "batch_sizes.md").write_text("\n".join(md) + "\n")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return [f"wrote {out / 'batch_sizes.md'} (no matplotlib: no plot)"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for m in methods:
+        rows = res["methods"][m]
+        axes[0].plot(res["batch_sizes"], [r["tok_s"] for r in rows], "o-", label=m)
+        if rows[0]["speedup"] is not None:
+            axes[1].plot(res["batch_sizes"], [r["speedup"] for r in rows], "o-", label=m)
+    for ax, label in zip(axes, ("tokens/s", "speedup over ar")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"tokens/s against batch size ({res['device']}, {res['dtype']})")
+    fig.tight_layout()
+    fig.savefig(out / "batch_sizes.png", dpi=120)
+    return [f"wrote {out / 'batch_sizes.md'} and {out / 'batch_sizes.png'}"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # transformers side by side: the same weights in its own implementation
 
 def hf_model(model, source):
@@ -354,6 +464,10 @@ def method_list(text):
     return [m if m == HF else decode.method_arg(m) for m in methods]
 
 
+def size_list(text):
+    return list(dict.fromkeys(decode.number(int, 1)(b) for b in text.split(",")))
+
+
 def tau_list(text):
     return [decode.number(float, 0, 1, low_open=True)(t) for t in text.split(",")]
 
@@ -373,7 +487,10 @@ def main(argv=None):
                    "markdown table (and a PNG where matplotlib exists) to --out")
     p.add_argument("--taus", type=tau_list, default="0.5,0.6,0.7,0.8,0.9,0.95", help="ConfAdapt thresholds, "
                    "comma-separated, each in (0, 1], for --sweep")
-    p.add_argument("--out", default="out/bench", help="folder for --sweep's table and plot")
+    p.add_argument("--batch_sizes", type=size_list, default=None, help="comma-separated, e.g. 1,4,16,64: instead "
+                   "of one prompt at a time, decode batches of each size (the prompts repeated to fill them) and "
+                   "report tokens/s against batch size; writes a table (and a PNG where matplotlib exists) to --out")
+    p.add_argument("--out", default="out/bench", help="folder for --sweep's and --batch_sizes' tables and plots")
     p.add_argument("--tiny", action="store_true", help="a tiny random model with heads and a mask token, no "
                    "weights: checks that everything runs")
     args = p.parse_args(argv)
@@ -381,6 +498,11 @@ def main(argv=None):
     methods = args.methods + [f"confadapt@{t:g}" for t in taus if f"confadapt@{t:g}" not in args.methods]
     ours = [m for m in methods if m != HF]
     dtype = decode.check_model_args(args, ours)
+    if args.batch_sizes:
+        single = [m for m in methods if m == HF or decode.parse_method(m)[0] not in decode.BATCHED]
+        if single or args.sweep:
+            decode.fail(f"--batch_sizes: only methods that decode batches (ar, ar@Q, mtp@D, mtp@autoD) are "
+                        f"measured against batch size, not {', '.join(single) or '--sweep'}")
     prompts_file = args.prompts or (HELDOUT if args.init_from == load.BUNDLED and not args.tiny else None)
     try:
         rows = read_prompts(prompts_file) if prompts_file else None
@@ -403,11 +525,21 @@ def main(argv=None):
                 methods.remove(HF)
         if not methods:
             raise ValueError("nothing left to measure")
-        res = run(model, tokenizer, methods, rows[:args.num_prompts], args.max_new_tokens, original, options,
-                  args.temperature, args.seed, args.warmup, hf, nll_self=original is None, progress=True,
-                  compile=args.compile)
+        if args.batch_sizes:
+            res = run_batches(model, tokenizer, methods, rows[:args.num_prompts], args.batch_sizes,
+                              args.max_new_tokens, options, args.temperature, args.seed, args.compile, progress=True)
+        else:
+            res = run(model, tokenizer, methods, rows[:args.num_prompts], args.max_new_tokens, original, options,
+                      args.temperature, args.seed, args.warmup, hf, nll_self=original is None, progress=True,
+                      compile=args.compile)
     except (ValueError, OSError) as e:
         decode.fail(e)
+    if args.batch_sizes:
+        res["notes"] += write_batches(res, args.out)
+        print(batch_table(res))
+        if args.json:
+            print(json.dumps(res))
+        return res
     res["notes"] += notes
     if taus:
         res["notes"] += write_sweep(res, taus, args.out)

@@ -1,12 +1,14 @@
 """
 Speculative decoding of a batch (decode.HeadDrafts with B rows): every row's greedy output equals that row decoded
 alone with `ar`, whatever the other rows do (prompt lengths, stop points, acceptance); Stats count only rows still
-decoding; sampling keeps each row's distribution. Tiny random models on CPU (tests/test_decode.py's).
+decoding; sampling keeps each row's distribution; mtp@auto's depth rule; bench.py --batch_sizes. Tiny random models
+on CPU (tests/test_decode.py's).
 """
 
 import pytest
 import torch
 
+import bench
 import decode
 from decode import Stats, generate
 from test_decode import V, assert_exercised, prompt, tiny
@@ -201,3 +203,37 @@ def test_parse_auto():
     m = tiny(2, heads=2, residual=0.01)
     assert decode.make_strategy(m, "mtp@auto2", 40).rule is not None
     assert decode.make_strategy(m, "mtp@2", 40).rule is None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bench.py --batch_sizes
+
+def test_bench_batches(tmp_path):
+    m, _, tokenizer, options = bench.tiny_setup("cpu", torch.float32, seed=0)
+    prompts = ["What is 2+2?", "Hello there, how are you?", "Name a colour."]
+    res = bench.run_batches(m, tokenizer, ["ar", "mtp@2", "mtp@auto2"], prompts, [1, 4], 12, options)
+    for name, rows in res["methods"].items():
+        assert [r["batch_size"] for r in rows] == [1, 4]
+        assert all(r["exact_match"] == 1.0 for r in rows), name
+    ar = res["methods"]["ar"]
+    assert [r["speedup"] for r in ar] == [1.0, 1.0]
+    # batch 4 repeats the three prompts in order: its first row decodes the first prompt, its fourth the first again
+    alone = [decode.generate(m, [tokenizer.encode(p, specials=True)], 12, stop_ids=tokenizer.stop_ids)[0]
+             for p in prompts]
+    assert ar[0]["tokens"] == len(alone[0]) and ar[1]["tokens"] == sum(map(len, alone)) + len(alone[0])
+    lines = bench.batch_table(res).splitlines()
+    assert lines[0].split()[:3] == ["batch", "ar", "tok/s"] and lines[2].split()[0] == "4"
+    assert bench.write_batches(res, tmp_path)[0].startswith(f"wrote {tmp_path / 'batch_sizes.md'}")
+    assert (tmp_path / "batch_sizes.md").read_text().count("\n") == 4    # header, rule, two sizes
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch_sizes", "1,0"], "--batch_sizes: must be at least 1"),
+    (["--batch_sizes", "1,4", "--methods", "ar,static@3"], "--batch_sizes: only methods that decode batches"),
+    (["--batch_sizes", "1,4", "--methods", "ar,hf"], "not hf"),
+])
+def test_bench_batches_bad_options(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--tiny", *argv])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: ") and message in err and "\n" not in err
