@@ -6,7 +6,9 @@ speedup (tokens/s over `ar`'s from the same run), tokens per forward, per-depth 
 (decode.Stats; definitions in DESIGN.md "Metrics"), exact match against plain greedy `ar`, mean per-token NLL of the
 output under the original model (the main model without heads or adapters; one no-cache forward of prompt + output),
 task accuracy where the prompts carry numeric answers (data/synthmath.py's scorer), and time to first token (a
-prefill-only call, timed apart). Every prompt is decoded alone (batch 1), ar included.
+prefill-only call, timed apart). Every prompt is decoded alone (batch 1), ar included; --batch_sizes instead decodes
+batches of each size (the prompts repeated to fill them) with the methods that batch (ar, mtp), and reports tokens/s
+and speedup against batch size (`run_batches`).
 Lossy methods (static@K, confadapt@TAU) are labelled LOSSY. `hf` is another implementation: transformers' own
 `generate` (greedy) on the same weights, for comparison. A table for people; with --json, one JSON object last.
 
@@ -15,9 +17,11 @@ What is not here: the decoding itself and the model setup (decode.py), loading (
     python bench.py --methods ar,mtp@1,mtp@3,hf --num_prompts 4       # smollm2, its shipped heads and held-out prompts
     python bench.py --methods ar,static@2,verified@4,hf --prompts data/smollm2_heldout.jsonl --num_prompts 4
     python bench.py --init_from out/synthmath_mask --prompts data/synthmath/test_prompts.jsonl --sweep --taus 0.6,0.9
+    python bench.py --methods ar,mtp@3,mtp@auto --batch_sizes 1,4,16,64 --out results/batch   # speed against batch
     python bench.py --tiny --methods ar,mtp@2,static@3,verified@3      # a random model, no weights: a smoke test
 
-The programmatic entry point is `run(model, tokenizer, methods, prompts, ...) -> dict`; the CLI wraps it.
+The programmatic entry points are `run(model, tokenizer, methods, prompts, ...) -> dict` and `run_batches(...)`; the
+CLI wraps them.
 """
 
 import argparse
@@ -264,8 +268,8 @@ def run_batches(model, tokenizer, methods, prompts, batch_sizes, max_new_tokens=
     repeated in order to fill each batch, decoded as one batch (decode.generate with B prompts), after one untimed
     warm-up call of the same batch (graph capture, compilation, mtp@auto's cost measurement), methods interleaved.
     Per method and size: tok/s (generated tokens of all rows / wall time, prefill included), speedup over `ar` at
-    the same size, tokens per forward (rows still decoding only) and exact match per row against plain greedy (as
-    run() defines it, run at the same batch size). Returns {"batch_sizes": [...], "methods": {name: [one dict per
+    the same size, tokens per forward (rows still decoding only), exact match per row against plain greedy (as
+    run() defines it, run at the same batch size) and, for mtp@auto, the step costs its DepthRule measured. Returns {"batch_sizes": [...], "methods": {name: [one dict per
     size]}, ...}, JSON-ready."""
     options = options or {}
     device = model.embed.weight.device
@@ -292,6 +296,7 @@ def run_batches(model, tokenizer, methods, prompts, batch_sizes, max_new_tokens=
             else:
                 strategy = decode.make_strategy(model, ref, max_len, batch_size=B, compile=compile, **options)
                 greedy[ref] = decode.generate(model, batch, max_new_tokens, stop_ids=stop_ids, method=strategy)
+        rules = {m: getattr(strategies[m], "rule", None) for m in methods}   # mtp@auto's DepthRule
         del strategies                                      # their caches and graphs before the next, larger size
         for m in methods:
             tokens = sum(map(len, outs[m]))
@@ -300,14 +305,18 @@ def run_batches(model, tokenizer, methods, prompts, batch_sizes, max_new_tokens=
                 "tokens_per_forward": stats[m].tokens_per_forward,
                 "acceptance_rate": stats[m].acceptance_rate,
                 "exact_match": sum(o == r for o, r in zip(outs[m], greedy[references[m]])) / B,
-                "reference": references[m]})
+                "reference": references[m],
+                "step_costs": rules[m].costs if rules[m] else None})
     if "ar" in results:
         for rows in results.values():
             for r, ar in zip(rows, results["ar"]):
                 r["speedup"] = r["tok_s"] / ar["tok_s"]
+    notes = [f"{m}: mixes query lengths from step to step, so in {model.embed.weight.dtype} no single ar@Q is its "
+             f"bit-exact reference (exact in float32)" for m in methods
+             if "@auto" in m and model.embed.weight.dtype != torch.float32]
     return {"device": str(device), "dtype": str(model.embed.weight.dtype).replace("torch.", ""),
             "batch_sizes": list(batch_sizes), "num_prompts": len(ids), "max_new_tokens": max_new_tokens,
-            "temperature": temperature, "methods": results, "notes": []}
+            "temperature": temperature, "methods": results, "notes": notes}
 
 
 def batch_table(res):

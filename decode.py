@@ -435,8 +435,8 @@ class HeadDrafts(Strategy):
         else:
             drafts, q = self.draft(depth)
             logits = self.check(depth)
-            ns, nxt = zip(*(verify(drafts[b], q[b], logits[b], self.sampling, self.generator)
-                            for b in range(len(drafts))))
+            ns, nxt = zip(*(verify(drafts[b], None if q is None else q[b], logits[b], self.sampling, self.generator)
+                            for b in range(len(drafts))))   # q is None at depth 0
             self.accept(torch.tensor(ns, device=self.device), torch.tensor(nxt, device=self.device))
             new = [row[:n] + [t] for row, n, t in zip(drafts.tolist(), ns, nxt)]
         self.newest.copy_(self.advanced)   # outside the graph: the graph reads newest and must stay idempotent

@@ -11,7 +11,7 @@ import torch
 import bench
 import decode
 from decode import Stats, generate
-from test_decode import V, assert_exercised, prompt, tiny
+from test_decode import assert_exercised, prompt, tiny
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -237,3 +237,14 @@ def test_bench_batches_bad_options(argv, message, capsys):
         bench.main(["--tiny", *argv])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_finished_row_stays_in_its_buffers():
+    """A row that finished keeps stepping while others decode: it stops at max_len instead of running past the
+    buffers (here 60 steps of up to 5 tokens each would pass the 20 + 128 slots)."""
+    m = tiny(2, heads=2, residual=0.01)
+    s = decode.make_strategy(m, "mtp@4", 20, batch_size=2)
+    s.prefill([prompt(0, 3), prompt(1, 12)])
+    for _ in range(60):
+        s.step([False, False])
+    assert s.newest.tolist() == [20, 20]
