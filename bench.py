@@ -269,8 +269,8 @@ def run_batches(model, tokenizer, methods, prompts, batch_sizes, max_new_tokens=
     warm-up call of the same batch (graph capture, compilation, mtp@auto's cost measurement), methods interleaved.
     Per method and size: tok/s (generated tokens of all rows / wall time, prefill included), speedup over `ar` at
     the same size, tokens per forward (rows still decoding only), exact match per row against plain greedy (as
-    run() defines it, run at the same batch size) and, for mtp@auto, the step costs its DepthRule measured. Returns {"batch_sizes": [...], "methods": {name: [one dict per
-    size]}, ...}, JSON-ready."""
+    run() defines it, run at the same batch size) and, for mtp@auto, the step costs its DepthRule measured.
+    Returns {"batch_sizes": [...], "methods": {name: [one dict per size]}, ...}, JSON-ready."""
     options = options or {}
     device = model.embed.weight.device
     ids = [tokenizer.encode(p["prompt"] if isinstance(p, dict) else p, specials=True) for p in prompts]
@@ -483,8 +483,8 @@ def tau_list(text):
 
 def main(argv=None):
     p = decode.Parser(__doc__.split("\n\n")[0])
-    p.add_argument("--methods", type=method_list, default="ar,mtp", help="comma-separated: ar, mtp@D, static@K, "
-                   f"confadapt@TAU, verified@K (D and K up to {decode.MAX_DRAFTS}, TAU in (0, 1]), hf (transformers)")
+    p.add_argument("--methods", type=method_list, default="ar,mtp", help="comma-separated: ar, mtp@D, mtp@autoD, "
+                   f"static@K, confadapt@TAU, verified@K (D and K up to {decode.MAX_DRAFTS}, TAU in (0, 1]), hf (transformers)")
     decode.add_model_args(p, max_new_tokens=128)
     p.add_argument("--prompts", type=decode.existing_file, default=None, help='JSONL file, one {"prompt": text, '
                    '"answer": gold?} a line, the prompt used verbatim (default: data/smollm2_heldout.jsonl for '

@@ -445,17 +445,15 @@ class HeadDrafts(Strategy):
         return new, [(depth, n) for n in ns]
 
     def measure_costs(self):
-        """Wall time of a greedy step of every depth over that of depth 0, each step replayed COST_REPEATS times
-        after its warm-up (graph capture). The steps are idempotent, so timing them changes no decoding state."""
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        """Wall time of a greedy step of every depth, its read-back included, over that of depth 0; each step run
+        COST_REPEATS times after its warm-up (graph capture). The steps are idempotent, so timing them changes no
+        decoding state."""
         seconds = []
         for step in self.greedy_steps.values():
-            step()
-            sync()
+            step().tolist()
             t0 = time.perf_counter()
             for _ in range(COST_REPEATS):
-                step()
-            sync()
+                step().tolist()   # waits for the device, as a real step does
             seconds.append(time.perf_counter() - t0)
         return [s / seconds[0] for s in seconds]
 
@@ -545,10 +543,10 @@ BATCHED = {"ar", "mtp"}            # methods that decode several prompts as one 
 
 
 def parse_method(name):
-    """'ar' | 'ar@Q' | 'mtp' | 'mtp@D' | 'mtp@auto[D]' | 'static@K' | 'confadapt@TAU' | 'verified@K' -> (kind, value); a ValueError
-    names the allowed values. ar@Q is plain decoding padded to Q tokens per forward (the bf16 reference of a method
-    whose forwards carry Q tokens: mtp@D's is ar@(D+1), verified@K's ar@(2K-1)). mtp@autoD (D: 3 if left out)
-    chooses the depth of every step from 0 to D (`DepthRule`); its value is D."""
+    """'ar' | 'ar@Q' | 'mtp' | 'mtp@D' | 'mtp@auto[D]' | 'static@K' | 'confadapt@TAU' | 'verified@K' -> (kind,
+    value); a ValueError names the allowed values. ar@Q is plain decoding padded to Q tokens per forward (the bf16
+    reference of a method whose forwards carry Q tokens: mtp@D's is ar@(D+1), verified@K's ar@(2K-1)). mtp@autoD
+    (D: 3 if left out) chooses the depth of every step from 0 to D (`DepthRule`); its value is D."""
     kind, _, arg = name.partition("@")
     defaults = {"ar": 1, "mtp": 3, "static": 3, "confadapt": 0.9, "verified": 4}
     if kind == "mtp" and arg.startswith("auto"):
@@ -905,7 +903,7 @@ def main(argv=None):
     p = Parser(__doc__.split("\n\n")[0])
     p.add_argument("--prompt", default="What is the capital of France?", help="the user's message")
     p.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
-    p.add_argument("--method", type=method_arg, default="ar", help="ar, mtp@D, static@K, confadapt@TAU or "
+    p.add_argument("--method", type=method_arg, default="ar", help="ar, mtp@D, mtp@autoD, static@K, confadapt@TAU or "
                    f"verified@K (D and K up to {MAX_DRAFTS}, TAU in (0, 1])")
     add_model_args(p, max_new_tokens=64)
     p.add_argument("--top_k", type=number(int, 1), default=None, help="sample among the k most likely tokens")
