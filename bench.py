@@ -484,7 +484,8 @@ def tau_list(text):
 def main(argv=None):
     p = decode.Parser(__doc__.split("\n\n")[0])
     p.add_argument("--methods", type=method_list, default="ar,mtp", help="comma-separated: ar, mtp@D, mtp@autoD, "
-                   f"static@K, confadapt@TAU, verified@K (D and K up to {decode.MAX_DRAFTS}, TAU in (0, 1]), hf (transformers)")
+                   f"static@K, confadapt@TAU, verified@K (D and K up to {decode.MAX_DRAFTS}, TAU in (0, 1]), "
+                   "hf (transformers)")
     decode.add_model_args(p, max_new_tokens=128)
     p.add_argument("--prompts", type=decode.existing_file, default=None, help='JSONL file, one {"prompt": text, '
                    '"answer": gold?} a line, the prompt used verbatim (default: data/smollm2_heldout.jsonl for '
