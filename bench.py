@@ -364,6 +364,7 @@ def write_batches(res, out):
             axes[1].plot(res["batch_sizes"], [r["speedup"] for r in rows], "o-", label=m)
     for ax, label in zip(axes, ("tokens/s", "speedup over ar")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(res["batch_sizes"], [str(b) for b in res["batch_sizes"]])
         ax.set_xlabel("batch size")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
