@@ -7,7 +7,9 @@ speedup (tokens/s over `ar`'s from the same run), tokens per forward, per-depth 
 chains and trees), exact match against plain greedy `ar`, mean per-token NLL of the output under the original model
 (the main model without heads or adapters; one no-cache forward of prompt + output), task accuracy where the prompts
 carry numeric answers (data/synthmath.py's scorer), and time to first token (a prefill-only call, timed apart).
-Every prompt is decoded alone (batch 1), ar included.
+Every prompt is decoded alone (batch 1), ar included; --batch_sizes instead decodes batches of each size (the prompts
+repeated to fill them) with the methods that batch (ar, mtp), and reports tokens/s and speedup against batch size
+(`run_batches`).
 Lossy methods (static@K, confadapt@TAU) are labelled LOSSY. `hf` is another implementation: transformers' own
 `generate` (greedy) on the same weights, for comparison. A table for people; with --json, one JSON object last.
 
@@ -18,9 +20,11 @@ What is not here: the decoding itself and the model setup (decode.py), loading (
     python bench.py --init_from out/synthmath_mask --prompts data/synthmath/test_prompts.jsonl --sweep --taus 0.6,0.9
     python bench.py --init_from out/papera/gated --prompts data/papera_synthmath/test_prompts.jsonl --methods ar \
         --sweep --taus 0.8,0.9 --k_maxes 4,8,16           # ConfAdapt at every tau and k_max (confadapt@TAU:K)
+    python bench.py --methods ar,mtp@3,mtp@auto --batch_sizes 1,4,16,64 --out results/batch   # speed against batch
     python bench.py --tiny --methods ar,mtp@2,static@3,verified@3      # a random model, no weights: a smoke test
 
-The programmatic entry point is `run(model, tokenizer, methods, prompts, ...) -> dict`; the CLI wraps it.
+The programmatic entry points are `run(model, tokenizer, methods, prompts, ...) -> dict` and `run_batches(...)`; the
+CLI wraps them.
 """
 
 import argparse
@@ -315,6 +319,122 @@ def write_sweep(res, taus, k_maxes, out):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# speed against batch size
+
+def run_batches(model, tokenizer, methods, prompts, batch_sizes, max_new_tokens=128, options=None, temperature=0.0,
+                seed=0, compile=False, progress=False):
+    """tokens/s of every method at every batch size: the prompts (texts or {"prompt": ...} dicts, used verbatim)
+    repeated in order to fill each batch, decoded as one batch (decode.generate with B prompts), after one untimed
+    warm-up call of the same batch (graph capture, compilation, mtp@auto's cost measurement), methods interleaved.
+    Per method and size: tok/s (generated tokens of all rows / wall time, prefill included), speedup over `ar` at
+    the same size, tokens per forward (rows still decoding only), exact match per row against plain greedy (as
+    run() defines it, run at the same batch size) and, for mtp@auto, the step costs its DepthRule measured.
+    Returns {"batch_sizes": [...], "methods": {name: [one dict per size]}, ...}, JSON-ready."""
+    options = options or {}
+    device = model.embed.weight.device
+    ids = [encode_prompt(tokenizer, p["prompt"] if isinstance(p, dict) else p) for p in prompts]
+    stop_ids = list(tokenizer.stop_ids)
+    max_len = max(map(len, ids)) + max_new_tokens
+    sampling = decode.Sampling(temperature)
+    results = {m: [] for m in methods}
+    for B in tqdm(batch_sizes, desc="batch sizes", file=sys.stderr, disable=None if progress else True):
+        batch = (ids * math.ceil(B / len(ids)))[:B]
+        strategies = {m: decode.make_strategy(model, m, max_len, sampling, torch.Generator(device).manual_seed(seed),
+                                              batch_size=B, compile=compile, **options) for m in methods}
+        for m in methods:                                   # warm-up, untimed
+            decode.generate(model, batch, max_new_tokens, stop_ids=stop_ids, method=strategies[m])
+        outs, stats, wall = {}, {m: decode.Stats() for m in methods}, {}
+        for m in methods:
+            outs[m], wall[m] = timed(device, lambda: decode.generate(model, batch, max_new_tokens, stop_ids=stop_ids,
+                                                                     method=strategies[m], stats=stats[m]))
+        references = {m: reference_method(m, strategies[m], model) for m in methods}
+        greedy = {}
+        for ref in set(references.values()):
+            if ref in methods and temperature == 0:
+                greedy[ref] = outs[ref]
+            else:
+                strategy = decode.make_strategy(model, ref, max_len, batch_size=B, compile=compile, **options)
+                greedy[ref] = decode.generate(model, batch, max_new_tokens, stop_ids=stop_ids, method=strategy)
+        rules = {m: getattr(strategies[m], "rule", None) for m in methods}   # mtp@auto's DepthRule
+        del strategies                                      # their caches and graphs before the next, larger size
+        for m in methods:
+            tokens = sum(map(len, outs[m]))
+            results[m].append({
+                "batch_size": B, "tokens": tokens, "wall_s": wall[m], "tok_s": tokens / wall[m], "speedup": None,
+                "tokens_per_forward": stats[m].tokens_per_forward,
+                "acceptance_rate": stats[m].acceptance_rate,
+                "exact_match": sum(o == r for o, r in zip(outs[m], greedy[references[m]])) / B,
+                "reference": references[m],
+                "step_costs": rules[m].costs if rules[m] else None})
+    if "ar" in results:
+        for rows in results.values():
+            for r, ar in zip(rows, results["ar"]):
+                r["speedup"] = r["tok_s"] / ar["tok_s"]
+    notes = [f"{m}: mixes query lengths from step to step, so in {model.embed.weight.dtype} no single ar@Q is its "
+             f"bit-exact reference (exact in float32)" for m in methods
+             if "@auto" in m and model.embed.weight.dtype != torch.float32]
+    return {"device": str(device), "dtype": str(model.embed.weight.dtype).replace("torch.", ""),
+            "batch_sizes": list(batch_sizes), "num_prompts": len(ids), "max_new_tokens": max_new_tokens,
+            "temperature": temperature, "methods": results, "notes": notes}
+
+
+def batch_table(res):
+    """One row per batch size: every method's tok/s, speedup over ar and tokens per forward."""
+    methods = list(res["methods"])
+    head = f"{'batch':>5}" + "".join(f"  {m + ' tok/s':>16} {'speedup':>7} {'tok/fwd':>7} {'exact':>5}"
+                                     for m in methods)
+    lines = [head]
+    for i, B in enumerate(res["batch_sizes"]):
+        line = f"{B:>5}"
+        for m in methods:
+            r = res["methods"][m][i]
+            line += (f"  {r['tok_s']:>16.1f} {fmt(r['speedup'], '.2f') + 'x':>7} {r['tokens_per_forward']:>7.2f}"
+                     f" {r['exact_match']:>5.2f}")
+        lines.append(line)
+    lines.append(f"{res['num_prompts']} prompts repeated to fill each batch, max_new_tokens={res['max_new_tokens']}, "
+                 f"temperature={res['temperature']}, {res['device']} {res['dtype']}; tok/s counts every row's "
+                 f"tokens, prefill included; tok/fwd counts rows still decoding; exact = rows identical to plain "
+                 f"greedy ar at the same batch size")
+    return "\n".join(lines + res["notes"])
+
+
+def write_batches(res, out):
+    """Markdown table and, where matplotlib exists, tokens/s and speedup against batch size."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    methods = list(res["methods"])
+    md = ["| batch | " + " | ".join(f"{m} tok/s | {m} speedup" for m in methods) + " |",
+          "| ---: |" + " ---: | ---: |" * len(methods)]
+    for i, B in enumerate(res["batch_sizes"]):
+        md.append(f"| {B} | " + " | ".join(f"{res['methods'][m][i]['tok_s']:.1f} | "
+                                           f"{fmt(res['methods'][m][i]['speedup'], '.2f')}" for m in methods) + " |")
+    (out / "batch_sizes.md").write_text("\n".join(md) + "\n")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return [f"wrote {out / 'batch_sizes.md'} (no matplotlib: no plot)"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for m in methods:
+        rows = res["methods"][m]
+        axes[0].plot(res["batch_sizes"], [r["tok_s"] for r in rows], "o-", label=m)
+        if rows[0]["speedup"] is not None:
+            axes[1].plot(res["batch_sizes"], [r["speedup"] for r in rows], "o-", label=m)
+    for ax, label in zip(axes, ("tokens/s", "speedup over ar")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(res["batch_sizes"], [str(b) for b in res["batch_sizes"]])
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"tokens/s against batch size ({res['device']}, {res['dtype']})")
+    fig.tight_layout()
+    fig.savefig(out / "batch_sizes.png", dpi=120)
+    return [f"wrote {out / 'batch_sizes.md'} and {out / 'batch_sizes.png'}"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # transformers side by side: the same weights in its own implementation
 
 def hf_model(model, source):
@@ -419,6 +539,10 @@ def method_list(text):
     return [m if m == HF else decode.method_arg(m) for m in methods]
 
 
+def size_list(text):
+    return list(dict.fromkeys(decode.number(int, 1)(b) for b in text.split(",")))
+
+
 def tau_list(text):
     return [decode.number(float, 0, 1, low_open=True)(t) for t in text.split(",")]
 
@@ -429,9 +553,9 @@ def k_max_list(text):
 
 def main(argv=None):
     p = decode.Parser(__doc__.split("\n\n")[0])
-    p.add_argument("--methods", type=method_list, default="ar,mtp", help="comma-separated: ar, mtp@D, tree@DxK, "
-                   f"tree@b1,b2,..., tree@autoN, static@K, confadapt@TAU[:K], verified@K (D and K up to "
-                   f"{decode.MAX_DRAFTS}, TAU in (0, 1]), hf (transformers)")
+    p.add_argument("--methods", type=method_list, default="ar,mtp", help="comma-separated: ar, ar@Q, mtp@D, "
+                   f"mtp@autoD, tree@DxK, tree@b1,b2,..., tree@autoN, static@K, confadapt@TAU[:K], verified@K (D and K "
+                   f"up to {decode.MAX_DRAFTS}, TAU in (0, 1]), hf (transformers)")
     decode.add_model_args(p, max_new_tokens=128)
     p.add_argument("--prompts", type=decode.existing_file, default=None, help='JSONL file, one {"prompt": text, '
                    '"answer": gold?} a line, the prompt used verbatim (default: data/smollm2_heldout.jsonl for '
@@ -445,7 +569,10 @@ def main(argv=None):
                    "comma-separated, each in (0, 1], for --sweep")
     p.add_argument("--k_maxes", type=k_max_list, default=None, help="with --sweep: run the tau sweep once per "
                    "k_max (ConfAdapt's masks per forward + 1), comma-separated, e.g. 4,8,16 (default: the model's)")
-    p.add_argument("--out", default="out/bench", help="folder for --sweep's table and plot")
+    p.add_argument("--batch_sizes", type=size_list, default=None, help="comma-separated, e.g. 1,4,16,64: instead "
+                   "of one prompt at a time, decode batches of each size (the prompts repeated to fill them) and "
+                   "report tokens/s against batch size; writes a table (and a PNG where matplotlib exists) to --out")
+    p.add_argument("--out", default="out/bench", help="folder for --sweep's and --batch_sizes' tables and plots")
     p.add_argument("--tiny", action="store_true", help="a tiny random model with heads and a mask token, no "
                    "weights: checks that everything runs")
     args = p.parse_args(argv)
@@ -455,6 +582,11 @@ def main(argv=None):
     methods = list(dict.fromkeys(args.methods + [sweep_method(t, k) for k in args.k_maxes or [None] for t in taus]))
     ours = [m for m in methods if m != HF]
     dtype = decode.check_model_args(args, ours)
+    if args.batch_sizes:
+        single = [m for m in methods if m == HF or decode.parse_method(m)[0] not in decode.BATCHED]
+        if single or args.sweep:
+            decode.fail(f"--batch_sizes: only methods that decode batches (ar, ar@Q, mtp@D, mtp@autoD) are "
+                        f"measured against batch size, not {', '.join(single) or '--sweep'}")
     prompts_file = args.prompts or (HELDOUT if args.init_from == load.BUNDLED and not args.tiny else None)
     try:
         rows = read_prompts(prompts_file) if prompts_file else None
@@ -476,11 +608,21 @@ def main(argv=None):
                 methods.remove(HF)
         if not methods:
             raise ValueError("nothing left to measure")
-        res = run(model, tokenizer, methods, rows[:args.num_prompts], args.max_new_tokens, original, options,
-                  args.temperature, args.seed, args.warmup, hf, nll_self=original is None, progress=True,
-                  compile=args.compile)
+        if args.batch_sizes:
+            res = run_batches(model, tokenizer, methods, rows[:args.num_prompts], args.batch_sizes,
+                              args.max_new_tokens, options, args.temperature, args.seed, args.compile, progress=True)
+        else:
+            res = run(model, tokenizer, methods, rows[:args.num_prompts], args.max_new_tokens, original, options,
+                      args.temperature, args.seed, args.warmup, hf, nll_self=original is None, progress=True,
+                      compile=args.compile)
     except (ValueError, OSError) as e:
         decode.fail(e)
+    if args.batch_sizes:
+        res["notes"] += write_batches(res, args.out)
+        print(batch_table(res))
+        if args.json:
+            print(json.dumps(res))
+        return res
     res["notes"] += notes
     if taus:
         res["notes"] += write_sweep(res, taus, args.k_maxes, args.out)

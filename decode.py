@@ -26,7 +26,8 @@ bf16: a token's logits from a 1-token forward and from a 4-token forward round d
 so `ar` takes `query_len`: `ar` padded to a method's query length is that method's bit-exact reference
 (`Strategy.query_len`, bench.py's exact-match column).
 
-Speculative methods decode one sequence at a time (batch 1); `ar` batches. Nothing here trains or measures speed
+`ar` and `mtp@D` decode a batch of prompts as one batch (each row at its own positions, accepting its own number of
+drafts per step); the mask-token methods decode one prompt at a time. Nothing here trains or measures speed
 (bench.py does); each call can fill a `Stats` with forwards and per-depth acceptance, and a `trace` with how each
 token was produced.
 
@@ -39,6 +40,7 @@ import sys
 import time
 import weakref
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -190,7 +192,10 @@ def compiled(model):
 
 
 class Strategy:
-    """What every method shares: the static buffers, the model's (possibly compiled) functions, graph or eager."""
+    """What every method shares: the static buffers, the model's (possibly compiled) functions, graph or eager.
+    A `batched` strategy decodes B prompts as B rows (generate's batched loop); the others take one prompt at a time."""
+    batched = False
+    speculative = False
 
     def __init__(self, model, batch_size, max_len, query_len, sampling, generator, graphs, compile):
         if query_len > MAX_QUERY:
@@ -208,11 +213,27 @@ class Strategy:
     def positions(self, pos):
         return pos.clamp_max(self.last_pos)
 
+    def prefill_rows(self, prompts, caches):
+        """B prompts right-padded into one eager forward over `caches`; the pads lie beyond each row's last position,
+        so nothing sees them. Writes each row's first new token after its prompt.
+        Returns (hidden states (B, T, C), positions (B, T), prompt lengths (B,), first new tokens (B,))."""
+        lens = torch.tensor([len(p) for p in prompts], device=self.device)
+        for b, p in enumerate(prompts):
+            self.tokens[b, :len(p)] = torch.tensor(p, device=self.device)
+        n = int(lens.max())
+        pos = self.model.default_pos(self.tokens[:, :n])
+        h = self.model.hidden(self.tokens[:, :n], pos, caches)
+        rows = torch.arange(len(prompts), device=self.device)
+        nxt = self.sampling.pick(self.model.logits(h[rows, lens - 1]), self.generator)
+        self.tokens[rows, lens] = nxt
+        return h, pos, lens, nxt
+
 
 class Autoregressive(Strategy):
     """Plain decoding of a batch, one token per forward; the reference every other method is compared with.
     Each step feeds every row's newest token followed by query_len-1 pads (bf16 reference for a method that feeds
     query_len tokens; 1 is the fastest plain decoding)."""
+    batched = True
 
     def __init__(self, model, max_len, sampling=Sampling(), generator=None, batch_size=1, query_len=1, graphs=None,
                  compile=False):
@@ -234,32 +255,77 @@ class Autoregressive(Strategy):
         return nxt
 
     def prefill(self, prompts):
-        """prompts: B lists of ids, right-padded into one eager forward; returns the first token of each row (B,)."""
-        lens = torch.tensor([len(p) for p in prompts], device=self.device)
-        for b, p in enumerate(prompts):
-            self.tokens[b, :len(p)] = torch.tensor(p, device=self.device)
-        n = int(lens.max())
-        h = self.model.hidden(self.tokens[:, :n], self.model.default_pos(self.tokens[:, :n]), self.caches)
+        """prompts: B lists of ids; returns the first new token of each row (B,)."""
+        _, _, lens, nxt = self.prefill_rows(prompts, self.caches)
         self.newest.copy_(lens)
-        nxt = self.sampling.pick(self.model.logits(h[self.rows, lens - 1]), self.generator)
-        self.tokens[self.rows, lens] = nxt
         return nxt
 
-    def step(self):
-        """The next token of every row (B,), stopped rows included."""
+    def step(self, live):
+        """Every row's next token, stopped rows included (live: which rows still decode, unused here), and per row
+        (drafts checked, accepted): none."""
         if self.sampling.greedy:
             nxt = self.next()
         else:
             nxt = self.sampling.pick(self.next(), self.generator)
             self.tokens[self.rows, self.newest + 1] = nxt
         self.newest += 1              # in place, outside the graph: the graph reads it and must stay idempotent
-        return nxt
+        return [[t] for t in nxt.tolist()], [(0, 0)] * len(nxt)    # the step's one host read-back
+
+
+COST_REPEATS = 5       # timed replays per depth when HeadDrafts measures its step costs
+ACCEPT_PRIOR = 0.7     # a depth's acceptance before any evidence: optimistic, so drafting gets tried
+PRIOR_WEIGHT = 4.0     # ... worth this many observed drafts
+ACCEPT_DECAY = 0.95    # per step: older evidence fades, so the estimate follows the text (about 20 steps' memory)
+
+
+class DepthRule:
+    """How many tokens to draft this step, so that speculation never costs more than it saves.
+
+    A step of depth k (k drafts, then one verify forward of k+1 tokens per row) yields on average
+    E(k) = 1 + a1 + a1 a2 + ... + a1 ... ak tokens per row, a_d the acceptance of depth d given depths 1..d-1 were
+    accepted, and takes costs[k] times as long as a plain one-token step (costs[0] = 1). The rule drafts
+    k = argmax E(k) / costs[k] over 0..D (the smallest k on ties): k = 0 is plain decoding. As the batch grows, the
+    verify forward stops being almost free (costs[k] rises towards k+1) and the rule drafts less, or not at all.
+    a_d: decayed counts of accepted / checked drafts of rows still decoding, with a prior. costs: measured per
+    strategy (one batch size, one device) by HeadDrafts.measure_costs, or given."""
+
+    def __init__(self, depths, costs=None):
+        if costs is not None and (len(costs) != depths + 1 or min(costs) <= 0):
+            raise ValueError(f"costs: expected {depths + 1} positive step costs (depths 0..{depths}), got {costs}")
+        self.costs = costs
+        self.accepted = [ACCEPT_PRIOR * PRIOR_WEIGHT] * depths
+        self.checked = [PRIOR_WEIGHT] * depths
+
+    @property
+    def acceptance(self):
+        return [a / c for a, c in zip(self.accepted, self.checked)]
+
+    def expected_tokens(self):
+        """E(k) for k = 0..D."""
+        out, reach = [1.0], 1.0
+        for a in self.acceptance:
+            reach *= a
+            out.append(out[-1] + reach)
+        return out
+
+    def choose(self):
+        gains = [e / c for e, c in zip(self.expected_tokens(), self.costs)]
+        return gains.index(max(gains))
+
+    def observe(self, depth, ns):
+        """A step of `depth` in which rows still decoding accepted ns drafts each: depth d was checked in the rows
+        that accepted d-1 or more, and accepted in those that accepted d or more."""
+        for d in range(1, depth + 1):
+            checked = sum(n >= d - 1 for n in ns)
+            if checked:
+                self.checked[d - 1] = ACCEPT_DECAY * self.checked[d - 1] + checked
+                self.accepted[d - 1] = ACCEPT_DECAY * self.accepted[d - 1] + sum(n >= d for n in ns)
 
 
 class HeadDrafts(Strategy):
-    """Paper B: the MTP heads draft `depths` tokens, the main model verifies them in one forward.
+    """Paper B: the MTP heads draft `depths` tokens, the main model verifies them in one forward; B rows at once.
 
-    Positions, with L the newest token (known for certain, not yet in the main cache):
+    Positions of one row, with L the row's newest token (known for certain, not yet in the main cache):
 
         tokens    ... t[L-1]  t[L]  | t[L+1] ... t[L+D]      drafts, written by depths 1..D
         depth 0   ... h0[L-1]       |                        main hidden states, final up to L-1
@@ -269,14 +335,24 @@ class HeadDrafts(Strategy):
     final once t[i+d] is; after a step accepting n of D drafts, at most n+d positions of depth d are not, so every
     depth recomputes a fixed window of the last 2D positions before L (recomputing final ones changes nothing),
     which keeps the step one shape. Then one forward of t[L..L+D] verifies: it accepts the longest run of drafts
-    that equal the main model's argmax and adds the main model's own next token."""
+    that equal the main model's argmax and adds the main model's own next token.
+
+    Every row has its own L (`newest`, (B,)): windows and verified tokens are gathered per row, each row accepts its
+    own n and advances by n+1. The caches write each row at its own positions, so rows never wait for each other.
+    A row that has finished keeps computing (fixed shapes) but stops advancing at max_len; generate drops its tokens.
+
+    adaptive=True (mtp@autoD): each step drafts `DepthRule`'s choice of 0..D tokens (0: a plain one-token forward),
+    one CUDA graph per depth. A step of depth k < D leaves depths k+1..D behind; the 2D window catches up what fits
+    and older positions of those depths keep stale states. That only lowers their drafts' acceptance: verification
+    keeps the output exact (in float32; in bf16 the mixed query lengths round as no single ar@Q does)."""
+    batched = True
     speculative = True
 
-    def __init__(self, model, max_len, depths, schedule=None, draft_ids=None, sampling=Sampling(), generator=None,
-                 graphs=None, compile=False):
+    def __init__(self, model, max_len, depths, schedule=None, draft_ids=None, adaptive=False, costs=None,
+                 sampling=Sampling(), generator=None, batch_size=1, graphs=None, compile=False):
         if len(model.heads) == 0:
             raise ValueError("method mtp needs a model with MTP heads (train.py --mode heads, or --heads FILE)")
-        super().__init__(model, 1, max_len, depths + 1, sampling, generator, graphs, compile)
+        super().__init__(model, batch_size, max_len, depths + 1, sampling, generator, graphs, compile)
         self.schedule = schedule or [min(d, len(model.heads) - 1) for d in range(depths)]  # loop the last head
         if len(self.schedule) != depths or max(self.schedule) >= len(model.heads):
             raise ValueError(f"head schedule {self.schedule} does not fit {depths} depths and {len(model.heads)} heads")
@@ -284,75 +360,109 @@ class HeadDrafts(Strategy):
         # the output rows of the draft vocabulary, gathered once (a reduced vocabulary makes each draft cheaper)
         self.draft_ids = draft_ids
         self.draft_head = None if draft_ids is None else model.lm_head.weight[draft_ids]
-        # L, a 1-element tensor: indexing with a 0-d tensor would read it back to the host (no CUDA graph)
-        self.newest = torch.zeros(1, dtype=torch.long, device=self.device)
-        self.hidden = torch.zeros(1, self.cache_len, model.cfg.n_embd, device=self.device, dtype=model.embed.weight.dtype)
-        self.caches, self.depth_caches = model.make_caches(1, self.cache_len, n_depths=depths)
+        self.rows = torch.arange(batch_size, device=self.device)[:, None]                  # (B, 1)
+        self.newest = torch.zeros(batch_size, dtype=torch.long, device=self.device)        # each row's L
+        self.advanced = torch.zeros_like(self.newest)                                      # each row's L after a step
+        self.hidden = torch.zeros(batch_size, self.cache_len, model.cfg.n_embd, device=self.device,
+                                  dtype=model.embed.weight.dtype)
+        self.caches, self.depth_caches = model.make_caches(batch_size, self.cache_len, n_depths=depths)
         self.window_offsets = torch.arange(self.window, device=self.device)
         self.step_offsets = torch.arange(depths + 1, device=self.device)
-        self.greedy_step = Graph(self._greedy_step, self.graphs and sampling.greedy)
+        # one graph per depth in use; costs: a DepthRule table given (None: measured at the first step)
+        self.rule = DepthRule(depths, costs) if adaptive else None
+        self.greedy_steps = {k: Graph(partial(self._greedy_step, k), self.graphs and sampling.greedy)
+                             for k in (range(depths + 1) if adaptive else [depths])}
 
-    def prefill(self, prompt):
-        n = len(prompt)
-        self.tokens[0, :n] = torch.tensor(prompt, device=self.device)
-        pos = torch.arange(n, device=self.device)[None]
-        h = self.model.hidden(self.tokens[:, :n], pos, self.caches)
+    def prefill(self, prompts):
+        """prompts: B lists of ids; the main model and then every depth over each row's prompt. Returns the first new
+        token of each row (B,)."""
+        h, pos, lens, nxt = self.prefill_rows(prompts, self.caches)
+        n = h.size(1)
         self.hidden[:, :n] = h
-        x = self.sampling.pick(self.model.logits(h[0, -1]), self.generator)
-        self.tokens[0, n] = x
-        self.newest.fill_(n)
-        for d in range(1, self.depths + 1):   # the heads' caches over the prompt; the last positions are redone later
+        self.newest.copy_(lens)
+        for d in range(1, self.depths + 1):   # the heads' caches over the prompts; the last positions are redone later
             h = self.model.head_forward(self.schedule[d - 1], h, self.tokens[:, d:n + d], pos, self.depth_caches[d - 1])
-        return [int(x)]
+        return nxt
 
-    def draft(self):
-        """Depths 1..D in turn, each on the window; writes t[L+1..L+D]. Returns (drafts, their distributions or None)."""
-        L = self.newest
+    def draft(self, depth):
+        """Depths 1..depth in turn, each on its window; writes t[L+1..L+depth] of every row.
+        Returns (drafts (B, depth), their distributions (B, depth, V) or None when greedy or depth 0)."""
+        L = self.newest[:, None]                                  # (B, 1)
         start = (L - self.window).clamp_min(0)
-        pos = start + self.window_offsets                         # (W,)
-        row = L - 1 - start                                       # the window row of position L-1
-        h, probs = self.hidden[:, pos], []
-        for d in range(1, self.depths + 1):
-            h = self.head_forward(self.schedule[d - 1], h, self.tokens[:, pos + d], self.positions(pos)[None],
+        pos = start + self.window_offsets                         # (B, W)
+        at = (L - 1 - start)[..., None].expand(-1, -1, self.hidden.size(-1))   # (B, 1, C): the window row of L-1
+        h, probs = self.hidden.gather(1, pos[..., None].expand(-1, -1, self.hidden.size(-1))), []   # (B, W, C)
+        for d in range(1, depth + 1):
+            h = self.head_forward(self.schedule[d - 1], h, self.tokens.gather(1, pos + d), self.positions(pos),
                                   self.depth_caches[d - 1])
-            logits = self.model.logits(h[0, row], self.draft_head)[0]                  # predicts t[L+d]
+            logits = self.model.logits(h.gather(1, at), self.draft_head)[:, 0]    # (B, V'): predicts t[L+d]
             if self.sampling.greedy:
                 tok = logits.argmax(-1, keepdim=True)
             else:
                 q = self.sampling.probs(logits)
                 tok = torch.multinomial(q, 1, generator=self.generator)
                 if self.draft_ids is not None:   # back to a full-vocabulary distribution
-                    q = torch.zeros(self.model.cfg.vocab_size, device=q.device).index_copy_(0, self.draft_ids, q)
+                    q = q.new_zeros(q.size(0), self.model.cfg.vocab_size).index_copy_(1, self.draft_ids, q)
                 probs.append(q)
-            self.tokens[0, L + d] = tok if self.draft_ids is None else self.draft_ids[tok]
-        return self.tokens[0, L + 1 + self.step_offsets[:-1]], torch.stack(probs) if probs else None
+            self.tokens.scatter_(1, L + d, tok if self.draft_ids is None else self.draft_ids[tok])
+        return self.tokens.gather(1, L + 1 + self.step_offsets[:depth]), torch.stack(probs, 1) if probs else None
 
-    def check(self):
-        """The verify forward over t[L..L+D]; stores its hidden states (rows past the accepted ones are rewritten
-        before anything reads them). Returns the main model's logits (D+1, V)."""
-        pos = self.newest + self.step_offsets
-        logits, h = self.forward(self.tokens[:, pos], self.positions(pos)[None], self.caches, return_hidden=True)
-        self.hidden[:, pos] = h
-        return logits[0]
+    def check(self, depth):
+        """The verify forward over t[L..L+depth] of every row; stores its hidden states (rows past the accepted ones
+        are rewritten before anything reads them). Returns the main model's logits (B, depth+1, V)."""
+        pos = self.newest[:, None] + self.step_offsets[:depth + 1]   # (B, depth+1)
+        logits, h = self.forward(self.tokens.gather(1, pos), self.positions(pos), self.caches, return_hidden=True)
+        self.hidden[self.rows, pos] = h
+        return logits
 
-    def _greedy_step(self):
-        drafts, _ = self.draft()
-        target = self.check().argmax(-1)
-        n = (drafts == target[:-1]).long().cumprod(0).sum()
-        self.tokens[0, self.newest + n + 1] = target.gather(0, n[None])
-        return torch.cat([n[None], self.tokens[0, self.newest + 1 + self.step_offsets]])   # n, t[L+1..L+D+1]
+    def accept(self, n, nxt):
+        """Each row's accepted count n (B,) and its next token nxt (B,): writes t[L+n+1] and the row's L after the
+        step (a finished row stops at max_len, so its buffers never overflow)."""
+        self.tokens[self.rows[:, 0], self.newest + n + 1] = nxt
+        torch.clamp_max(self.newest + n + 1, self.max_len, out=self.advanced)
 
-    def step(self):
+    def _greedy_step(self, depth):
+        drafts, _ = self.draft(depth)
+        target = self.check(depth).argmax(-1)                     # (B, depth+1)
+        n = (drafts == target[:, :-1]).long().cumprod(1).sum(1)   # (B,)
+        self.accept(n, target.gather(1, n[:, None])[:, 0])
+        return torch.cat([n[:, None], self.tokens.gather(1, self.newest[:, None] + 1 + self.step_offsets[:depth + 1])],
+                         1)
+
+    def step(self, live):
+        """One draft-and-verify step of every row, finished rows included; live[b]: row b is still decoding (the
+        depth rule learns from those rows only). Returns (per row the new tokens, per row (drafts checked, drafts
+        accepted))."""
+        if self.rule is not None and self.rule.costs is None:
+            self.rule.costs = self.measure_costs()
+        depth = self.depths if self.rule is None else self.rule.choose()
         if self.sampling.greedy:
-            out = self.greedy_step().tolist()                         # the step's one host read-back
-            n, new = out[0], out[1:out[0] + 2]
+            out = self.greedy_steps[depth]().tolist()            # (B, 1 + depth+1): n, t[L+1..]; one read-back
+            ns, new = [r[0] for r in out], [r[1:r[0] + 2] for r in out]
         else:
-            drafts, q = self.draft()
-            n, nxt = verify(drafts, q, self.check(), self.sampling, self.generator)
-            new = drafts[:n].tolist() + [nxt]
-            self.tokens[0, self.newest + n + 1] = nxt
-        self.newest += n + 1
-        return new, (self.depths, n)
+            drafts, q = self.draft(depth)
+            logits = self.check(depth)
+            ns, nxt = zip(*(verify(drafts[b], None if q is None else q[b], logits[b], self.sampling, self.generator)
+                            for b in range(len(drafts))))   # q is None at depth 0
+            self.accept(torch.tensor(ns, device=self.device), torch.tensor(nxt, device=self.device))
+            new = [row[:n] + [t] for row, n, t in zip(drafts.tolist(), ns, nxt)]
+        self.newest.copy_(self.advanced)   # outside the graph: the graph reads newest and must stay idempotent
+        if self.rule is not None:
+            self.rule.observe(depth, [n for n, alive in zip(ns, live) if alive])
+        return new, [(depth, n) for n in ns]
+
+    def measure_costs(self):
+        """Wall time of a greedy step of every depth, its read-back included, over that of depth 0; each step run
+        COST_REPEATS times after its warm-up (graph capture). The steps are idempotent, so timing them changes no
+        decoding state."""
+        seconds = []
+        for step in self.greedy_steps.values():
+            step().tolist()
+            t0 = time.perf_counter()
+            for _ in range(COST_REPEATS):
+                step().tolist()   # waits for the device, as a real step does
+            seconds.append(time.perf_counter() - t0)
+        return [s / seconds[0] for s in seconds]
 
 
 class TreeDrafts(Strategy):
@@ -632,16 +742,20 @@ class MaskDrafts(Strategy):
 MAX_DRAFTS = 16   # mtp@D's D, tree@'s depth and static/verified@K's K: far beyond what drafts usefully reach
 K_MAX = 16        # ConfAdapt's k (Paper A's k_max) where the mask-token model does not name its own
 LOSSY = {"static", "confadapt"}    # methods that emit predictions nothing checks
+BATCHED = {"ar", "mtp"}            # methods that decode several prompts as one batch
 
 
 def parse_method(name):
-    """'ar' | 'ar@Q' | 'mtp' | 'mtp@D' | 'tree@DxK' | 'tree@b1,b2,...' | 'tree@autoN' | 'static@K' | 'confadapt@TAU[:K]'
-    | 'verified@K' -> (kind, value); a ValueError names the allowed values. confadapt@TAU:K overrides k_max
-    (confadapt_k_max); a tree's value is its branch factors per depth, or tree@autoN's node budget. ar@Q is plain
-    decoding padded to Q tokens per forward (the bf16 reference of a method whose forwards carry Q tokens: mtp@D's is
-    ar@(D+1), verified@K's ar@(2K-1), a tree's ar@(1 + its nodes))."""
+    """'ar' | 'ar@Q' | 'mtp' | 'mtp@D' | 'mtp@auto[D]' | 'tree@DxK' | 'tree@b1,b2,...' | 'tree@autoN' | 'static@K' |
+    'confadapt@TAU[:K]' | 'verified@K' -> (kind, value); a ValueError names the allowed values. ar@Q is plain decoding
+    padded to Q tokens per forward (the bf16 reference of a method whose forwards carry Q tokens: mtp@D's is
+    ar@(D+1), verified@K's ar@(2K-1), a tree's ar@(1 + its nodes)). mtp@autoD (D: 3 if left out) chooses the depth
+    of every step from 0 to D (`DepthRule`); its value is D. A tree's value is its branch factors per depth, or
+    tree@autoN's node budget. confadapt@TAU:K overrides k_max (confadapt_k_max)."""
     kind, _, arg = name.partition("@")
     defaults = {"ar": 1, "mtp": 3, "tree": (4, 2, 1), "static": 3, "confadapt": 0.9, "verified": 4}
+    if kind == "mtp" and arg.startswith("auto"):
+        arg = arg[len("auto"):] or str(defaults["mtp"])
     if kind not in defaults:
         raise ValueError(f"unknown method {name!r}: expected ar, ar@Q, mtp@D, tree@DxK, tree@b1,b2,..., tree@autoN, "
                          f"static@K, confadapt@TAU or verified@K")
@@ -710,7 +824,8 @@ def make_strategy(model, method, max_len, sampling=Sampling(), generator=None, s
     if kind == "ar":
         return Autoregressive(model, max_len, batch_size=batch_size, query_len=value, **engine)
     if kind == "mtp":
-        return HeadDrafts(model, max_len, value, schedule, draft_ids, **engine)
+        return HeadDrafts(model, max_len, value, schedule, draft_ids, adaptive="@auto" in method,
+                          batch_size=batch_size, **engine)
     if kind == "tree":
         tree = AutoTreeDrafts if isinstance(value, int) else TreeDrafts
         return tree(model, max_len, value, schedule, draft_ids, **engine)
@@ -738,8 +853,8 @@ DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, 
 def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=(), generator=None,
              method="ar", stats=None, trace=None, **method_options):
     """Generate up to max_new_tokens after each prompt (lists of token ids); returns the new tokens of each prompt,
-    ending with the stop token where one was produced. `ar` decodes the prompts as one batch; every other method
-    decodes them one at a time. `method` is a name (method_options go to make_strategy) or a strategy built by
+    ending with the stop token where one was produced. `ar` and `mtp` decode the prompts as one batch; the mask-token
+    methods decode them one at a time. `method` is a name (method_options go to make_strategy) or a strategy built by
     make_strategy (its sampling and generator are used). `trace`, a list, gets per prompt one label per output
     token: 0 = from the main model, d >= 1 = an accepted draft of depth d or a kept mask prediction d."""
     longest = max(len(p) for p in prompts)
@@ -750,39 +865,70 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
                          f"context of {model.cfg.max_seq_len} tokens")
     strategy = method
     if isinstance(method, str):
-        batch = len(prompts) if parse_method(method)[0] == "ar" else 1
+        batch = len(prompts) if parse_method(method)[0] in BATCHED else 1
         strategy = make_strategy(model, method, longest + max_new_tokens, Sampling(temperature, top_k, top_p),
                                  generator, batch_size=batch, **method_options)
     if longest + max_new_tokens > strategy.max_len:
         raise ValueError(f"a prompt of {longest} tokens plus {max_new_tokens} new ones exceeds the {strategy.max_len} "
                          "positions this strategy was built for")
-    if isinstance(strategy, Autoregressive):
-        return _generate_batch(strategy, prompts, max_new_tokens, set(stop_ids), stats, trace)
-    outs = []
-    for prompt in prompts:
-        out = strategy.prefill(prompt)
-        labels, first, forwards = list(range(len(out))), len(out), 1   # a prefill: the main model, then masks
-        while not _finished(out, max_new_tokens, stop_ids):
-            new, accepted = strategy.step()
-            out += new
-            labels += provenance(strategy, len(new))
-            forwards += 1
-            if stats is not None and accepted is not None:
-                stats.record(*accepted)
-        out = _truncate(out, max_new_tokens, stop_ids)
-        outs.append(out)
-        if trace is not None:
-            trace.append(labels[:len(out)])
-        if stats is not None:
-            stats.tokens += len(out)
-            stats.forwards += forwards
-            stats.prefills += 1
-            stats.prefill_tokens += min(first, len(out))
+    if strategy.batched:
+        if len(prompts) != strategy.tokens.size(0):
+            raise ValueError(f"{len(prompts)} prompts for a strategy built for batch size {strategy.tokens.size(0)}")
+        runs = [_decode(strategy, prompts, max_new_tokens, set(stop_ids))]
+    else:
+        runs = [_decode(strategy, [p], max_new_tokens, set(stop_ids)) for p in prompts]
+    outs = [out for run in runs for out in run.outs]
+    if trace is not None:
+        trace.extend(labels for run in runs for labels in run.labels)
+    if stats is not None:
+        for run in runs:
+            stats.tokens += sum(map(len, run.outs))
+            stats.forwards += run.forwards + len(run.outs)
+            stats.prefills += len(run.outs)
+            stats.prefill_tokens += sum(min(run.first, len(out)) for out in run.outs)
+            for n_drafts, n_accepted in run.accepted:
+                stats.record(n_drafts, n_accepted)
     return outs
 
 
-def _finished(out, max_new_tokens, stop_ids):
-    return len(out) >= max_new_tokens or any(t in stop_ids for t in out)
+@dataclass
+class Run:
+    """What one prefill and its steps produced: per row the output, its labels (see generate's trace); the forwards
+    that rows still decoding took part in (a batched forward counts once per such row), the tokens the prefill
+    yields per row, and (drafts checked, drafts accepted) of every row's every step."""
+    outs: list
+    labels: list
+    forwards: int = 0
+    first: int = 1
+    accepted: list = field(default_factory=list)
+
+
+def _decode(strategy, prompts, max_new_tokens, stop_ids):
+    """One prefill of `prompts` (one row each), then steps until every row has stopped: at a stop token, or at
+    max_new_tokens. A row that stopped is no longer counted; its tokens from later steps are dropped."""
+    first = strategy.prefill(prompts if strategy.batched else prompts[0])
+    outs = [[t] for t in first.tolist()] if strategy.batched else [first]
+    run = Run(outs, [list(range(len(out))) for out in outs], first=len(outs[0]))   # prefill: the model, then masks
+    live = [not _finished(out, out, max_new_tokens, stop_ids) for out in outs]
+    while any(live):
+        news, accepted = strategy.step(live) if strategy.batched else strategy.step()
+        news = news if strategy.batched else [news]
+        accepted = accepted if strategy.batched else [accepted]
+        run.forwards += sum(live)
+        for b, new in enumerate(news):
+            if live[b]:
+                outs[b] += new
+                run.labels[b] += provenance(strategy, len(new))
+                run.accepted.append(accepted[b])
+                live[b] = not _finished(outs[b], new, max_new_tokens, stop_ids)
+    run.outs = [_truncate(out, max_new_tokens, stop_ids) for out in outs]
+    run.labels = [labels[:len(out)] for labels, out in zip(run.labels, run.outs)]
+    return run
+
+
+def _finished(out, new, max_new_tokens, stop_ids):
+    """Whether a row ends with its `new` tokens (the last of `out`): it is full, or they carry a stop token."""
+    return len(out) >= max_new_tokens or any(t in stop_ids for t in new)
 
 
 def _truncate(out, max_new_tokens, stop_ids):
@@ -790,31 +936,6 @@ def _truncate(out, max_new_tokens, stop_ids):
         if t in stop_ids:
             return out[:i + 1]
     return out[:max_new_tokens]
-
-
-def _generate_batch(strategy, prompts, max_new_tokens, stop_ids, stats, trace):
-    """Plain decoding of a batch: one row per prompt, each at its own positions; a row stops at its stop token."""
-    B = len(prompts)
-    if B != strategy.tokens.size(0):
-        raise ValueError(f"{B} prompts for a strategy built for batch size {strategy.tokens.size(0)}")
-    rows = [[t] for t in strategy.prefill(prompts).tolist()]
-    live, forwards = [t not in stop_ids for t, in rows], 0
-    for _ in range(max_new_tokens - 1):
-        if not any(live):
-            break
-        forwards += sum(live)
-        for b, t in enumerate(strategy.step().tolist()):         # the step's one host read-back
-            if live[b]:
-                rows[b].append(t)
-                live[b] = t not in stop_ids
-    if trace is not None:
-        trace.extend([0] * len(row) for row in rows)
-    if stats is not None:
-        stats.tokens += sum(map(len, rows))
-        stats.forwards += forwards + B
-        stats.prefills += B
-        stats.prefill_tokens += B
-    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1032,9 +1153,9 @@ def main(argv=None):
     p = Parser(__doc__.split("\n\n")[0])
     p.add_argument("--prompt", default="What is the capital of France?", help="the user's message")
     p.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
-    p.add_argument("--method", type=method_arg, default="ar", help="ar, mtp@D, tree@DxK, tree@b1,b2,... or "
-                   f"tree@autoN (greedy only), static@K, confadapt@TAU or verified@K (D and K up to {MAX_DRAFTS}, TAU "
-                   "in (0, 1])")
+    p.add_argument("--method", type=method_arg, default="ar", help="ar, mtp@D, mtp@autoD, tree@DxK, tree@b1,b2,... "
+                   f"or tree@autoN (greedy only), static@K, confadapt@TAU or verified@K (D and K up to {MAX_DRAFTS}, "
+                   "TAU in (0, 1])")
     add_model_args(p, max_new_tokens=64)
     p.add_argument("--top_k", type=number(int, 1), default=None, help="sample among the k most likely tokens")
     p.add_argument("--top_p", type=number(float, 0, 1, low_open=True), default=None, help="nucleus sampling: keep "

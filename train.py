@@ -621,7 +621,7 @@ def main(argv=None):
 def train(args, par):
     if args.device.startswith("cuda") and par.world_size > 1:     # one GPU per process, whatever index was given
         args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    if args.device.startswith("cuda"):
+    if args.device.startswith("cuda:"):          # "cuda" alone means the current device
         torch.cuda.set_device(args.device)
     log = print if par.rank == 0 else lambda *a, **k: None
     torch.manual_seed(args.seed)                 # the same initial weights on every rank

@@ -149,9 +149,9 @@ def test_stop_token_inside_accepted_run(monkeypatch):
     chunks = []
     step = decode.HeadDrafts.step
 
-    def recording_step(self):
-        new, accepted = step(self)
-        chunks.append(new)
+    def recording_step(self, live):
+        new, accepted = step(self, live)
+        chunks.append(new[0])   # batch 1: the one row
         return new, accepted
     monkeypatch.setattr(decode.HeadDrafts, "step", recording_step)
     inside = 0
