@@ -582,8 +582,7 @@ class TreeDrafts(Strategy):
         logits, h = self.forward(self.nodes[None], self.positions(L + self.levels)[None], self.caches, mask[None],
                                  return_hidden=True, slots=slots[None])
         target = logits[0].argmax(-1)                                  # the main model's token after each node
-        wrong = self.nodes != target[self.parents]
-        wrong[0] = False                                               # the root is known
+        wrong = (self.nodes != target[self.parents]) & (self.levels > 0)  # the root (level 0) is known
         accepted = ~(self.ancestors & wrong).any(1)                    # right from the root down to the node
         last = (accepted * self.levels).argmax(0, keepdim=True)        # the accepted path's end: its deepest node
         n, path = self.levels[last], self.up[last][0]                  # path: root, levels 1..n, then `last` again
