@@ -397,3 +397,20 @@ def test_trace_matches_stats(method):
     for d in range(1, max(labels) + 1):
         assert labels.count(d) == stats.accepted[d - 1] + prefill, (method, d)
     assert (max(labels) > 1) == (method != "ar")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_head_drafts_keep_the_main_hidden_states(arch):
+    """The accepted tokens' hidden states that the heads read are the main model's own: equal to a cache-free forward
+    over the final text (a wrong write leaves the output identical but starves the heads)."""
+    m = tiny(2, arch=arch, heads=2, residual=0.01)
+    p = prompt(2, 7)
+    strategy = decode.make_strategy(m, "mtp@3", len(p) + 30)
+    stats = Stats()
+    out = generate(m, [p], 30, method=strategy, stats=stats)[0]
+    assert_exercised(stats)
+    final = int(strategy.newest[0])                      # positions before it hold accepted tokens
+    text = torch.tensor([p + out])[:, :final]
+    with torch.no_grad():
+        expected = m.hidden(text)
+    torch.testing.assert_close(strategy.hidden[:, :final], expected, rtol=1e-4, atol=1e-5)
