@@ -14,12 +14,7 @@ from decode import Stats, generate
 from test_decode import assert_exercised, prompt, tiny
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models run on one thread
 
 
 LENGTHS = (1, 9, 4, 17, 2)   # different prompt lengths: the right-padded prefill and per-row windows

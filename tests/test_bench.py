@@ -17,12 +17,7 @@ from tokenizer import CharTokenizer
 from data.dataset import FORMAT, fingerprint
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)   # tiny models: threads only add overhead
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models run on one thread
 
 
 @pytest.fixture(scope="module")

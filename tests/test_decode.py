@@ -21,12 +21,7 @@ from decode import Sampling, Stats, generate
 V = 60
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)   # tiny models: threads only add overhead
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models run on one thread
 
 
 def tiny(seed, arch="llama", vocab=V, heads=0, std=0.4, residual=None, **kw):

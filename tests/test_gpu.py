@@ -26,11 +26,8 @@ def run(m, method, prompts, n, graphs=None, **options):
     max_len = max(map(len, prompts)) + n
     if method.startswith(("static", "confadapt", "verified")):
         options["mask_ids"] = [V - 1]
-    outs = []
-    for p in prompts:   # one strategy for all prompts: graphs captured once, replayed across prompts
-        s = make_strategy(m, method, max_len, graphs=graphs, **options) if not outs else s
-        outs += generate(m, [p], n, method=s)
-    return outs
+    strategy = make_strategy(m, method, max_len, graphs=graphs, **options)   # graphs captured once, for all prompts
+    return [generate(m, [p], n, method=strategy)[0] for p in prompts]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -85,11 +82,8 @@ def test_bf16_lossless_with_shared_query_length():
         q = make_strategy(m, method, 200, mask_ids=[511], **options).query_len
         ref = run(m, f"ar@{q}", prompts, 96, graphs=True)
         options = dict(options, mask_ids=[511]) if method.startswith("verified") else options
-        outs = []
-        for p in prompts:
-            s = make_strategy(m, method, 200, **options) if not outs else s
-            outs += generate(m, [p], 96, method=s)
-        assert outs == ref, method
+        strategy = make_strategy(m, method, 200, **options)
+        assert [generate(m, [p], 96, method=strategy)[0] for p in prompts] == ref, method
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

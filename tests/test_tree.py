@@ -13,15 +13,10 @@ import torch
 import bench
 import decode
 from decode import Stats, TreeDrafts, generate, make_strategy, parse_method
-from test_decode import MODELS, V, assert_exercised, case, prompt, tiny
+from test_decode import MODELS, assert_exercised, case, prompt, tiny
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)   # tiny models: threads only add overhead
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models run on one thread
 
 
 # ----------------------------------------------------------------------------------------------------------------
