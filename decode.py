@@ -1,9 +1,10 @@
 """
 Generation: one `generate` loop, decoding methods as small strategies, every step of fixed shape.
 
-- `ar`            plain autoregressive decoding, batched, one token per forward.
+- `ar`            plain autoregressive decoding, batched, one token per forward; `ar@Q` pads each step to Q tokens.
 - `mtp@D`         Paper B: the MTP heads draft D tokens, the main model verifies them in one forward. Lossless:
-                  greedy output is identical to `ar`, sampled output follows the same distribution.
+                  greedy output is identical to `ar`, sampled output follows the same distribution. `mtp@autoD`
+                  picks each step's depth in 0..D (`DepthRule`).
 - `tree@DxK`      the MTP heads draft a tree (top K at depth 1, halving deeper; or `tree@b1,b2,...`; or
                   `tree@autoN`, N nodes chosen by draft probability), the main model verifies it in one forward.
                   Lossless, greedy only.
@@ -23,11 +24,11 @@ torch.compile. Prefill runs eagerly. On the CPU the same step code runs eagerly.
 
 bf16: a token's logits from a 1-token forward and from a 4-token forward round differently, so a verify forward
 (D+1 tokens) would drift from plain greedy (1 token). Rows are bitwise identical when the query length is the same,
-so `ar` takes `query_len`: `ar` padded to a method's query length is that method's bit-exact reference
-(`Strategy.query_len`, bench.py's exact-match column).
+so `ar@Q`, padded to a method's query length Q, is that method's bit-exact reference (`Strategy.query_len`,
+bench.py's exact-match column).
 
 `ar` and `mtp@D` decode a batch of prompts as one batch (each row at its own positions, accepting its own number of
-drafts per step); the mask-token methods decode one prompt at a time. Nothing here trains or measures speed
+drafts per step); trees and the mask-token methods decode one prompt at a time. Nothing here trains or measures speed
 (bench.py does); each call can fill a `Stats` with forwards and per-depth acceptance, and a `trace` with how each
 token was produced.
 

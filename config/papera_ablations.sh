@@ -28,6 +28,9 @@ if [[ ! -f "$RUNS/teacher/config.json" ]]; then
   exit 2
 fi
 mkdir -p "$RESULTS"
+# processes run side by side below: cap each one's CPU threads, or together they oversubscribe the cores (the first
+# H100 run, uncapped, made ~8 s conversion steps; oversubscription is the suspected cause, not yet confirmed)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 T0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - T0 )); }
 

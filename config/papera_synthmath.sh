@@ -63,6 +63,10 @@ run train_teacher "$PY" train.py --mode scratch --data "$DATA" --out "$RUNS/teac
   $MODEL --n_mtp_heads 0 --batch_size "$BATCH" --seq_len 256 --max_steps "$TEACHER_STEPS" --lr 1e-3 --warmup 200 \
   --schedule cosine --eval_every "$TEACHER_STEPS" --save_every "$TEACHER_STEPS"
 
+# processes run side by side below: cap each one's CPU threads, or together they oversubscribe the cores (the first
+# H100 run, uncapped, made ~8 s conversion steps; oversubscription is the suspected cause, not yet confirmed)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+
 # three conversions and the teacher's accuracy at once: the small model leaves the GPU mostly idle, and nothing
 # timed runs beside them (the teacher bench reports accuracy; speedups come from the benches that follow)
 CONVERT="--mode mask --init_from $RUNS/teacher --data $DATA --device $DEV --overwrite --k_max 8 --target hard
