@@ -409,3 +409,23 @@ def test_head_drafts_keep_the_main_hidden_states(arch):
     with torch.no_grad():
         expected = m.hidden(text)
     torch.testing.assert_close(strategy.hidden[:, :final], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_graphed_steps_are_idempotent(monkeypatch):
+    """A CUDA graph is captured after warm-up runs of its step on the same state (decode.Graph), so every graphed
+    step must leave the same state however often it runs; counters advance outside it. Simulated on the CPU: every
+    step here runs three times per call, and the outputs must not change."""
+    m, cases = case(2, 0.01)
+    lossy = {meth: [generate(m, [p], 24, method=meth, mask_ids=[V - 1])[0] for p, _ in cases]
+             for meth in ("static@3", "confadapt@0.5")}
+
+    def thrice(graph):
+        graph.fn()
+        graph.fn()
+        return graph.fn()
+    monkeypatch.setattr(decode.Graph, "__call__", thrice)
+    for meth in ("ar", "ar@4", "mtp@1", "mtp@3", "mtp@auto3", "verified@3"):
+        for p, ref in cases:
+            assert generate(m, [p], 24, method=meth, mask_ids=[V - 1]) == ref, meth
+    for meth, outs in lossy.items():
+        assert [generate(m, [p], 24, method=meth, mask_ids=[V - 1])[0] for p, _ in cases] == outs, meth
