@@ -1,5 +1,6 @@
 """train.py under several processes on the CPU (gloo): DDP and FSDP2 train exactly what one process trains with the
-same global batch; frozen parts stay frozen; a 2-process run resumes; a different world size is refused.
+same global batch; frozen parts stay frozen; a 2-process run resumes; a different world size is refused; torchrun
+itself launches it.
 
 One pair of processes runs every 2-process scenario (starting processes is the slow part); the 1-process
 references run in the test process itself."""
@@ -9,6 +10,8 @@ import io
 import json
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -128,3 +131,17 @@ def test_resume_with_another_world_size_is_refused(runs, capsys):
     status = train.cli(["--out", str(runs / "ddp2"), "--resume", "--max_steps", "8"])
     err = capsys.readouterr().err
     assert status == 2 and "written by 2 processes, resumed by 1" in err and err.count("\n") == 1
+
+
+def test_torchrun_launches_train(runs):
+    """The real launcher, as the README runs it: torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE, its rendezvous)
+    reaches train.py, which trains with DDP over gloo and writes one checkpoint."""
+    out = runs / "torchrun"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD), "train.py",
+           "--data", str(runs / "data"), *TINY, "--batch_size", "2", "--n_mtp_heads", "1", "--max_steps", "2",
+           "--out", str(out)]
+    done = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"parallel: ddp, world size {WORLD}" in done.stdout
+    assert (out / "model.safetensors").is_file() and load.load(str(out))[0].cfg.n_mtp_heads == 1
