@@ -162,15 +162,9 @@ def run(model, tokenizer, methods, prompts, max_new_tokens=128, original=None, o
             bars[m].update()
     for bar in bars.values():
         bar.close()
-    references = {m: reference_method(m, strategies.get(m), model) for m in methods}
-    greedy = {}                                             # plain greedy outputs, run apart unless timed above
-    for ref in set(references.values()):
-        if ref in methods and temperature == 0:
-            greedy[ref] = outs[ref]
-        else:
-            strategy = decode.make_strategy(model, ref, max_len, compile=compile, **options)
-            greedy[ref] = [decode.generate(model, [p], max_new_tokens, stop_ids=stop_ids, method=strategy)[0]
-                           for p in ids]
+    references, greedy = greedy_references(model, {m: strategies.get(m) for m in methods}, outs, [[p] for p in ids],
+                                           max_new_tokens, stop_ids, temperature, max_len=max_len, compile=compile,
+                                           **options)
     nll_key = "nll_self" if nll_self else "nll"
     results = {}
     for method in methods:
@@ -186,7 +180,7 @@ def run(model, tokenizer, methods, prompts, max_new_tokens=128, original=None, o
             "tok_s": tokens / wall[method],
             "speedup": None,
             "tokens_per_forward": stat.tokens_per_forward if ours else None,
-            "exact_match": sum(o == r for o, r in zip(outs[method], greedy[references[method]])) / len(ids),
+            "exact_match": sum(o == r for o, r in zip(outs[method], greedy[method])) / len(ids),
             "reference": references[method],
             "acceptance_rate": stat.acceptance_rate,
             "cum_acceptance_rate": stat.cum_acceptance_rate,
@@ -214,6 +208,23 @@ def encode_prompt(tokenizer, text):
     if text.startswith(CHATML_START):
         return tokenizer.encode(text, specials=True)
     return tokenizer.encode_chat(text) if tokenizer.has_chat else tokenizer.encode(text)
+
+
+def greedy_references(model, strategies, outs, batches, max_new_tokens, stop_ids, temperature, **build):
+    """For every method (name -> its strategy, None for hf): the name of its plain greedy reference
+    (reference_method), and that reference's outputs on the same prompts, decoded batch by batch as the methods
+    were, or taken from the timed outputs where the reference itself was timed greedily. build: make_strategy's
+    options. Returns ({method: reference name}, {method: reference outputs})."""
+    references = {m: reference_method(m, s, model) for m, s in strategies.items()}
+    decoded = {}
+    for ref in set(references.values()):
+        if ref in outs and temperature == 0:
+            decoded[ref] = outs[ref]
+        else:
+            strategy = decode.make_strategy(model, ref, **build)
+            decoded[ref] = [out for batch in batches
+                            for out in decode.generate(model, batch, max_new_tokens, stop_ids=stop_ids, method=strategy)]
+    return references, {m: decoded[ref] for m, ref in references.items()}
 
 
 def reference_method(method, strategy, model):
@@ -347,14 +358,8 @@ def run_batches(model, tokenizer, methods, prompts, batch_sizes, max_new_tokens=
         for m in methods:
             outs[m], wall[m] = timed(device, lambda: decode.generate(model, batch, max_new_tokens, stop_ids=stop_ids,
                                                                      method=strategies[m], stats=stats[m]))
-        references = {m: reference_method(m, strategies[m], model) for m in methods}
-        greedy = {}
-        for ref in set(references.values()):
-            if ref in methods and temperature == 0:
-                greedy[ref] = outs[ref]
-            else:
-                strategy = decode.make_strategy(model, ref, max_len, batch_size=B, compile=compile, **options)
-                greedy[ref] = decode.generate(model, batch, max_new_tokens, stop_ids=stop_ids, method=strategy)
+        references, greedy = greedy_references(model, strategies, outs, [batch], max_new_tokens, stop_ids,
+                                               temperature, max_len=max_len, batch_size=B, compile=compile, **options)
         rules = {m: getattr(strategies[m], "rule", None) for m in methods}   # mtp@auto's DepthRule
         del strategies                                      # their caches and graphs before the next, larger size
         for m in methods:
@@ -363,7 +368,7 @@ def run_batches(model, tokenizer, methods, prompts, batch_sizes, max_new_tokens=
                 "batch_size": B, "tokens": tokens, "wall_s": wall[m], "tok_s": tokens / wall[m], "speedup": None,
                 "tokens_per_forward": stats[m].tokens_per_forward,
                 "acceptance_rate": stats[m].acceptance_rate,
-                "exact_match": sum(o == r for o, r in zip(outs[m], greedy[references[m]])) / B,
+                "exact_match": sum(o == r for o, r in zip(outs[m], greedy[m])) / B,
                 "reference": references[m],
                 "step_costs": rules[m].costs if rules[m] else None})
     if "ar" in results:

@@ -853,8 +853,8 @@ DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, 
 def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=(), generator=None,
              method="ar", stats=None, trace=None, **method_options):
     """Generate up to max_new_tokens after each prompt (lists of token ids); returns the new tokens of each prompt,
-    ending with the stop token where one was produced. `ar` and `mtp` decode the prompts as one batch; the mask-token
-    methods decode them one at a time. `method` is a name (method_options go to make_strategy) or a strategy built by
+    ending with the stop token where one was produced. `ar` and `mtp` decode the prompts as one batch; trees and the
+    mask-token methods decode them one at a time. `method` is a name (method_options go to make_strategy) or a strategy built by
     make_strategy (its sampling and generator are used). `trace`, a list, gets per prompt one label per output
     token: 0 = from the main model, d >= 1 = an accepted draft of depth d or a kept mask prediction d."""
     longest = max(len(p) for p in prompts)
