@@ -29,7 +29,7 @@ if [[ ! -f "$RUNS/teacher/config.json" ]]; then
 fi
 mkdir -p "$RESULTS"
 # processes run side by side below: cap each one's CPU threads, or together they oversubscribe the cores (the first
-# H100 run, uncapped, made ~8 s conversion steps; oversubscription is the suspected cause, not yet confirmed)
+# H100 run, uncapped, made ~8 s conversion steps, cause not found: this cap is a first guess, unconfirmed)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 T0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - T0 )); }

@@ -64,7 +64,7 @@ run train_teacher "$PY" train.py --mode scratch --data "$DATA" --out "$RUNS/teac
   --schedule cosine --eval_every "$TEACHER_STEPS" --save_every "$TEACHER_STEPS"
 
 # processes run side by side below: cap each one's CPU threads, or together they oversubscribe the cores (the first
-# H100 run, uncapped, made ~8 s conversion steps; oversubscription is the suspected cause, not yet confirmed)
+# H100 run, uncapped, made ~8 s conversion steps, cause not found: this cap is a first guess, unconfirmed)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 
 # three conversions and the teacher's accuracy at once: the small model leaves the GPU mostly idle, and nothing
