@@ -8,20 +8,11 @@
 #   bash config/papera_ablations.sh            # after config/papera_synthmath.sh, same machine
 #   bash config/papera_ablations.sh --smoke    # after config/papera_synthmath.sh --smoke, on the CPU
 set -euo pipefail
-SMOKE=0
-case "${1:-}" in
-  --smoke) SMOKE=1 ;;
-  "") ;;
-  *) echo "error: unknown option $1 (expected --smoke or nothing)" >&2; exit 2 ;;
-esac
-PY=${PYTHON:-python}
-export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+source "$(dirname "$0")/papera_lib.sh"
 if (( SMOKE )); then
-  RESULTS=${RESULTS:-out/papera_smoke/results}; RUNS=out/papera_smoke; DATA=data/papera_smoke
-  DEV=cpu; STEPS=2; EVAL=2; BATCH=4; PROMPTS=3; NEW=16
+  STEPS=2; EVAL=2; BATCH=4; PROMPTS=3; NEW=16
 else
-  RESULTS=${RESULTS:-results/papera}; RUNS=out/papera; DATA=data/papera_synthmath
-  DEV=cuda; STEPS=800; EVAL=200; BATCH=64; PROMPTS=512; NEW=64
+  STEPS=800; EVAL=200; BATCH=64; PROMPTS=512; NEW=64
 fi
 if [[ ! -f "$RUNS/teacher/config.json" ]]; then
   echo "error: no teacher in $RUNS/teacher: run config/papera_synthmath.sh first (with the same --smoke choice)" >&2
@@ -31,18 +22,6 @@ mkdir -p "$RESULTS"
 # processes run side by side below: cap each one's CPU threads, or together they oversubscribe the cores (the first
 # H100 run, uncapped, made ~8 s conversion steps, cause not found: this cap is a first guess, unconfirmed)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
-T0=$(date +%s)
-elapsed() { echo $(( $(date +%s) - T0 )); }
-
-run() {   # as in papera_synthmath.sh: output to $RESULTS/NAME.log, last lines and time on the screen
-  local name=$1 t=$(date +%s); shift
-  if ! "$@" > "$RESULTS/$name.log" 2>&1; then
-    tail -20 "$RESULTS/$name.log"; echo "FAILED: $name (log: $RESULTS/$name.log)"; exit 1
-  fi
-  grep -v '^{' "$RESULTS/$name.log" | tail -3 || true
-  echo "== $name: $(( $(date +%s) - t )) s (total $(elapsed) s)"
-}
-
 # the main run's gated conversion, one option changed each
 CONVERT="--mode mask --init_from $RUNS/teacher --data $DATA --device $DEV --overwrite --k_max 8 --target hard
   --batch_size $BATCH --seq_len 256 --max_steps $STEPS --warmup 100 --eval_every $EVAL --save_every $STEPS
@@ -56,10 +35,8 @@ for pid in "${pids[@]}"; do wait "$pid"; done
 cp "$RUNS"/ablation_*.log.jsonl "$RESULTS/"
 for a in "${ABLATIONS[@]}"; do
   name=ablation_${a%%:*}
-  run "bench_$name" "$PY" bench.py --init_from "$RUNS/$name" --prompts "$DATA/test_prompts.jsonl" \
-    --max_new_tokens "$NEW" --device "$DEV" --dtype float32 --num_prompts "$PROMPTS" --json \
+  bench "$name" --init_from "$RUNS/$name" --num_prompts "$PROMPTS" \
     --methods ar,static@3,confadapt@0.9,confadapt@0.95,verified@4
-  grep "^{" "$RESULTS/bench_$name.log" | tail -1 > "$RESULTS/bench_$name.json"
 done
 run table "$PY" config/papera_table.py "$RESULTS"
 echo "all took $(elapsed) s"

@@ -14,49 +14,19 @@
 #   bash config/papera_synthmath.sh                 # on a GPU machine, from the project root
 #   bash config/papera_synthmath.sh --smoke         # the same pipeline, tiny, on the CPU: checks every flag
 set -euo pipefail
-SMOKE=0
-case "${1:-}" in
-  --smoke) SMOKE=1 ;;
-  "") ;;
-  *) echo "error: unknown option $1 (expected --smoke or nothing)" >&2; exit 2 ;;
-esac
-PY=${PYTHON:-python}
-export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+source "$(dirname "$0")/papera_lib.sh"
 if (( SMOKE )); then
-  RESULTS=${RESULTS:-out/papera_smoke/results}; RUNS=out/papera_smoke; DATA=data/papera_smoke
-  DEV=cpu; BUDGET_S=${BUDGET_S:-100000}
+  BUDGET_S=${BUDGET_S:-100000}
   SIZES="--n_train 200 --n_val 40 --n_test 8"
   MODEL="--n_layer 2 --n_head 2 --n_kv_head 2 --n_embd 32"
   TEACHER_STEPS=2; CONVERT_STEPS=2; EVAL=2; BATCH=4; PROMPTS=3; SWEEP_PROMPTS=2; NEW=16
 else
-  RESULTS=${RESULTS:-results/papera}; RUNS=out/papera; DATA=data/papera_synthmath
-  DEV=cuda; BUDGET_S=${BUDGET_S:-460}   # optional steps start only while they fit in this many seconds
+  BUDGET_S=${BUDGET_S:-460}   # optional steps start only while they fit in this many seconds
   SIZES="--n_test 512"
   MODEL="--n_layer 6 --n_head 8 --n_kv_head 8 --n_embd 256"
   TEACHER_STEPS=2000; CONVERT_STEPS=800; EVAL=200; BATCH=64; PROMPTS=512; SWEEP_PROMPTS=128; NEW=64
 fi
 mkdir -p "$RESULTS" "$RUNS"
-T0=$(date +%s)
-elapsed() { echo $(( $(date +%s) - T0 )); }
-
-# run NAME CMD...: CMD's output to $RESULTS/NAME.log, its last lines and its time on the screen; stops on failure
-run() {
-  local name=$1 t=$(date +%s); shift
-  if ! "$@" > "$RESULTS/$name.log" 2>&1; then
-    tail -20 "$RESULTS/$name.log"; echo "FAILED: $name (log: $RESULTS/$name.log)"; exit 1
-  fi
-  grep -v '^{' "$RESULTS/$name.log" | tail -3 || true     # the bench JSON line is kept apart
-  echo "== $name: $(( $(date +%s) - t )) s (total $(elapsed) s)"
-}
-
-# bench NAME ARGS...: a bench run whose JSON (its last line) is kept as $RESULTS/bench_NAME.json
-bench() {
-  local name=$1; shift
-  run "bench_$name" "$PY" bench.py --prompts "$DATA/test_prompts.jsonl" --max_new_tokens "$NEW" --device "$DEV" \
-    --dtype float32 --json "$@"
-  grep "^{" "$RESULTS/bench_$name.log" | tail -1 > "$RESULTS/bench_$name.json"
-}
-
 run prepare "$PY" data/prepare.py synthmath --out "$DATA" --seed 0 $SIZES --overwrite
 
 run train_teacher "$PY" train.py --mode scratch --data "$DATA" --out "$RUNS/teacher" --overwrite --device "$DEV" \
