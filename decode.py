@@ -323,7 +323,42 @@ class DepthRule:
                 self.accepted[d - 1] = ACCEPT_DECAY * self.accepted[d - 1] + sum(n >= d for n in ns)
 
 
-class HeadDrafts(Strategy):
+class HeadStrategy(Strategy):
+    """What the head-drafting methods (mtp, tree) share: the schedule of MTP modules over draft depths (a looped
+    schedule reuses the last head), the draft vocabulary, the main model's hidden states by position, one KV cache
+    per draft depth, and the prefill that fills them for B rows."""
+
+    def __init__(self, model, batch_size, max_len, query_len, depths, schedule, draft_ids, sampling, generator,
+                 graphs, compile, method):
+        if len(model.heads) == 0:
+            raise ValueError(f"method {method} needs a model with MTP heads (train.py --mode heads, or --heads FILE)")
+        super().__init__(model, batch_size, max_len, query_len, sampling, generator, graphs, compile)
+        self.schedule = schedule or [min(d, len(model.heads) - 1) for d in range(depths)]  # loop the last head
+        if len(self.schedule) != depths or max(self.schedule) >= len(model.heads):
+            raise ValueError(f"head schedule {self.schedule} does not fit {depths} depths and {len(model.heads)} heads")
+        self.depths, self.window = depths, 2 * depths
+        # the output rows of the draft vocabulary, gathered once (a reduced vocabulary makes each draft cheaper)
+        self.draft_ids = draft_ids
+        self.draft_head = None if draft_ids is None else model.lm_head.weight[draft_ids]
+        self.newest = torch.zeros(batch_size, dtype=torch.long, device=self.device)        # each row's L
+        self.hidden = torch.zeros(batch_size, self.cache_len, model.cfg.n_embd, device=self.device,
+                                  dtype=model.embed.weight.dtype)
+        self.caches, self.depth_caches = model.make_caches(batch_size, self.cache_len, n_depths=depths)
+        self.window_offsets = torch.arange(self.window, device=self.device)
+
+    def prefill(self, prompts):
+        """prompts: B lists of ids; the main model and then every depth over each row's prompt. Returns the first new
+        token of each row (B,)."""
+        h, pos, lens, nxt = self.prefill_rows(prompts, self.caches)
+        n = h.size(1)
+        self.hidden[:, :n] = h
+        self.newest.copy_(lens)
+        for d in range(1, self.depths + 1):   # the heads' caches over the prompts; the last positions are redone later
+            h = self.model.head_forward(self.schedule[d - 1], h, self.tokens[:, d:n + d], pos, self.depth_caches[d - 1])
+        return nxt
+
+
+class HeadDrafts(HeadStrategy):
     """Paper B: the MTP heads draft `depths` tokens, the main model verifies them in one forward; B rows at once.
 
     Positions of one row, with L the row's newest token (known for certain, not yet in the main cache):
@@ -351,39 +386,15 @@ class HeadDrafts(Strategy):
 
     def __init__(self, model, max_len, depths, schedule=None, draft_ids=None, adaptive=False, costs=None,
                  sampling=Sampling(), generator=None, batch_size=1, graphs=None, compile=False):
-        if len(model.heads) == 0:
-            raise ValueError("method mtp needs a model with MTP heads (train.py --mode heads, or --heads FILE)")
-        super().__init__(model, batch_size, max_len, depths + 1, sampling, generator, graphs, compile)
-        self.schedule = schedule or [min(d, len(model.heads) - 1) for d in range(depths)]  # loop the last head
-        if len(self.schedule) != depths or max(self.schedule) >= len(model.heads):
-            raise ValueError(f"head schedule {self.schedule} does not fit {depths} depths and {len(model.heads)} heads")
-        self.depths, self.window = depths, 2 * depths
-        # the output rows of the draft vocabulary, gathered once (a reduced vocabulary makes each draft cheaper)
-        self.draft_ids = draft_ids
-        self.draft_head = None if draft_ids is None else model.lm_head.weight[draft_ids]
+        super().__init__(model, batch_size, max_len, depths + 1, depths, schedule, draft_ids, sampling, generator,
+                         graphs, compile, "mtp")
         self.rows = torch.arange(batch_size, device=self.device)[:, None]                  # (B, 1)
-        self.newest = torch.zeros(batch_size, dtype=torch.long, device=self.device)        # each row's L
         self.advanced = torch.zeros_like(self.newest)                                      # each row's L after a step
-        self.hidden = torch.zeros(batch_size, self.cache_len, model.cfg.n_embd, device=self.device,
-                                  dtype=model.embed.weight.dtype)
-        self.caches, self.depth_caches = model.make_caches(batch_size, self.cache_len, n_depths=depths)
-        self.window_offsets = torch.arange(self.window, device=self.device)
         self.step_offsets = torch.arange(depths + 1, device=self.device)
         # one graph per depth in use; costs: a DepthRule table given (None: measured at the first step)
         self.rule = DepthRule(depths, costs) if adaptive else None
         self.greedy_steps = {k: Graph(partial(self._greedy_step, k), self.graphs and sampling.greedy)
                              for k in (range(depths + 1) if adaptive else [depths])}
-
-    def prefill(self, prompts):
-        """prompts: B lists of ids; the main model and then every depth over each row's prompt. Returns the first new
-        token of each row (B,)."""
-        h, pos, lens, nxt = self.prefill_rows(prompts, self.caches)
-        n = h.size(1)
-        self.hidden[:, :n] = h
-        self.newest.copy_(lens)
-        for d in range(1, self.depths + 1):   # the heads' caches over the prompts; the last positions are redone later
-            h = self.model.head_forward(self.schedule[d - 1], h, self.tokens[:, d:n + d], pos, self.depth_caches[d - 1])
-        return nxt
 
     def draft(self, depth):
         """Depths 1..depth in turn, each on its window; writes t[L+1..L+depth] of every row.
@@ -466,7 +477,7 @@ class HeadDrafts(Strategy):
         return [s / seconds[0] for s in seconds]
 
 
-class TreeDrafts(Strategy):
+class TreeDrafts(HeadStrategy):
     """Tree drafts for `mtp` (Medusa, EAGLE-2): each depth proposes its top candidates after every candidate of the
     depth before, and one main forward verifies the whole tree. Greedy only: the output is identical to `ar`
     (sampling from a tree needs multi-draft rejection sampling, which is not built: use mtp@D to sample).
@@ -497,17 +508,13 @@ class TreeDrafts(Strategy):
         if not sampling.greedy:
             raise ValueError("tree drafts decode greedily only (temperature 0): sampling from a tree is not built; "
                              "use mtp@D to sample")
-        if len(model.heads) == 0:
-            raise ValueError("method tree needs a model with MTP heads (train.py --mode heads, or --heads FILE)")
         depths = len(branches)
         sizes = [1]                                                # nodes per level, the root's included
         for b in branches:
             sizes.append(sizes[-1] * b)
-        super().__init__(model, 1, max_len, sum(sizes), sampling, generator, graphs, compile)
-        self.schedule = schedule or [min(d, len(model.heads) - 1) for d in range(depths)]  # loop the last head
-        if len(self.schedule) != depths or max(self.schedule) >= len(model.heads):
-            raise ValueError(f"head schedule {self.schedule} does not fit {depths} depths and {len(model.heads)} heads")
-        self.branches, self.depths, self.window = list(branches), depths, 2 * depths
+        super().__init__(model, 1, max_len, sum(sizes), depths, schedule, draft_ids, sampling, generator, graphs,
+                         compile, "tree")
+        self.branches = list(branches)
         self.first = [0] + list(itertools.accumulate(sizes))      # level d is nodes first[d] .. first[d+1]-1
         parents, levels = [0], [0]
         for d, b in enumerate(branches, 1):
@@ -520,30 +527,14 @@ class TreeDrafts(Strategy):
         self.parents, self.levels, self.up = (torch.tensor(x, device=self.device) for x in (parents, levels, up))
         self.ancestors = torch.tensor([[j in row[:levels[i] + 1] for j in range(len(up))] for i, row in enumerate(up)],
                                       device=self.device)                   # (1+N, 1+N): ancestor or self
-        self.draft_ids = draft_ids
-        self.draft_head = None if draft_ids is None else model.lm_head.weight[draft_ids]
-        self.newest = torch.zeros(1, dtype=torch.long, device=self.device)
-        self.hidden = torch.zeros(1, self.cache_len, model.cfg.n_embd, device=self.device,
-                                  dtype=model.embed.weight.dtype)
-        self.caches, self.depth_caches = model.make_caches(1, self.cache_len, n_depths=depths)
         self.nodes = torch.zeros(self.query_len, dtype=torch.long, device=self.device)   # the tree's tokens
         self.slot_ids = torch.arange(self.cache_len, device=self.device)
         self.scratch = self.cache_len - MAX_QUERY + torch.arange(self.query_len, device=self.device)  # node i's slot
-        self.window_offsets = torch.arange(self.window, device=self.device)
         self.path_offsets = torch.arange(depths + 1, device=self.device)
         self.greedy_step = Graph(self._greedy_step, self.graphs)
 
     def prefill(self, prompt):
-        n = len(prompt)
-        self.tokens[0, :n] = torch.tensor(prompt, device=self.device)
-        pos = torch.arange(n, device=self.device)[None]
-        h = self.model.hidden(self.tokens[:, :n], pos, self.caches)
-        self.hidden[:, :n] = h
-        self.tokens[0, n] = self.model.logits(h[0, -1]).argmax(-1)
-        self.newest.fill_(n)
-        for d in range(1, self.depths + 1):   # the heads' caches over the prompt; the window redoes the last positions
-            h = self.model.head_forward(self.schedule[d - 1], h, self.tokens[:, d:n + d], pos, self.depth_caches[d - 1])
-        return [int(self.tokens[0, n])]
+        return super().prefill([prompt]).tolist()
 
     def draft(self):
         """Depths 1..D, one head call each over the window and the nodes of the level before; writes the tree's
