@@ -43,7 +43,7 @@ import model as nano
 
 from data.dataset import check_tokenizer, load_meta
 from data.synthmath import score
-from tokenizer import CHATML_START, CharTokenizer
+from tokenizer import CHATML_START, CharTokenizer, plural
 
 HF = "hf"   # the method name of transformers' generate
 QUESTIONS = [  # short held-out chat questions (not in data/'s chat prompts)
@@ -265,7 +265,7 @@ def table(res):
                      f"{fmt(r['tokens_per_forward'], '.2f'):>8} {r['exact_match']:>6.2f} {fmt(r[nll], '.3f'):>8}" +
                      (f" {fmt(r['accuracy'], '.3f'):>6} {interval(r):>11}" if acc else "") +
                      f"   {accept or '-':<{width}} {r['ttft_ms']:>8.1f} {r['wall_s']:>7.2f}" + label)
-    prompts = f"{res['num_prompts']} prompt{'s' if res['num_prompts'] != 1 else ''}"
+    prompts = plural(res["num_prompts"], "prompt")
     lines.append(f"{prompts}, max_new_tokens={res['max_new_tokens']}, temperature={res['temperature']}, "
                  f"{res['device']} {res['dtype']}; tok/fwd excludes prefill; exact = output identical to plain "
                  f"greedy ar" + ("; acc 95% = Wilson interval" if acc else "") +

@@ -47,6 +47,11 @@ def names(items, limit=8):
     return ", ".join(items[:limit]) + more
 
 
+def plural(n, word):
+    """'1 head', '2 heads', '2 processes', '1,024 tokens': a count for messages."""
+    return f"{n:,} {word}{'' if n == 1 else 'es' if word.endswith('s') else 's'}"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # GGUF metadata (the tokenizer and load.py's weights read the same file)
 

@@ -52,7 +52,7 @@ from tqdm import tqdm
 import distill
 from data.dataset import TokenData, check_tokenizer
 from load import load, recover_checkpoint, save_checkpoint, save_heads, save_mask_adapter
-from tokenizer import load_tokenizer, mask_token_names
+from tokenizer import load_tokenizer, mask_token_names, plural
 from model import Config, Transformer
 
 LR_FLOOR = 0.1             # the cosine schedule decays to this fraction of the peak learning rate
@@ -712,10 +712,6 @@ def train(args, par):
             export(args, full, data)
         par.barrier()
     return model
-
-
-def plural(n, word):
-    return f"{n} {word}{'' if n == 1 else 'es' if word.endswith('s') else 's'}"
 
 
 def cli(argv=None):
