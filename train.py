@@ -50,7 +50,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import distill
+from bench import encode_prompt, read_prompts
 from data.dataset import TokenData, check_tokenizer
+from decode import generate
 from load import load, recover_checkpoint, save_checkpoint, save_heads, save_mask_adapter
 from tokenizer import load_tokenizer, mask_token_names, plural
 from model import Config, Transformer
@@ -58,6 +60,7 @@ from model import Config, Transformer
 LR_FLOOR = 0.1             # the cosine schedule decays to this fraction of the peak learning rate
 EVAL_SEED = 1234           # every evaluation draws the same validation batches
 DRAFT_VOCAB_SAVED = 32768  # exported heads carry this many of the most frequent training tokens (draft vocabulary)
+VAL_ANSWER_TOKENS = 128   # greedy answer length of each --val_prompts prompt
 PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312}   # dense bf16, by a substring of the GPU's name, for MFU
 # What defines a run: --resume continues only with the checkpoint's own values of these.
 RUN_OPTIONS = ("mode", "init_from", "answers_only", "arch", "n_layer", "n_head", "n_kv_head", "n_embd", "n_mtp_heads",
@@ -132,6 +135,8 @@ def make_parser():
     o.add_argument("--grad_clip", type=float, default=1.0, help="gradient norm clip (0: off)")
     o.add_argument("--eval_every", type=int, default=250, help="validate every N steps")
     o.add_argument("--eval_batches", type=int, default=8, help="validation batches")
+    o.add_argument("--val_prompts", default=None, help="heads/extend: a prompts file (data/chat_prompts_val.jsonl); "
+                   "each evaluation also logs the heads' agreement with the model's own greedy answers to them")
     o.add_argument("--save_every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
     o.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
     o.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
@@ -220,6 +225,10 @@ def check_args(args):
         raise ValueError(f"--device {args.device}: expected cpu, cuda or cuda:N")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device here (use --device cpu)")
+    if args.val_prompts and args.mode not in ("heads", "extend"):
+        raise ValueError(f"--val_prompts scores MTP heads on a frozen model: --mode heads or extend, not {args.mode}")
+    if args.val_prompts and not os.path.isfile(args.val_prompts):
+        raise ValueError(f"--val_prompts {args.val_prompts}: no such file")
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite replaces it: choose one")
 
@@ -371,16 +380,17 @@ class Objective(torch.nn.Module):
         self.model = model
         self.args = args
 
-    def forward(self, idx, loss_mask, teacher, generator):
-        return loss_fn(self.model, teacher, idx, loss_mask, self.args, generator)
+    def forward(self, idx, loss_mask, teacher, generator, answers_only=False):
+        return loss_fn(self.model, teacher, idx, loss_mask, self.args, generator, answers_only)
 
 
-def loss_fn(model, teacher, idx, loss_mask, args, generator):
-    """Loss and metrics of one batch of windows idx (B, T+1) with their loss mask."""
+def loss_fn(model, teacher, idx, loss_mask, args, generator, answers_only=False):
+    """Loss and metrics of one batch of windows idx (B, T+1) with their loss mask (used with --answers_only, or
+    when answers_only is set here)."""
     if args.mode != "mask":
         cfg = distill.MTPLossConfig(args.alpha, args.beta, args.top_n or None, args.kl_direction,
                                     main_loss=args.mode == "scratch")
-        return distill.mtp_loss(model, idx, loss_mask if args.answers_only else None, cfg)
+        return distill.mtp_loss(model, idx, loss_mask if args.answers_only or answers_only else None, cfg)
     k = args.k_max if args.k_fixed else int(torch.randint(2, args.k_max + 1, (), generator=generator))
     packed = distill.pack_batch(idx.cpu(), k, n_regions(args), model.cfg.mask_token_ids, generator)
     packed = [t.to(idx.device) for t in packed]
@@ -396,9 +406,27 @@ def n_regions(args):
 
 
 @torch.no_grad()
-def evaluate(objective, teacher, data, args, par, autocast):
+def prompt_answers(model, tokenizer, path, device):
+    """The frozen model's greedy answers to the prompts in `path` (heads and extend never change them), as one
+    right-padded batch: token ids (B, T) and a loss mask over the answers. On the model's own greedy text, a head's
+    agreement with the main head at depth d is what decoding accepts there: prompts written like a user's choose the
+    step count, not the training distribution (issue 12)."""
+    prompts = [encode_prompt(tokenizer, row["prompt"]) for row in read_prompts(path)]
+    answers = generate(model, prompts, VAL_ANSWER_TOKENS, stop_ids=tokenizer.stop_ids)
+    T = max(len(p) + len(a) for p, a in zip(prompts, answers))
+    idx = torch.zeros(len(prompts), T, dtype=torch.long)
+    loss_mask = torch.zeros(len(prompts), T)
+    for b, (p, a) in enumerate(zip(prompts, answers)):
+        idx[b, :len(p) + len(a)] = torch.tensor(p + a)
+        loss_mask[b, len(p):len(p) + len(a)] = 1
+    return idx.to(device), loss_mask.to(device)
+
+
+@torch.no_grad()
+def evaluate(objective, teacher, data, args, par, autocast, prompt_batch=None):
     """Validation loss and metrics on the same batches every time, drawn and split like training batches (so any
-    split of the global batch over processes and micro-steps sees the same windows), averaged over ranks."""
+    split of the global batch over processes and micro-steps sees the same windows), averaged over ranks; with a
+    prompt_batch (prompt_answers), the heads' agreement on it too, as "prompts_agree{d}"."""
     objective.eval()
     g = torch.Generator().manual_seed(EVAL_SEED)
     totals = {}
@@ -410,6 +438,10 @@ def evaluate(objective, teacher, data, args, par, autocast):
                 loss, metrics = objective(x, m, teacher, g)
             for key, v in {"loss": loss.item(), **metrics}.items():
                 totals[key] = totals.get(key, 0.0) + v / (args.eval_batches * args.grad_accum)
+    if prompt_batch is not None:            # every rank scores the same batch: the average is its value
+        with autocast:
+            _, metrics = objective(*prompt_batch, teacher, g, answers_only=True)
+        totals.update({f"prompts_{k}": v for k, v in metrics.items() if k.startswith("agree")})
     if isinstance(objective, FSDPModule):   # a root left unsharded after a forward alone holds other parameters
         objective.reshard()                 # than the optimizer's
     objective.train()
@@ -650,6 +682,7 @@ def train(args, par):
     if args.compile:
         for unit in (*model.blocks, *model.heads):
             unit.compile()
+    prompt_batch = prompt_answers(model, tokenizer, args.val_prompts, args.device) if args.val_prompts else None
     objective = Objective(model, args)
     wrapped = par.wrap(objective, teacher)
     optimizer = make_optimizer(model, args)
@@ -696,7 +729,7 @@ def train(args, par):
         bar.set_postfix({k: f"{v:.3f}" if k == "loss" else f"{v:.2f}" for k, v in totals.items()
                          if k == "loss" or k.startswith(("acc", "agree", "k"))})
         if (step + 1) % args.eval_every == 0 or step + 1 == args.max_steps:
-            record["val"] = evaluate(objective, teacher, data, args, par, autocast)
+            record["val"] = evaluate(objective, teacher, data, args, par, autocast, prompt_batch)
             if par.rank == 0:
                 tqdm.write(f"step {step + 1}: val " + " ".join(f"{k} {v:.3f}" for k, v in record["val"].items()))
         if par.rank == 0:

@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import decode  # noqa: E402
 import distill  # noqa: E402
 import load  # noqa: E402
 import train  # noqa: E402
@@ -407,6 +408,7 @@ def test_finished_run_is_not_silently_replaced(synth, tmp_path, capsys):
     (["--head_init", "random"], "--head_init applies to --mode heads only"),
     (["--mode", "mask", "--init_from", "x", "--k_max", "1"], "--k_max 1: must be at least 2"),
     (["--gated"], "--gated gates LoRA adapters"),
+    (["--val_prompts", "data/chat_prompts_val.jsonl"], "--val_prompts scores MTP heads"),
     (["--device", "tpu"], "--device tpu: expected cpu, cuda or cuda:N"),
     (["--dtype", "int8"], "argument --dtype: invalid choice"),
     (["--lr", "fast"], "argument --lr: invalid float value"),
@@ -430,3 +432,30 @@ def test_bad_config_files_and_max_steps_zero(synth, tmp_path, capsys):
     assert train.cli([str(a) for a in ["--data", synth, "--out", out, "--max_steps", "0", *SMALL]]) == 0
     assert "--max_steps 0: model and data checked; nothing trained, saved or exported" in capsys.readouterr().out
     assert not out.exists() and not (tmp_path / "run.log.jsonl").exists()
+
+
+def test_val_prompts_agreement_is_measured_on_the_models_own_answers(synth, tmp_path):
+    """--val_prompts logs, per depth, how often a head's argmax equals the main head's on the model's own greedy
+    answers (answer tokens only): checked against a per-prompt recompute without padding."""
+    base, heads = tmp_path / "base", tmp_path / "heads"
+    train.main(["--mode", "scratch", "--data", str(synth), "--out", str(base), "--n_mtp_heads", "0",
+                "--max_steps", "2", *SMALL])
+    prompts = synth / "test_prompts.jsonl"
+    train.main(["--mode", "heads", "--init_from", str(base), "--data", str(synth), "--out", str(heads),
+                "--n_mtp_heads", "1", "--head_init", "random", "--val_prompts", str(prompts), "--max_steps", "1",
+                *SMALL, "--eval_every", "1"])
+    logged = read_log(heads)[-1]["val"]["prompts_agree1"]
+    model, tokenizer = load.load(heads)
+    agree = []
+    with torch.no_grad():
+        for row in map(json.loads, open(prompts)):
+            p = tokenizer.encode(row["prompt"])
+            a = decode.generate(model, [p], train.VAL_ANSWER_TOKENS, stop_ids=tokenizer.stop_ids)[0]
+            ids = torch.tensor([p + a])
+            main, h = model(ids, return_hidden=True)
+            for i in range(len(p) - 2, len(ids[0]) - 2):         # the head at i sees token i+1, predicts token i+2
+                pos = torch.tensor([[i]])
+                draft = model.logits(model.head_forward(0, h[:, i:i + 1], ids[:, i + 1:i + 2], pos)).argmax(-1)
+                agree.append(draft.item() == main[0, i + 1].argmax().item())
+    assert logged == pytest.approx(sum(agree) / len(agree), abs=1e-6)
+    assert 0 < logged < 1
