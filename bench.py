@@ -54,6 +54,7 @@ QUESTIONS = [  # short held-out chat questions (not in data/'s chat prompts)
     "How do I boil an egg?", "Write one sentence about the ocean.", "What causes rainbows?",
     "List three fruits that are high in vitamin C.", "Why is sleep important?", "What does a compiler do?",
 ]
+BUILTIN = "builtin"   # --prompts: QUESTIONS
 HELDOUT = Path(__file__).parent / "data" / "smollm2_heldout.jsonl"   # shipped: the default prompts of smollm2
 ACCEPT_SHOWN = 4    # acceptance rates shown per table row; the rest are in the JSON
 
@@ -499,6 +500,10 @@ def tiny_setup(device, dtype, seed):
     return m, m, tokenizer, {"mask_ids": [mask_id]}
 
 
+def prompts_arg(text):
+    return text if text == BUILTIN else decode.existing_file(text)
+
+
 def read_prompts(path):
     """The rows of a prompts file, each {"prompt": text, "answer": anything}; a malformed line is a ValueError that
     names file:line."""
@@ -562,9 +567,9 @@ def main(argv=None):
                    f"mtp@autoD, tree@DxK, tree@b1,b2,..., tree@autoN, static@K, confadapt@TAU[:K], verified@K (D and K "
                    f"up to {decode.MAX_DRAFTS}, TAU in (0, 1]), hf (transformers)")
     decode.add_model_args(p, max_new_tokens=128)
-    p.add_argument("--prompts", type=decode.existing_file, default=None, help='JSONL file, one {"prompt": text, '
-                   '"answer": gold?} a line, the prompt used verbatim (default: data/smollm2_heldout.jsonl for '
-                   "smollm2, else built-in chat questions in the model's chat template)")
+    p.add_argument("--prompts", type=prompts_arg, default=None, help='JSONL file, one {"prompt": text, '
+                   '"answer": gold?} a line, the prompt used verbatim, or "builtin": 16 short chat questions in the '
+                   "model's chat template (default: data/smollm2_heldout.jsonl for smollm2, else builtin)")
     p.add_argument("--num_prompts", type=decode.number(int, 1), default=8, help="how many prompts to use")
     p.add_argument("--warmup", type=decode.number(int, 0), default=1, help="prompts decoded untimed before timing")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object, last line")
@@ -592,7 +597,8 @@ def main(argv=None):
         if single or args.sweep:
             decode.fail(f"--batch_sizes: only methods that decode batches (ar, ar@Q, mtp@D, mtp@autoD) are "
                         f"measured against batch size, not {', '.join(single) or '--sweep'}")
-    prompts_file = args.prompts or (HELDOUT if args.init_from == load.BUNDLED and not args.tiny else None)
+    prompts_file = args.prompts or (HELDOUT if args.init_from == load.BUNDLED and not args.tiny else BUILTIN)
+    prompts_file = None if prompts_file == BUILTIN else prompts_file
     try:
         rows = read_prompts(prompts_file) if prompts_file else None
         if args.tiny:
