@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from model import Config, Transformer
 from tokenizer import (REQUIRED, NoTokenizer, Tokenizer, gguf_value, has_hf_tokenizer, load_tokenizer,
-                       mask_token_names, names, open_gguf, read_json)
+                       mask_token_names, names, open_gguf, plural, read_json)
 
 BUNDLED = "smollm2"
 
@@ -490,7 +490,7 @@ def attach_heads(model, path):
     first, n, taps = meta["first"], meta["n_heads"], meta.get("head_taps", [])
     if taps and (model.heads or model.fuse is not None):
         raise ValueError(f"{path}: its head 1 reads a fusion of blocks {taps} and the last one, made on a model "
-                         f"without heads or fusion; this one has {len(model.heads)} heads"
+                         f"without heads or fusion; this one has {plural(len(model.heads), 'head')}"
                          f"{' and a fusion' if model.fuse is not None else ''}: attach the file first")
     if first != len(model.heads):
         raise ValueError(f"{path}: holds heads {first}.. but the model has {len(model.heads)}: attach the "
