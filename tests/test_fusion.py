@@ -28,17 +28,23 @@ pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models 
 TAPS = [0, 1]   # of three blocks: the first, the middle, and (always) the last
 
 
-def fused(seed, residual=None, noise=0.3):
-    """A three-block model with two heads and a fusion of TAPS whose weight moved away from "take the last" by
-    `noise`. The heads' own input projections read the state they get (a bigram-like model's heads otherwise read
-    only the next token, and no fusion would matter)."""
+def reading(seed, residual=None):
+    """A three-block model with two heads whose input projections read the state they get (a bigram-like model's
+    heads otherwise read only the next token, and no fusion would matter)."""
     m = tiny(seed, heads=2, residual=residual, n_layer=3)
-    m.add_fusion(TAPS)
     C = m.cfg.n_embd
     with torch.no_grad():
-        m.fuse.weight.add_(noise * torch.randn_like(m.fuse.weight) / C ** 0.5)
         for h in m.heads:
             h.proj.weight[:, :C] += 0.3 * torch.randn(C, C) / C ** 0.5
+    return m
+
+
+def fused(seed, residual=None, noise=0.3):
+    """reading(seed, residual) with a fusion of TAPS whose weight moved away from "take the last" by `noise`."""
+    m = reading(seed, residual)
+    m.add_fusion(TAPS)
+    with torch.no_grad():
+        m.fuse.weight.add_(noise * torch.randn_like(m.fuse.weight) / m.cfg.n_embd ** 0.5)
     return m
 
 
@@ -55,7 +61,7 @@ def head_start(m, t):
 @torch.no_grad()
 def test_fresh_fusion_changes_nothing():
     """fuse starts as "take the last block's output": loss, drafts and outputs bit-identical to no fusion."""
-    plain = tiny(1, heads=2, residual=0.01, n_layer=3)
+    plain = reading(1, residual=0.01)
     fusion = copy.deepcopy(plain)
     fusion.add_fusion(TAPS)
     idx = torch.tensor([prompt(1, 24)])
@@ -247,6 +253,10 @@ def test_train_heads_with_taps_resumes_and_exports(synth, tmp_path, capsys):  # 
     export = tmp_path / "heads.safetensors"
     train.main([*common, "--out", str(tmp_path / "straight"), "--max_steps", "2", "--export", str(export)])
     train.main([*common, "--out", str(tmp_path / "split"), "--max_steps", "1"])
+    capsys.readouterr()
+    status, err = run_cli([*common, "--head_taps", "0", "--out", tmp_path / "split", "--max_steps", "2", "--resume"],
+                          capsys)
+    assert status == 2 and "has --head_taps [0, 1], not [0]" in err, err
     train.main([*common, "--out", str(tmp_path / "split"), "--max_steps", "2", "--resume"])
     for a, b in zip(read_log(tmp_path / "straight"), read_log(tmp_path / "split")):
         assert a["step"] == b["step"] and abs(a["loss"] - b["loss"]) < 1e-5, (a, b)
