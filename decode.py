@@ -422,8 +422,8 @@ class HeadDrafts(HeadStrategy):
         return self.tokens.gather(1, L + 1 + self.step_offsets[:depth]), torch.stack(probs, 1) if probs else None
 
     def check(self, depth):
-        """The verify forward over t[L..L+depth] of every row; stores its hidden states (rows past the accepted ones
-        are rewritten before anything reads them). Returns the main model's logits (B, depth+1, V)."""
+        """The verify forward over t[L..L+depth] of every row; stores the states head 1 starts from (rows past the
+        accepted ones are rewritten before anything reads them). Returns the main model's logits (B, depth+1, V)."""
         pos = self.newest[:, None] + self.step_offsets[:depth + 1]   # (B, depth+1)
         logits, h = self.forward(self.tokens.gather(1, pos), self.positions(pos), self.caches, return_hidden=True)
         self.hidden[self.rows, pos] = h

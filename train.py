@@ -659,8 +659,10 @@ def train(args, par):
     set_trainable(model, args)
     check_tokenizer(data.meta, tokenizer, args.data)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    fused = "" if model.fuse is None else f" (head 1 reads blocks {model.cfg.head_taps} and the last, fused)"
     log(f"mode {args.mode}: {model.num_params() / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained, "
-        f"{plural(len(model.heads), 'MTP head')}, data {args.data} ({len(data.tokens('train')):,} training tokens)")
+        f"{plural(len(model.heads), 'MTP head')}{fused}, data {args.data} ({len(data.tokens('train')):,} training "
+        f"tokens)")
     if args.max_steps == 0:
         log("--max_steps 0: model and data checked; nothing trained, saved or exported")
         return model

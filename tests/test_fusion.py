@@ -19,13 +19,15 @@ import load
 import train
 from decode import Sampling, Stats, generate, make_strategy
 from test_decode import MODELS, assert_exercised, prompt, tiny
-from test_train import SMALL, read_log, run_cli, synth  # noqa: F401  (synth: a fixture)
+import test_train
+from test_train import SMALL, read_log, run_cli
 from test_tree import strategy_steps, top
 from tokenizer import CharTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models run on one thread
 
 TAPS = [0, 1]   # of three blocks: the first, the middle, and (always) the last
+synth = test_train.synth   # the synthetic-math data fixture (pytest finds fixtures by module-level name)
 
 
 def reading(seed, residual=None):
@@ -244,7 +246,7 @@ def test_checkpoint_round_trip(tmp_path):
 SMALL3 = [*SMALL, "--n_layer", "3"]   # three blocks (the last value given counts)
 
 
-def test_train_heads_with_taps_resumes_and_exports(synth, tmp_path, capsys):  # noqa: F811
+def test_train_heads_with_taps_resumes_and_exports(synth, tmp_path, capsys):
     base = tmp_path / "base"
     train.main(["--mode", "scratch", "--data", str(synth), "--out", str(base), "--n_mtp_heads", "0",
                 "--max_steps", "1", *SMALL3])
