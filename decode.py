@@ -217,17 +217,18 @@ class Strategy:
     def prefill_rows(self, prompts, caches):
         """B prompts right-padded into one eager forward over `caches`; the pads lie beyond each row's last position,
         so nothing sees them. Writes each row's first new token after its prompt.
-        Returns (hidden states (B, T, C), positions (B, T), prompt lengths (B,), first new tokens (B,))."""
+        Returns (the states head 1 starts from (B, T, C), positions (B, T), prompt lengths (B,), first new tokens
+        (B,))."""
         lens = torch.tensor([len(p) for p in prompts], device=self.device)
         for b, p in enumerate(prompts):
             self.tokens[b, :len(p)] = torch.tensor(p, device=self.device)
         n = int(lens.max())
         pos = self.model.default_pos(self.tokens[:, :n])
-        h = self.model.hidden(self.tokens[:, :n], pos, caches)
+        x, taps = self.model.hidden(self.tokens[:, :n], pos, caches, keep_taps=True)
         rows = torch.arange(len(prompts), device=self.device)
-        nxt = self.sampling.pick(self.model.logits(h[rows, lens - 1]), self.generator)
+        nxt = self.sampling.pick(self.model.logits(x[rows, lens - 1]), self.generator)
         self.tokens[rows, lens] = nxt
-        return h, pos, lens, nxt
+        return self.model.head_input(x, taps), pos, lens, nxt
 
 
 class Autoregressive(Strategy):
@@ -325,8 +326,9 @@ class DepthRule:
 
 class HeadStrategy(Strategy):
     """What the head-drafting methods (mtp, tree) share: the schedule of MTP modules over draft depths (a looped
-    schedule reuses the last head), the draft vocabulary, the main model's hidden states by position, one KV cache
-    per draft depth, and the prefill that fills them for B rows."""
+    schedule reuses the last head), the draft vocabulary, the states head 1 starts from by position (the main
+    model's hidden states, fused with lower blocks' where the heads file says so), one KV cache per draft depth, and
+    the prefill that fills them for B rows."""
 
     def __init__(self, model, batch_size, max_len, query_len, depths, schedule, draft_ids, sampling, generator,
                  graphs, compile, method):
@@ -364,7 +366,7 @@ class HeadDrafts(HeadStrategy):
     Positions of one row, with L the row's newest token (known for certain, not yet in the main cache):
 
         tokens    ... t[L-1]  t[L]  | t[L+1] ... t[L+D]      drafts, written by depths 1..D
-        depth 0   ... h0[L-1]       |                        main hidden states, final up to L-1
+        depth 0   ... h0[L-1]       |                        main states (model.head_input), final up to L-1
         depth d   position i reads h[d-1][i] and t[i+d], predicts t[i+d+1]; its state at L-1 drafts t[L+d]
 
     Depth d runs MTP module schedule[d-1] (a looped schedule reuses the last head). A depth's state at position i is
@@ -420,8 +422,8 @@ class HeadDrafts(HeadStrategy):
         return self.tokens.gather(1, L + 1 + self.step_offsets[:depth]), torch.stack(probs, 1) if probs else None
 
     def check(self, depth):
-        """The verify forward over t[L..L+depth] of every row; stores its hidden states (rows past the accepted ones
-        are rewritten before anything reads them). Returns the main model's logits (B, depth+1, V)."""
+        """The verify forward over t[L..L+depth] of every row; stores the states head 1 starts from (rows past the
+        accepted ones are rewritten before anything reads them). Returns the main model's logits (B, depth+1, V)."""
         pos = self.newest[:, None] + self.step_offsets[:depth + 1]   # (B, depth+1)
         logits, h = self.forward(self.tokens.gather(1, pos), self.positions(pos), self.caches, return_hidden=True)
         self.hidden[self.rows, pos] = h

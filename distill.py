@@ -54,7 +54,9 @@ def mtp_loss(model, idx, loss_mask=None, cfg=MTPLossConfig()):
     loss_mask = torch.ones_like(idx, dtype=torch.float) if loss_mask is None else loss_mask.float()
     train_main = cfg.main_loss and any(p.requires_grad for p in model.blocks.parameters())
     with torch.set_grad_enabled(train_main and torch.is_grad_enabled()):
-        main_logits, h = model(idx, return_hidden=True)
+        x, taps = model.hidden(idx, keep_taps=True)
+        main_logits = model.logits(x)
+    h = model.head_input(x, taps)         # outside: a fusion trains with the heads while the backbone stays frozen
     metrics = {}
     loss = torch.zeros((), device=idx.device)
     if cfg.main_loss:

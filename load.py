@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from model import Config, Transformer
 from tokenizer import (REQUIRED, NoTokenizer, Tokenizer, gguf_value, has_hf_tokenizer, load_tokenizer,
-                       mask_token_names, names, open_gguf, read_json)
+                       mask_token_names, names, open_gguf, plural, read_json)
 
 BUNDLED = "smollm2"
 
@@ -453,7 +453,7 @@ def grown_shapes(model, grow):
     """{name: shape} of what grow(model) would add, found on a weightless headless copy (meta device), so a file is
     checked before the model changes: a refused file leaves model and tokenizer as they were."""
     with torch.device("meta"):
-        skeleton = Transformer(Config(**{**model.cfg.to_dict(), "n_mtp_heads": 0}))
+        skeleton = Transformer(Config(**{**model.cfg.to_dict(), "n_mtp_heads": 0, "head_taps": []}))
         before = set(skeleton.state_dict())
         grow(skeleton)
     return {k: tuple(v.shape) for k, v in skeleton.state_dict().items() if k not in before}
@@ -469,28 +469,47 @@ def check_fits(path, kind, tensors, want):
 
 def save_heads(path, model, draft_vocab=None, first=0):
     """MTP heads first.. alone (looped extension ships only the heads it trained), plus, optionally, token ids by
-    falling frequency for a reduced draft vocabulary."""
+    falling frequency for a reduced draft vocabulary. The file of head 1 (first = 0) also carries the fusion that
+    makes head 1's input, if the model has one (its weight, and its taps in the metadata)."""
     tensors = {f"heads.{i - first}.{k}": v for i in range(first, len(model.heads))
                for k, v in model.heads[i].state_dict().items()}
+    meta = {"format": "nanomtp-heads", "first": first, "n_heads": len(model.heads) - first,
+            "n_embd": model.cfg.n_embd, "base_vocab_size": model.cfg.vocab_size, "n_layer": model.cfg.n_layer}
+    if first == 0 and model.fuse is not None:
+        tensors["fuse.weight"] = model.fuse.weight
+        meta["head_taps"] = model.cfg.head_taps
     if draft_vocab is not None:
         tensors["draft_vocab"] = draft_vocab
-    _save_small(path, tensors, {"format": "nanomtp-heads", "first": first, "n_heads": len(model.heads) - first,
-                                "n_embd": model.cfg.n_embd, "base_vocab_size": model.cfg.vocab_size,
-                                "n_layer": model.cfg.n_layer})
+    _save_small(path, tensors, meta)
 
 
 def attach_heads(model, path):
-    """Append the heads stored in `path` to the model (files of an extension go after the ones they extend);
-    returns the frequency-ordered draft vocabulary or None."""
+    """Append the heads stored in `path` to the model (files of an extension go after the ones they extend), and
+    the fusion a file of head 1 may carry; returns the frequency-ordered draft vocabulary or None."""
     tensors, meta = _load_small(path, "heads", model)
-    first, n = meta["first"], meta["n_heads"]
+    first, n, taps = meta["first"], meta["n_heads"], meta.get("head_taps", [])
+    if taps and (model.heads or model.fuse is not None):
+        raise ValueError(f"{path}: its head 1 reads a fusion of blocks {taps} and the last one, made on a model "
+                         f"without heads or fusion; this one has {plural(len(model.heads), 'head')}"
+                         f"{' and a fusion' if model.fuse is not None else ''}: attach the file first")
     if first != len(model.heads):
         raise ValueError(f"{path}: holds heads {first}.. but the model has {len(model.heads)}: attach the "
                          f"heads files in the order they were trained")
     draft_vocab = tensors.pop("draft_vocab", None)
-    check_fits(path, "heads", tensors, grown_shapes(model, lambda m: m.add_heads(n, init="random")))
+
+    def grow(m):
+        if taps:
+            m.add_fusion(taps)
+        m.add_heads(n, init="random")
+    try:
+        want = grown_shapes(model, grow)
+    except ValueError as e:   # taps that do not fit this model
+        raise ValueError(f"{path}: {e}") from e
+    check_fits(path, "heads", tensors, want)
+    grow(model)
+    if taps:
+        model.fuse.load_state_dict({"weight": tensors.pop("fuse.weight")})
     state = {k.removeprefix("heads."): v for k, v in tensors.items()}
-    model.add_heads(n, init="random")
     torch.nn.ModuleList(model.heads[first:]).load_state_dict(state)
     return draft_vocab
 

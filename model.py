@@ -13,8 +13,8 @@ Conventions used everywhere in the project:
   blocked-causal training layout needs it). S is T without a cache, the cache length with one.
 - `slots`, when given, (B, T) cache slots that differ from the positions (tree drafts verify candidates in scratch
   slots beyond the sequence); it always comes with a `mask`, since the position rule assumes slot = position.
-- The forward pass returns logits for every position and, on request, the last block's output (the residual stream
-  before the final norm), which the MTP heads consume.
+- The forward pass returns logits for every position and, on request, the state MTP head 1 starts from: the last
+  block's output (the residual stream before the final norm), or its learned fusion with lower blocks' outputs.
 """
 
 import math
@@ -45,6 +45,7 @@ class Config:
     mask_token_ids: list = field(default_factory=list)  # Paper A's <mtp> token(s), appended to the vocabulary
     lora_rank: int = 0             # LoRA adapters on every linear layer of the blocks (0 = none)
     lora_gated: bool = False       # adapters act on mask-token positions only: next-token predictions stay exact
+    head_taps: list = field(default_factory=list)   # blocks whose outputs head 1 also reads, fused (EAGLE-3)
 
     def __post_init__(self):
         if self.arch not in ("llama", "gpt2"):
@@ -256,6 +257,9 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.heads = nn.ModuleList(MTPHead(cfg) for _ in range(cfg.n_mtp_heads))
+        self.fuse = None
+        if cfg.head_taps:
+            self.add_fusion(cfg.head_taps)
         if cfg.lora_rank:
             self.add_lora(cfg.lora_rank, cfg.lora_gated)
 
@@ -286,10 +290,11 @@ class Transformer(nn.Module):
 
     # --- the backbone
 
-    def hidden(self, idx, pos=None, caches=None, mask=None, slots=None):
+    def hidden(self, idx, pos=None, caches=None, mask=None, slots=None, keep_taps=False):
         """idx (B, T) token ids -> the last block's output (B, T, n_embd), before the final norm.
         pos (B, T) absolute positions (default 0..T-1); caches: list of KVCache, one per layer, or None;
-        slots (B, T): where the cache stores the keys (default: pos)."""
+        slots (B, T): where the cache stores the keys (default: pos). keep_taps: return (output, the outputs of the
+        blocks cfg.head_taps names), the inputs of head_input()."""
         if pos is None:
             pos = self.default_pos(idx)
         x = self.embed(idx)
@@ -298,15 +303,19 @@ class Transformer(nn.Module):
         rope = self.rope(pos)
         gate = self.lora_gate(idx)
         mask = attention_mask(pos, None if caches is None else caches[0], mask)
+        taps = []
         for i, block in enumerate(self.blocks):
             x = block(x, pos if slots is None else slots, rope, None if caches is None else caches[i], mask, gate)
-        return x
+            if keep_taps and i in self.cfg.head_taps:
+                taps.append(x)
+        return (x, taps) if keep_taps else x
 
     def forward(self, idx, pos=None, caches=None, mask=None, return_hidden=False, slots=None):
-        """idx (B, T) token ids -> logits (B, T, vocab) [, hidden (B, T, n_embd)]; arguments as in hidden()."""
-        x = self.hidden(idx, pos, caches, mask, slots)
-        logits = self.logits(x)
-        return (logits, x) if return_hidden else logits
+        """idx (B, T) token ids -> logits (B, T, vocab) [, head_input (B, T, n_embd)]; arguments as in hidden()."""
+        if not return_hidden:
+            return self.logits(self.hidden(idx, pos, caches, mask, slots))
+        x, taps = self.hidden(idx, pos, caches, mask, slots, keep_taps=True)
+        return self.logits(x), self.head_input(x, taps)
 
     # --- Paper A: mask tokens and (gated) LoRA
 
@@ -350,6 +359,31 @@ class Transformer(nn.Module):
         return ids
 
     # --- the MTP heads
+
+    def head_input(self, x, taps):
+        """The state MTP head 1 starts from, computed here and nowhere else: the last block's output x (DeepSeek-V3),
+        or with cfg.head_taps a learned fusion of the tapped blocks' outputs and x (EAGLE-3): lower blocks still carry
+        token-level information that the last one has already given up for its own next-token prediction.
+        x (B, T, C) and taps (as hidden(keep_taps=True) returns them) -> (B, T, C)."""
+        if self.fuse is None:
+            return x
+        return self.fuse(torch.cat(taps + [x], dim=-1))
+
+    def add_fusion(self, taps):
+        """Make head 1 start from fuse(cat(outputs of the blocks `taps`, last output)). fuse starts as "take the
+        last output", so a new fusion changes nothing until it trains."""
+        n = self.cfg.n_layer
+        if not (taps and all(type(t) is int for t in taps) and list(taps) == sorted(set(taps)) and 0 <= taps[0]
+                and taps[-1] < n - 1):
+            raise ValueError(f"head_taps {taps}: expected increasing indices of blocks before the last (0..{n - 2} "
+                             f"in a model of {n} blocks); the last block's output is always fused")
+        C = self.cfg.n_embd
+        self.fuse = nn.Linear((len(taps) + 1) * C, C, bias=False, device=self.embed.weight.device,
+                              dtype=self.embed.weight.dtype)
+        with torch.no_grad():
+            self.fuse.weight.zero_()
+            self.fuse.weight[:, -C:].copy_(torch.eye(C))
+        self.cfg.head_taps = list(taps)
 
     def head_forward(self, module, h_prev, next_idx, pos, cache=None, mask=None, slots=None):
         """Run MTP module `module` (an index into self.heads): h_prev (B, T, C) is the previous depth's hidden

@@ -64,9 +64,9 @@ VAL_ANSWER_TOKENS = 128   # greedy answer length of each --val_prompts prompt
 PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312}   # dense bf16, by a substring of the GPU's name, for MFU
 # What defines a run: --resume continues only with the checkpoint's own values of these.
 RUN_OPTIONS = ("mode", "init_from", "answers_only", "arch", "n_layer", "n_head", "n_kv_head", "n_embd", "n_mtp_heads",
-               "head_init", "alpha", "beta", "top_n", "kl_direction", "k_max", "k_fixed", "target", "prefix_loss",
-               "distinct_masks", "lora_rank", "gated", "batch_size", "seq_len", "lr", "warmup", "schedule",
-               "weight_decay", "grad_clip", "seed", "grad_accum")
+               "head_init", "head_taps", "alpha", "beta", "top_n", "kl_direction", "k_max", "k_fixed", "target",
+               "prefix_loss", "distinct_masks", "lora_rank", "gated", "batch_size", "seq_len", "lr", "warmup",
+               "schedule", "weight_decay", "grad_clip", "seed", "grad_accum")
 AT_LEAST_ONE = ("n_layer", "n_head", "n_kv_head", "n_embd", "batch_size", "grad_accum", "seq_len", "eval_every",
                 "eval_batches", "save_every")
 NOT_NEGATIVE = ("n_mtp_heads", "alpha", "beta", "top_n", "prefix_loss", "lora_rank", "max_steps", "warmup",
@@ -109,6 +109,9 @@ def make_parser():
     h.add_argument("--n_mtp_heads", type=int, default=1, help="MTP heads to train (extend: heads to add)")
     h.add_argument("--head_init", default=None, choices=["last_block", "random"],
                    help="--mode heads only: a new head starts as a copy of the last block (the default) or random")
+    h.add_argument("--head_taps", type=block_list, default=[],
+                   help="--mode heads only: blocks (e.g. 2,15) whose outputs head 1 reads besides the last one's, "
+                   "through a learned fusion trained with the heads (EAGLE-3); none: the last block's output alone")
     h.add_argument("--alpha", type=float, default=1.0, help="weight of each head's cross-entropy")
     h.add_argument("--beta", type=float, default=1.0, help="weight of each head's KL to the main head (0: plain MTP)")
     h.add_argument("--top_n", type=int, default=10000, help="KL over the main head's top-N logits (0: all)")
@@ -148,6 +151,14 @@ def make_parser():
     o.add_argument("--peak_tflops", type=float, default=None, help="peak TFLOP/s of one accelerator for MFU "
                    f"(default: by GPU name, {', '.join(f'{k} {v}' for k, v in PEAK_TFLOPS.items())}; none on CPU)")
     return p
+
+
+def block_list(text):
+    """"2,15" -> [2, 15]."""
+    try:
+        return [int(t) for t in text.split(",")] if text else []
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected block indices separated by commas, e.g. 2,15 (got {text!r})")
 
 
 def get_args(argv=None):
@@ -215,6 +226,12 @@ def check_args(args):
     if args.head_init and args.mode != "heads":
         raise ValueError(f"--head_init applies to --mode heads only (scratch heads start random, extend copies "
                          f"the trained heads); drop it for --mode {args.mode}")
+    if args.head_taps and args.mode != "heads":
+        raise ValueError(f"--head_taps applies to --mode heads only (head 1 is trained there); drop it for --mode "
+                         f"{args.mode}")
+    taps = args.head_taps
+    if not (isinstance(taps, list) and all(type(t) is int and t >= 0 for t in taps) and taps == sorted(set(taps))):
+        raise ValueError(f"--head_taps {taps}: expected increasing block indices, at least 0 (e.g. 2,15)")
     if args.k_max < 2:
         raise ValueError(f"--k_max {args.k_max}: must be at least 2 (one real token and one mask)")
     if args.mode == "mask" and args.seq_len < args.k_max:
@@ -298,6 +315,8 @@ def build(args, tokenizer):
     if args.mode == "heads":
         if len(model.heads):
             raise ValueError(f"{args.init_from} already has {plural(len(model.heads), 'head')}: use --mode extend")
+        if args.head_taps:
+            model.add_fusion(args.head_taps)
         model.add_heads(args.n_mtp_heads, init=args.head_init or "last_block")
     elif args.mode == "extend":
         m = len(model.heads)
@@ -328,11 +347,14 @@ def _init_weights(module):
 
 
 def set_trainable(model, args):
-    """Freeze what the recipe keeps fixed: the backbone for heads/extend, the old heads for extend, everything but
-    the adapters and the embedding for LoRA (whose rows of real tokens keep_mask_rows then leaves unchanged)."""
+    """Freeze what the recipe keeps fixed: the backbone for heads/extend, the old heads (and the fusion that feeds
+    head 1) for extend, everything but the adapters and the embedding for LoRA (whose rows of real tokens
+    keep_mask_rows then leaves unchanged)."""
     model.requires_grad_(args.mode == "scratch" or (args.mode == "mask" and not args.lora_rank))
     if args.mode in ("heads", "extend"):
         model.heads[len(model.heads) - args.n_mtp_heads:].requires_grad_(True)
+    if args.mode == "heads" and model.fuse is not None:
+        model.fuse.requires_grad_(True)
     if args.mode == "mask" and args.lora_rank:
         for name, p in model.named_parameters():
             p.requires_grad_("lora_" in name)
@@ -539,6 +561,8 @@ def flops_per_token(model, args):
     before it, nothing where nothing before it trains. So a part counts 3x, 2x or 1x its forward:
       scratch        3 (backbone + output head) + sum over heads 3 (head + output head)
       heads/extend   1 (backbone + output head) + sum over heads: trained 3 head + 2 output head, frozen 1 (both)
+                     + the fusion feeding head 1 (--head_taps): trained 2 (no input gradient: nothing before it
+                     trains), frozen 1
       mask           3 (full fine-tuning) or 2 (LoRA) x (backbone + output head) + 1 x the same for the teacher
                      (not with --target data), on the packed sequence: T + regions x (mean k - 1) positions."""
     cfg, T = model.cfg, args.seq_len
@@ -554,12 +578,13 @@ def flops_per_token(model, args):
         mean_k = args.k_max if args.k_fixed else (2 + args.k_max) / 2
         return (student + teacher) * (T + n_regions(args) * (mean_k - 1)) / T
     main = (3 if args.mode == "scratch" else 1) * (backbone + out_head)
+    fusion = 0 if model.fuse is None else (2 if model.fuse.weight.requires_grad else 1) * 2 * model.fuse.weight.numel()
     heads = 0
     for head in model.heads:
         trained = any(p.requires_grad for p in head.parameters())
         heads += 3 * forward([head]) + (3 if args.mode == "scratch" else 2) * out_head if trained else \
             forward([head]) + out_head
-    return main + heads
+    return main + fusion + heads
 
 
 def peak_flops(args):
@@ -666,8 +691,10 @@ def train(args, par):
     set_trainable(model, args)
     check_tokenizer(data.meta, tokenizer, args.data)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    fused = "" if model.fuse is None else f" (head 1 reads blocks {model.cfg.head_taps} and the last, fused)"
     log(f"mode {args.mode}: {model.num_params() / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained, "
-        f"{plural(len(model.heads), 'MTP head')}, data {args.data} ({len(data.tokens('train')):,} training tokens)")
+        f"{plural(len(model.heads), 'MTP head')}{fused}, data {args.data} ({len(data.tokens('train')):,} training "
+        f"tokens)")
     if args.max_steps == 0:
         log("--max_steps 0: model and data checked; nothing trained, saved or exported")
         return model

@@ -38,22 +38,23 @@ def test_mtp_loss_kl_sends_no_gradient_into_main_head():
     reaches the main head's logits (it still trains the heads, and the backbone through the heads' inputs)."""
     m = tiny(heads=2)
     idx = torch.randint(0, 40, (2, 24))
-    forward = m.forward
+    output_head = m.logits
 
     def grads(beta):
         m.zero_grad()
         seen = {}
 
-        def recording_forward(*args, **kwargs):
-            logits, h = forward(*args, **kwargs)
-            logits.retain_grad()
-            seen["main"] = logits
-            return logits, h
+        def recording_logits(*args, **kwargs):   # its first call gives the main head's logits
+            logits = output_head(*args, **kwargs)
+            if "main" not in seen:
+                logits.retain_grad()
+                seen["main"] = logits
+            return logits
 
-        m.forward = recording_forward
+        m.logits = recording_logits
         loss, metrics = distill.mtp_loss(m, idx, cfg=distill.MTPLossConfig(alpha=1.0, beta=beta, top_n=None))
         loss.backward()
-        m.forward = forward
+        m.logits = output_head
         return seen["main"].grad.clone(), [p.grad.clone() for p in m.heads.parameters()], metrics
 
     main_ce, heads_ce, _ = grads(beta=0.0)
@@ -406,6 +407,10 @@ def test_finished_run_is_not_silently_replaced(synth, tmp_path, capsys):
     (["--mode", "heads"], "--mode heads needs --init_from"),
     (["--init_from", "smollm2"], "--mode scratch starts from nothing"),
     (["--head_init", "random"], "--head_init applies to --mode heads only"),
+    (["--head_taps", "1"], "--head_taps applies to --mode heads only"),
+    (["--mode", "heads", "--init_from", "x", "--head_taps", "2,1"], "--head_taps [2, 1]: expected increasing block"),
+    (["--mode", "heads", "--init_from", "x", "--head_taps", "-1"], "--head_taps [-1]: expected increasing block"),
+    (["--mode", "heads", "--init_from", "x", "--head_taps", "2;5"], "argument --head_taps: expected block indices"),
     (["--mode", "mask", "--init_from", "x", "--k_max", "1"], "--k_max 1: must be at least 2"),
     (["--gated"], "--gated gates LoRA adapters"),
     (["--val_prompts", "data/chat_prompts_val.jsonl"], "--val_prompts scores MTP heads"),
