@@ -184,6 +184,10 @@ class Attention(nn.Module):
             cos, sin = rope                                       # (B, 1, T, hd)
             q = apply_rope(q.transpose(1, 2), cos, sin).transpose(1, 2)
             k = apply_rope(k.transpose(1, 2), cos, sin).transpose(1, 2)
+        if mask is None:    # causal over these inputs alone (training): the flash kernel, which takes no mask
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                               enable_gqa=self.cfg.n_head != self.cfg.n_kv_head)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1), gate)
         if cache is not None:
             k, v = cache.update(slots, k, v)                      # (B, S, n_kv_head, hd), S = cache length
         # Grouped-query attention with the g = n_head / n_kv_head query heads of a group folded into the query
@@ -295,6 +299,7 @@ class Transformer(nn.Module):
         pos (B, T) absolute positions (default 0..T-1); caches: list of KVCache, one per layer, or None;
         slots (B, T): where the cache stores the keys (default: pos). keep_taps: return (output, the outputs of the
         blocks cfg.head_taps names), the inputs of head_input()."""
+        causal = pos is None and caches is None and mask is None   # a plain training forward: no mask tensor
         if pos is None:
             pos = self.default_pos(idx)
         x = self.embed(idx)
@@ -302,7 +307,7 @@ class Transformer(nn.Module):
             x = x + self.pos_embed(pos)
         rope = self.rope(pos)
         gate = self.lora_gate(idx)
-        mask = attention_mask(pos, None if caches is None else caches[0], mask)
+        mask = None if causal else attention_mask(pos, None if caches is None else caches[0], mask)
         taps = []
         for i, block in enumerate(self.blocks):
             x = block(x, pos if slots is None else slots, rope, None if caches is None else caches[i], mask, gate)
