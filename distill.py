@@ -140,23 +140,26 @@ def pack_regions(tokens, k, n_regions, mask_ids, generator=None):
     return Regions(torch.cat(pieces), torch.cat(pos), torch.cat(span), torch.cat(anchor), torch.stack(slots), targets)
 
 
-def region_mask(regions):
-    """Blocked-causal "may attend" matrix (L, L): every query sees the real tokens up to its anchor; a mask token
-    also sees the masks of its own region up to itself. Real tokens never see a mask."""
-    r = regions
-    q, k = torch.arange(len(r.idx))[:, None], torch.arange(len(r.idx))[None, :]
-    real_k = (r.span == -1)[None, :]
-    sees_real = real_k & (r.pos[None, :] <= r.anchor[:, None])
-    same_span = (r.span[:, None] == r.span[None, :]) & (r.span[:, None] >= 0) & (k <= q)
+def region_mask(span, pos, anchor):
+    """Blocked-causal "may attend" matrix (..., L, L) from a layout's span, pos and anchor (..., L) (as in Regions;
+    one row or a batch): every query sees the real tokens up to its anchor; a mask token also sees the masks of its
+    own region up to itself. Real tokens never see a mask."""
+    i = torch.arange(span.size(-1), device=span.device)
+    sees_real = (span == -1)[..., None, :] & (pos[..., None, :] <= anchor[..., :, None])
+    same_span = (span[..., :, None] == span[..., None, :]) & (span[..., :, None] >= 0) & (i[None, :] <= i[:, None])
     return sees_real | same_span
 
 
-def pack_batch(batch, k, n_regions, mask_ids, generator=None):
+def pack_batch(batch, k, n_regions, mask_ids, generator=None, device=None):
     """pack_regions for every row of batch (B, N) with the same k and region count: returns idx, pos, mask (B, L, L),
-    slots (B, R, k), targets (B, R, k). Rows get the same layout length because the counts are equal."""
-    packed = [pack_regions(row, k, n_regions, mask_ids, generator) for row in batch]
-    stack = lambda name: torch.stack([getattr(p, name) for p in packed])
-    return stack("idx"), stack("pos"), torch.stack([region_mask(p) for p in packed]), stack("slots"), stack("targets")
+    slots (B, R, k), targets (B, R, k), on `device` (default: the batch's). Rows get the same layout length because
+    the counts are equal. The layouts are drawn on the CPU (small, sequential); the (B, L, L) mask is built in one
+    batched step where it is used: built row by row on the CPU, it cost seconds per step on a busy host."""
+    device = device or batch.device
+    packed = [pack_regions(row, k, n_regions, mask_ids, generator) for row in batch.cpu()]
+    stack = lambda name: torch.stack([getattr(p, name) for p in packed]).to(device)
+    span, pos, anchor = stack("span"), stack("pos"), stack("anchor")
+    return stack("idx"), pos, region_mask(span, pos, anchor), stack("slots"), stack("targets")
 
 
 @dataclass

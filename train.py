@@ -306,7 +306,7 @@ def build(args, tokenizer):
         cfg = Config(arch=args.arch, vocab_size=tokenizer.vocab_size, n_layer=args.n_layer, n_head=args.n_head,
                      n_kv_head=args.n_kv_head, n_embd=args.n_embd, head_dim=args.n_embd // args.n_head,
                      intermediate_size=4 * args.n_embd if args.arch == "gpt2" else 8 * args.n_embd // 3,
-                     max_seq_len=max(1024, args.seq_len), bias=args.arch == "gpt2")
+                     max_seq_len=max(1024, args.seq_len + 1), bias=args.arch == "gpt2")
         model = Transformer(cfg)
         model.apply(_init_weights)
         model.add_heads(args.n_mtp_heads, init="random")
@@ -414,8 +414,7 @@ def loss_fn(model, teacher, idx, loss_mask, args, generator, answers_only=False)
                                     main_loss=args.mode == "scratch")
         return distill.mtp_loss(model, idx, loss_mask if args.answers_only or answers_only else None, cfg)
     k = args.k_max if args.k_fixed else int(torch.randint(2, args.k_max + 1, (), generator=generator))
-    packed = distill.pack_batch(idx.cpu(), k, n_regions(args), model.cfg.mask_token_ids, generator)
-    packed = [t.to(idx.device) for t in packed]
+    packed = distill.pack_batch(idx, k, n_regions(args), model.cfg.mask_token_ids, generator)
     cfg = distill.MaskLossConfig(args.target, args.prefix_loss)
     loss, metrics = distill.mask_loss(model, teacher or model, *packed, cfg=cfg,
                                       n_real_vocab=model.cfg.mask_token_ids[0])

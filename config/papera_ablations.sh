@@ -3,7 +3,7 @@
 # against the hard teacher, fixed k = k_max against random k, distinct mask tokens against one shared token. Each
 # changes one thing of config/papera_synthmath.sh's gated-LoRA conversion (whose run is the "hard, random k, shared"
 # baseline) and starts from its teacher, so run that script first. The four trainings run at once (the small model
-# leaves the GPU mostly idle); the benches run one after another. About 4 minutes on an H100.
+# leaves the GPU mostly idle), then the four benches at once.
 #
 #   bash config/papera_ablations.sh            # after config/papera_synthmath.sh, same machine
 #   bash config/papera_ablations.sh --smoke    # after config/papera_synthmath.sh --smoke, on the CPU
@@ -33,10 +33,14 @@ for a in "${ABLATIONS[@]}"; do
 done
 for pid in "${pids[@]}"; do wait "$pid"; done
 cp "$RUNS"/ablation_*.log.jsonl "$RESULTS/"
+# the benches run at once too: the ablations compare accuracy and tokens per forward, which sharing the machine
+# leaves as they are (each bench's speedup is against its own ar, under the same load; the main run's are alone)
+pids=()
 for a in "${ABLATIONS[@]}"; do
   name=ablation_${a%%:*}
   bench "$name" --init_from "$RUNS/$name" --num_prompts "$PROMPTS" \
-    --methods ar,static@3,confadapt@0.9,confadapt@0.95,verified@4
+    --methods ar,static@3,confadapt@0.9,confadapt@0.95,verified@4 & pids+=($!)
 done
+for pid in "${pids[@]}"; do wait "$pid"; done
 run table "$PY" config/papera_table.py "$RESULTS"
 echo "all took $(elapsed) s"

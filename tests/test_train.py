@@ -135,7 +135,7 @@ def test_region_mask_matches_a_hand_written_case():
     assert r.idx.tolist() == tokens[:a + 1].tolist() + [99, 99] + tokens[a + 1:].tolist()
     assert r.pos.tolist() == list(range(a + 1)) + [a + 1, a + 2] + list(range(a + 1, 8))
     assert r.targets.tolist() == [tokens[a + 1:a + 4].tolist()]
-    mask = distill.region_mask(r)
+    mask = distill.region_mask(r.span, r.pos, r.anchor)
     L = len(r.idx)
     m1, m2 = a + 1, a + 2                                        # indices of the two masks
     expected = torch.zeros(L, L, dtype=torch.bool)
@@ -163,6 +163,17 @@ def test_pack_regions_keeps_every_real_token_once_with_its_position():
             anchor = int(r.pos[slots[0]])
             assert torch.equal(targets, tokens[anchor + 1:anchor + k + 1])
             assert torch.equal(r.pos[slots[1:]], torch.arange(anchor + 1, anchor + k))
+
+
+def test_pack_batch_builds_each_rows_own_mask():
+    batch = torch.randint(0, 30, (3, 40))
+    idx, pos, mask, slots, targets = distill.pack_batch(batch, 4, 3, [30], torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    rows = [distill.pack_regions(row, 4, 3, [30], g) for row in batch]       # the same draws, row by row
+    for b, r in enumerate(rows):
+        assert torch.equal(idx[b], r.idx) and torch.equal(pos[b], r.pos) and torch.equal(slots[b], r.slots)
+        assert torch.equal(mask[b], distill.region_mask(r.span, r.pos, r.anchor))
+    assert not torch.equal(mask[0], mask[1])                     # the rows' layouts differ
 
 
 def test_mask_loss_zero_when_student_equals_teacher_and_teacher_gets_no_gradient():
@@ -464,3 +475,11 @@ def test_val_prompts_agreement_is_measured_on_the_models_own_answers(synth, tmp_
                 agree.append(draft.item() == main[0, i + 1].argmax().item())
     assert logged == pytest.approx(sum(agree) / len(agree), abs=1e-6)
     assert 0 < logged < 1
+
+
+def test_gpt2_from_scratch_at_a_window_of_its_whole_context(synth, tmp_path):
+    """A window of seq_len tokens is seq_len + 1 ids (inputs and the last target): GPT-2's position table must hold
+    them all (at seq_len 1024 it once ended one short and the GPU run failed on an out-of-range position)."""
+    train.main(["--mode", "scratch", "--arch", "gpt2", "--data", str(synth), "--out", str(tmp_path / "g"),
+                "--n_mtp_heads", "0", "--max_steps", "1", *SMALL, "--seq_len", "1024", "--batch_size", "1"])
+    assert load.load(tmp_path / "g")[0].cfg.max_seq_len >= 1025
