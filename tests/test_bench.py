@@ -205,3 +205,11 @@ def test_prompts_of_another_tokenizer_refused(tmp_path, capsys):
         bench.main(["--tiny", "--prompts", str(tmp_path / "test_prompts.jsonl")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "tokenized with 'smollm2'" in err and err.count("\n") == 1, err
+
+
+def test_prompts_builtin_selects_the_built_in_questions(tmp_path, monkeypatch):
+    tiny_checkpoint(tmp_path / "m")
+    monkeypatch.setattr(bench, "QUESTIONS", ["Say hi.", "Say bye."])
+    res = bench.main(["--init_from", str(tmp_path / "m"), "--prompts", "builtin", "--methods", "ar",
+                      "--num_prompts", "8", "--max_new_tokens", "2", "--warmup", "0"])
+    assert res["num_prompts"] == 2
