@@ -598,9 +598,8 @@ def main(argv=None):
             decode.fail(f"--batch_sizes: only methods that decode batches (ar, ar@Q, mtp@D, mtp@autoD) are "
                         f"measured against batch size, not {', '.join(single) or '--sweep'}")
     prompts_file = args.prompts or (HELDOUT if args.init_from == load.BUNDLED and not args.tiny else BUILTIN)
-    prompts_file = None if prompts_file == BUILTIN else prompts_file
     try:
-        rows = read_prompts(prompts_file) if prompts_file else None
+        rows = None if prompts_file == BUILTIN else read_prompts(prompts_file)
         if args.tiny:
             model, original, tokenizer, options = tiny_setup(args.device, dtype, args.seed)
         else:
