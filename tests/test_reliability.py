@@ -377,9 +377,9 @@ def test_recovery_never_replaces_a_complete_checkpoint_with_the_old_one(tmp_path
     """Item 5: a crash after the swap's second rename leaves the new checkpoint in place and the old one in .NAME.old:
     readers see the new one, and the next save goes through."""
     folder, old = tmp_path / "ckpt", tmp_path / ".ckpt.old"
-    save_tiny(old, seed=1)
     second = save_tiny(folder, seed=2)
-    load.recover_checkpoint(folder)
+    save_tiny(tmp_path / "first", seed=1)
+    (tmp_path / "first").rename(old)
     assert same_weights(load.load(folder)[0], second)
     third = save_tiny(folder, seed=3)
     assert same_weights(load.load(folder)[0], third) and not old.exists()
