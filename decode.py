@@ -936,7 +936,7 @@ def _truncate(out, max_new_tokens, stop_ids):
 # CLI: the decoding setup bench.py shares, option checks that run before anything loads, one prompt decoded
 
 DRAFT_VOCAB = 8192   # mtp drafts from this many of the heads' most frequent tokens unless told otherwise
-LONG_PREFILL = 2048   # a prompt this long says it is being read: its one forward can take minutes on a CPU
+LONG_PREFILL = 2048   # a prompt this long says it is being read: its forward takes minutes on a CPU
 
 
 def setup(source, methods, device="cpu", dtype=torch.float32, heads=None, mask=None, draft_vocab=None):
@@ -1040,7 +1040,7 @@ def number(kind, low, high=None, low_open=False):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
-        if not math.isfinite(value):        # inf passes an open upper bound, and NaN every check below
+        if not math.isfinite(value):        # inf passes an open upper bound, NaN every check below
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         above = value > low if low_open else value >= low
         if not (above and (high is None or value <= high)):
@@ -1171,8 +1171,9 @@ def main(argv=None):
         ids = tokenizer.encode_chat(args.prompt) if chat else tokenizer.encode(args.prompt)
         generator = torch.Generator(args.device).manual_seed(args.seed)
         stats, trace = Stats(), []
-        if len(ids) >= LONG_PREFILL:        # one forward over the whole prompt: minutes on a CPU, silent otherwise
-            print(f"prefill: {len(ids):,} prompt tokens in one forward on {args.device} ...", file=sys.stderr)
+        if len(ids) >= LONG_PREFILL:        # one forward over the whole prompt, silent otherwise
+            print(f"prefill: {len(ids):,} prompt tokens in one forward on {args.device} ...",
+                  file=sys.stderr)
         t0 = time.perf_counter()
         out = generate(model, [ids], args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                        tokenizer.stop_ids, generator, args.method, stats, trace, compile=args.compile, **options)[0]

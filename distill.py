@@ -83,9 +83,10 @@ def mtp_loss(model, idx, loss_mask=None, cfg=MTPLossConfig()):
         pred = logits.argmax(-1)
         finite = _finite(logits, teacher[:, d:d + n])
         metrics[f"ce{d}"] = ce.item()
-        metrics[f"acc{d}"] = finite * _masked_mean((pred == target).float().flatten(), m).item()   # vs the data
-        metrics[f"agree{d}"] = finite * _masked_mean((pred == teacher[:, d:d + n].argmax(-1)).float().flatten(),
-                                                     m).item()
+        # acc: against the data, agree: against the main head
+        hits = {"acc": pred == target, "agree": pred == teacher[:, d:d + n].argmax(-1)}
+        for key, hit in hits.items():
+            metrics[f"{key}{d}"] = finite * _masked_mean(hit.float().flatten(), m).item()
     return loss, metrics
 
 
@@ -95,8 +96,8 @@ def _masked_mean(values, mask):
 
 
 def _finite(*logits):
-    """1.0, or NaN if any logit is NaN or Inf: the argmax of such logits means nothing, and two of them agree
-    (a rate times this is NaN, never a perfect-looking 1.0)."""
+    """1.0, or NaN if any logit is NaN or Inf: the argmax of such logits means nothing, and two of
+    them agree (a rate times this is NaN, never a perfect-looking 1.0)."""
     return 1.0 if all(torch.isfinite(x).all() for x in logits) else math.nan
 
 

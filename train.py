@@ -182,19 +182,19 @@ def get_args(argv=None):
             raise ValueError(f"--resume: the run in {args.out} has --{key} {saved[key]}, not {getattr(args, key)}; "
                              f"a different run needs another --out")
         step = saved["step"]
-        if step > args.max_steps:       # e.g. a killed run resumed with a smaller --max_steps than it reached
-            raise ValueError(f"--resume --max_steps {args.max_steps}: below step {step} of the checkpoint in "
-                             f"{args.out}; give more than {step} to train further")
+        if step > args.max_steps:       # e.g. a killed run resumed with less than it reached
+            raise ValueError(f"--resume --max_steps {args.max_steps}: below step {step} of the "
+                             f"checkpoint in {args.out}; give more than {step} to train further")
         if step == args.max_steps:
             done = "finished" if step == saved["max_steps"] else "stopped"
-            raise ValueError(f"--resume: the run in {args.out} {done} at step {step}, which --max_steps "
-                             f"{args.max_steps} already reaches; raise --max_steps to train further")
+            raise ValueError(f"--resume: the run in {args.out} {done} at step {step}, which "
+                             f"--max_steps {args.max_steps} already reaches; raise it to go on")
     check_out(args)
     return args
 
 
 def first_pass(argv):
-    """The parser with --config's defaults, and the options as far as they are known before --resume."""
+    """The parser with --config's defaults, and the options as known before --resume."""
     p = make_parser()
     pre, _ = p.parse_known_args(argv)
     if pre.config:
@@ -229,7 +229,7 @@ def check_args(args):
     for key in NOT_NEGATIVE:
         if getattr(args, key) < 0:
             raise ValueError(f"--{key} {getattr(args, key)}: must not be negative")
-    for key, value in vars(args).items():     # argparse's float() takes "inf" and "nan", JSON Infinity and NaN
+    for key, value in vars(args).items():     # float() takes "inf" and "nan", JSON Infinity and NaN
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"--{key} {value}: must be a finite number")
     for key in ("lr", "peak_tflops"):
@@ -275,7 +275,7 @@ def check_args(args):
 
 def checkpoint_args(folder):
     """The options and step of the train.py checkpoint in folder ({**train_args, "step": N}), None if it is none."""
-    recover_checkpoint(folder)       # as every reader does: a crashed swap left the checkpoint in .NAME.old
+    recover_checkpoint(folder)       # as every reader does: a crashed swap left it in .NAME.old
     try:
         with open(os.path.join(folder, "config.json")) as f:
             meta = json.load(f)
@@ -687,7 +687,7 @@ def data_frequencies(data):
 # the training loop
 
 def main(argv=None):
-    with run_lock(first_pass(argv)[1].out):     # before anything reads --out: a swap may be under way
+    with run_lock(first_pass(argv)[1].out):     # before anything reads --out: a swap may be on
         args = get_args(argv)
         par = Parallel(args)
         try:
@@ -698,9 +698,10 @@ def main(argv=None):
 
 @contextmanager
 def run_lock(out):
-    """One train.py run at a time on --out: an exclusive flock on OUT.lock beside it, held by rank 0 (which alone
-    writes) for the whole run. The kernel drops a flock when its process ends, so a crashed run's file is stale,
-    never held. The file is removed while still locked; a run that locked a removed file tries again."""
+    """One train.py run at a time on --out: an exclusive flock on OUT.lock beside it, held by rank 0
+    (which alone writes) for the whole run. The kernel drops a flock when its process ends, so a
+    crashed run's file is stale, never held. The file is removed while still locked; a run that
+    locked a removed file tries again."""
     if int(os.environ.get("RANK", "0")):
         yield
         return
@@ -713,8 +714,8 @@ def run_lock(out):
         except BlockingIOError:
             holder = os.read(fd, 20).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise ValueError(f"--out {out}: in use by another train.py run (pid {holder}, {path}); wait for it "
-                             f"to end or choose another --out") from None
+            raise ValueError(f"--out {out}: in use by another train.py run (pid {holder}, {path}); "
+                             f"wait for it to end or choose another --out") from None
         try:
             if os.path.samestat(os.fstat(fd), os.stat(path)):
                 break
@@ -802,12 +803,12 @@ def train(args, par):
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        totals = par.average(totals)        # a non-finite loss on any rank makes the average non-finite
+        totals = par.average(totals)        # a non-finite loss on any rank makes it non-finite here
         if not math.isfinite(totals["loss"]):
             kept = checkpoint_args(args.out)
             last = f"{args.out} keeps step {kept['step']}" if kept else "no checkpoint was written"
-            raise ValueError(f"step {step + 1}: the loss is {totals['loss']}; stopped before saving these weights "
-                             f"({last}): lower --lr or raise --warmup")
+            raise ValueError(f"step {step + 1}: the loss is {totals['loss']}; stopped before "
+                             f"saving these weights ({last}): lower --lr or raise --warmup")
         seconds = time.time() - t_step
         record = {"step": step + 1, **totals, "time": time.time() - t0,
                   "tokens_per_s": sequences * args.seq_len / seconds}

@@ -152,14 +152,14 @@ def split_examples(items, n_val, n_test, seed):
 
 def prepare_synthmath(args):
     if not 1 <= args.min_steps <= args.max_steps:
-        raise ValueError(f"--min_steps {args.min_steps}, --max_steps {args.max_steps}: need 1 <= --min_steps <= "
-                         f"--max_steps")
+        raise ValueError(f"--min_steps {args.min_steps}, --max_steps {args.max_steps}: need "
+                         f"1 <= --min_steps <= --max_steps")
     if args.max_number < 2:
         raise ValueError(f"--max_number {args.max_number}: must be at least 2")
     sizes = {"val": args.n_val, "test": args.n_test, "train": args.n_train}
     if min(sizes.values()) < 0 or not any(sizes.values()):
-        raise ValueError(f"--n_train {args.n_train}, --n_val {args.n_val}, --n_test {args.n_test}: need counts of "
-                         f"at least 0, not all 0")
+        raise ValueError(f"--n_train {args.n_train}, --n_val {args.n_val}, --n_test {args.n_test}: "
+                         f"need counts of at least 0, not all 0")
     tokenizer = get_tokenizer(args.tokenizer)
     chat = use_chat(tokenizer, args.chat)
     knobs = dict(min_steps=args.min_steps, max_steps=args.max_steps, max_number=args.max_number,
