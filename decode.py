@@ -1040,13 +1040,13 @@ def number(kind, low, high=None, low_open=False):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
-        if not math.isfinite(value):        # inf passes an open upper bound, NaN every check below
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         above = value > low if low_open else value >= low
-        if not (above and (high is None or value <= high)):
+        if not (above and (high is None or value <= high)):   # NaN fails every comparison
             allowed = (f"in {'(' if low_open else '['}{low}, {high}]" if high is not None else
                        f"{'above' if low_open else 'at least'} {low}")
             raise argparse.ArgumentTypeError(f"must be {allowed}, got {text}")
+        if not math.isfinite(value):        # inf passes a bound that is only below
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         return value
     return check
 

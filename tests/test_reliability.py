@@ -84,13 +84,15 @@ def test_train_refuses_non_finite_values_from_a_config_file(synth, tmp_path, cap
     assert status == 2 and "--alpha inf: must be a finite number" in err, err
 
 
-@pytest.mark.parametrize("argv", [["--temperature", "inf"], ["--temperature", "nan"],
-                                  ["--temperature", "1", "--top_p", "nan"]])
-def test_decode_refuses_non_finite_numbers_before_loading(argv, capsys):
+@pytest.mark.parametrize("argv, message", [
+    (["--temperature", "inf"], "--temperature: must be a finite number, got inf"),
+    (["--temperature", "nan"], "--temperature: must be at least 0, got nan"),
+    (["--temperature", "1", "--top_p", "nan"], "--top_p: must be in (0, 1], got nan")])
+def test_decode_refuses_non_finite_numbers_before_loading(argv, message, capsys):
     with pytest.raises(SystemExit) as e:          # refused before the missing model is noticed
         decode.main(["--init_from", "no/such/model", *argv])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and "must be a finite number" in err, err
+    assert e.value.code == 2 and err.count("\n") == 1 and message in err, err
 
 
 def test_a_run_whose_loss_turns_non_finite_stops_keeping_the_last_good_checkpoint(
