@@ -14,7 +14,8 @@ file that ships: the heads (mode heads/extend) or the mask-token adapter (mode m
 Nothing is lost: an existing --out is refused unless it is a checkpoint of train.py and --resume (continue it) or
 --overwrite (replace it) is given; a folder holding any file train.py did not write is never replaced. An existing
 --export file is replaced only with --overwrite. The log OUT.log.jsonl beside --out is appended to, one "run" line at
-the start of each run.
+the start of each run. One run at a time holds --out (a lock on OUT.lock beside it); a loss that turns NaN or Inf
+stops the run before it saves, keeping the last checkpoint.
 
 Several GPUs: torchrun --standalone --nproc_per_node N train.py ... (--parallel ddp, the default, or fsdp). The
 global batch is batch_size x grad_accum x N sequences: every process reads its shard of one random draw, so N
