@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.dataset import FORMAT, dtype_for, fingerprint  # noqa: E402
 from data.readers import read_jsonl, read_text  # noqa: E402
 from data.synthmath import make_splits  # noqa: E402
-from load import BUNDLED, bundled_gguf, load  # noqa: E402
+from load import BUNDLED, bundled_gguf, load, recover_checkpoint  # noqa: E402
 from tokenizer import CHATML_END, load_tokenizer, plural  # noqa: E402
 
 PLAIN_PROMPT = "Question: {question}\nAnswer:\n"   # the prompt format of models without a chat template
@@ -48,6 +48,8 @@ def get_tokenizer(name, device="cpu", dtype=None, with_model=False):
     if with_model:
         model, tokenizer = load(name, device=device, dtype=dtype or torch.float32)
         return tokenizer, model
+    if name != BUNDLED:
+        recover_checkpoint(name)      # as load does: a train.py checkpoint may sit in .NAME.old
     return load_tokenizer(bundled_gguf() if name == BUNDLED else name)
 
 

@@ -451,3 +451,14 @@ def test_mask_regions_never_overlap_in_what_they_predict():
                 anchors = r.pos[r.slots[:, 0]]      # the anchor's slot is the real token itself
                 want = anchors[:, None] + 1 + torch.arange(k) + 100
                 assert torch.equal(r.targets, want), (k, n_regions, seed)
+
+
+def test_prepare_reads_the_tokenizer_of_a_checkpoint_left_mid_swap(tmp_path):
+    """Every reader of a checkpoint folder finishes a crashed swap first: data/prepare.py too."""
+    from data.prepare import main as prepare
+    save_tiny(tmp_path / "ckpt", seed=0)
+    (tmp_path / "ckpt").rename(tmp_path / ".ckpt.old")
+    (tmp_path / "t.txt").write_text("some text to tokenize\n" * 20)
+    prepare(["text", "--file", str(tmp_path / "t.txt"), "--tokenizer", str(tmp_path / "ckpt"),
+             "--out", str(tmp_path / "d")])
+    assert (tmp_path / "d" / "meta.json").is_file() and (tmp_path / "ckpt").is_dir()
