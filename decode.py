@@ -37,6 +37,7 @@ CLI: python decode.py --init_from smollm2 --prompt "What is the capital of Franc
 
 import argparse
 import itertools
+import math
 import sys
 import time
 import weakref
@@ -935,6 +936,7 @@ def _truncate(out, max_new_tokens, stop_ids):
 # CLI: the decoding setup bench.py shares, option checks that run before anything loads, one prompt decoded
 
 DRAFT_VOCAB = 8192   # mtp drafts from this many of the heads' most frequent tokens unless told otherwise
+LONG_PREFILL = 2048   # a prompt this long says it is being read (8k tokens: ~2 minutes on a CPU)
 
 
 def setup(source, methods, device="cpu", dtype=torch.float32, heads=None, mask=None, draft_vocab=None):
@@ -1043,6 +1045,8 @@ def number(kind, low, high=None, low_open=False):
             allowed = (f"in {'(' if low_open else '['}{low}, {high}]" if high is not None else
                        f"{'above' if low_open else 'at least'} {low}")
             raise argparse.ArgumentTypeError(f"must be {allowed}, got {text}")
+        if not math.isfinite(value):        # inf passes a bound that is only below
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         return value
     return check
 
@@ -1167,6 +1171,9 @@ def main(argv=None):
         ids = tokenizer.encode_chat(args.prompt) if chat else tokenizer.encode(args.prompt)
         generator = torch.Generator(args.device).manual_seed(args.seed)
         stats, trace = Stats(), []
+        if len(ids) >= LONG_PREFILL:        # one forward over the whole prompt, silent otherwise
+            print(f"prefill: {len(ids):,} prompt tokens in one forward on {args.device} ...",
+                  file=sys.stderr)
         t0 = time.perf_counter()
         out = generate(model, [ids], args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                        tokenizer.stop_ids, generator, args.method, stats, trace, compile=args.compile, **options)[0]

@@ -10,6 +10,7 @@ builds the blocked-causal mask; `mask_loss` is the student-forced distillation l
 Nothing here owns an optimizer or a data loader (train.py does).
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -80,15 +81,24 @@ def mtp_loss(model, idx, loss_mask=None, cfg=MTPLossConfig()):
             metrics[f"kl{d}"] = kl.item()
         loss = loss + head_loss
         pred = logits.argmax(-1)
+        finite = _finite(logits, teacher[:, d:d + n])
         metrics[f"ce{d}"] = ce.item()
-        metrics[f"acc{d}"] = _masked_mean((pred == target).float().flatten(), m).item()           # vs the data
-        metrics[f"agree{d}"] = _masked_mean((pred == teacher[:, d:d + n].argmax(-1)).float().flatten(), m).item()
+        # acc: against the data, agree: against the main head
+        hits = {"acc": pred == target, "agree": pred == teacher[:, d:d + n].argmax(-1)}
+        for key, hit in hits.items():
+            metrics[f"{key}{d}"] = finite * _masked_mean(hit.float().flatten(), m).item()
     return loss, metrics
 
 
 def _masked_mean(values, mask):
     mask = mask.flatten().to(values.dtype)
     return (values.flatten() * mask).sum() / mask.sum().clamp_min(1)
+
+
+def _finite(*logits):
+    """1.0, or NaN if any logit is NaN or Inf: the argmax of such logits means nothing, and two of
+    them agree (a rate times this is NaN, never a perfect-looking 1.0)."""
+    return 1.0 if all(torch.isfinite(x).all() for x in logits) else math.nan
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -195,13 +205,14 @@ def mask_loss(student, teacher, idx, pos, attn_mask, slots, targets, cfg=MaskLos
         else:
             raise ValueError(f"unknown mask-loss target {cfg.target!r} (hard, soft or data)")
         agree = (proposals == t.argmax(-1)).float()
-        metrics.update({f"agree{j + 1}": agree[..., j].mean().item() for j in range(k)})
+        finite = _finite(s, t)
+        metrics.update({f"agree{j + 1}": finite * agree[..., j].mean().item() for j in range(k)})
     if cfg.prefix_loss:
         real = ~torch.isin(idx, torch.tensor(student.cfg.mask_token_ids, dtype=torch.long, device=idx.device))
         metrics["prefix_loss"] = _prefix_loss(logits, idx, pos, real)
         loss = loss + cfg.prefix_loss * metrics["prefix_loss"]
         metrics["prefix_loss"] = metrics["prefix_loss"].item()
-    metrics["acc"] = (proposals == targets).float().mean().item()
+    metrics["acc"] = _finite(s) * (proposals == targets).float().mean().item()
     return loss, metrics
 
 

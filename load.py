@@ -114,6 +114,8 @@ def fill(model, table, tensors, where, ignored=()):
             if tuple(t.shape) != tuple(p.shape):
                 raise ValueError(f"{where}: tensor {theirs} has shape {tuple(t.shape)}, but {ours} needs "
                                  f"{tuple(p.shape)}")
+            if t.is_floating_point() and not torch.isfinite(t).all():   # it would decode to nothing
+                raise ValueError(f"{where}: tensor {theirs} holds NaN or Inf: damaged weights")
             p.copy_(t)
             filled.add(ours)
     if missing:

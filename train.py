@@ -14,7 +14,8 @@ file that ships: the heads (mode heads/extend) or the mask-token adapter (mode m
 Nothing is lost: an existing --out is refused unless it is a checkpoint of train.py and --resume (continue it) or
 --overwrite (replace it) is given; a folder holding any file train.py did not write is never replaced. An existing
 --export file is replaced only with --overwrite. The log OUT.log.jsonl beside --out is appended to, one "run" line at
-the start of each run.
+the start of each run. One run at a time holds --out (a lock on OUT.lock beside it); a loss that turns NaN or Inf
+stops the run before it saves, keeping the last checkpoint.
 
 Several GPUs: torchrun --standalone --nproc_per_node N train.py ... (--parallel ddp, the default, or fsdp). The
 global batch is batch_size x grad_accum x N sequences: every process reads its shard of one random draw, so N
@@ -31,13 +32,14 @@ Not here: the losses (distill.py), the data files (data/), measurement (bench.py
 
 import argparse
 import copy
+import fcntl
 import json
 import math
 import os
 import pickle
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -164,11 +166,7 @@ def block_list(text):
 def get_args(argv=None):
     """Options in order of precedence: the command line, then (with --resume) the run in --out, then --config, then
     the defaults. Every value is checked here, before anything loads."""
-    p = make_parser()
-    pre, _ = p.parse_known_args(argv)
-    if pre.config:
-        p.set_defaults(**read_config(pre.config, p))
-        pre, _ = p.parse_known_args(argv)
+    p, pre = first_pass(argv)
     saved = None
     if pre.resume:
         saved = checkpoint_args(pre.out)
@@ -184,11 +182,26 @@ def get_args(argv=None):
             key = changed[0]
             raise ValueError(f"--resume: the run in {args.out} has --{key} {saved[key]}, not {getattr(args, key)}; "
                              f"a different run needs another --out")
-        if saved["step"] >= args.max_steps:
-            raise ValueError(f"--resume: the run in {args.out} finished at step {saved['step']} of --max_steps "
-                             f"{saved['max_steps']}; raise --max_steps to train further")
+        step = saved["step"]
+        if step > args.max_steps:       # e.g. a killed run resumed with less than it reached
+            raise ValueError(f"--resume --max_steps {args.max_steps}: below step {step} of the "
+                             f"checkpoint in {args.out}; give more than {step} to train further")
+        if step == args.max_steps:
+            done = "finished" if step == saved["max_steps"] else "stopped"
+            raise ValueError(f"--resume: the run in {args.out} {done} at step {step}, which "
+                             f"--max_steps {args.max_steps} already reaches; raise it to go on")
     check_out(args)
     return args
+
+
+def first_pass(argv):
+    """The parser with --config's defaults, and the options as known before --resume."""
+    p = make_parser()
+    pre, _ = p.parse_known_args(argv)
+    if pre.config:
+        p.set_defaults(**read_config(pre.config, p))
+        pre, _ = p.parse_known_args(argv)
+    return p, pre
 
 
 def read_config(path, parser):
@@ -205,6 +218,11 @@ def read_config(path, parser):
     return defaults
 
 
+def count(n):
+    """A parameter count for people: 135.0M, or the number itself below 0.1M."""
+    return f"{n / 1e6:.1f}M" if n >= 100_000 else f"{n:,}"
+
+
 def check_args(args):
     for key in AT_LEAST_ONE:
         if getattr(args, key) < 1:
@@ -212,6 +230,9 @@ def check_args(args):
     for key in NOT_NEGATIVE:
         if getattr(args, key) < 0:
             raise ValueError(f"--{key} {getattr(args, key)}: must not be negative")
+    for key, value in vars(args).items():     # float() takes "inf" and "nan", JSON Infinity and NaN
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{key} {value}: must be a finite number")
     for key in ("lr", "peak_tflops"):
         if getattr(args, key) is not None and not getattr(args, key) > 0:
             raise ValueError(f"--{key} {getattr(args, key)}: must be positive")
@@ -255,6 +276,7 @@ def check_args(args):
 
 def checkpoint_args(folder):
     """The options and step of the train.py checkpoint in folder ({**train_args, "step": N}), None if it is none."""
+    recover_checkpoint(folder)       # as every reader does: a crashed swap left it in .NAME.old
     try:
         with open(os.path.join(folder, "config.json")) as f:
             meta = json.load(f)
@@ -666,12 +688,48 @@ def data_frequencies(data):
 # the training loop
 
 def main(argv=None):
-    args = get_args(argv)
-    par = Parallel(args)
+    with run_lock(first_pass(argv)[1].out):     # before anything reads --out: a swap may be on
+        args = get_args(argv)
+        par = Parallel(args)
+        try:
+            return train(args, par)
+        finally:
+            par.close()
+
+
+@contextmanager
+def run_lock(out):
+    """One train.py run at a time on --out: an exclusive flock on OUT.lock beside it, held by rank 0
+    (which alone writes) for the whole run. The kernel drops a flock when its process ends, so a
+    crashed run's file is stale, never held. The file is removed while still locked; a run that
+    locked a removed file tries again."""
+    if int(os.environ.get("RANK", "0")):
+        yield
+        return
+    path = out.rstrip("/") + ".lock"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 20).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ValueError(f"--out {out}: in use by another train.py run (pid {holder}, {path}); "
+                             f"wait for it to end or choose another --out") from None
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
     try:
-        return train(args, par)
+        yield
     finally:
-        par.close()
+        os.unlink(path)
+        os.close(fd)
 
 
 def train(args, par):
@@ -691,7 +749,7 @@ def train(args, par):
     check_tokenizer(data.meta, tokenizer, args.data)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     fused = "" if model.fuse is None else f" (head 1 reads blocks {model.cfg.head_taps} and the last, fused)"
-    log(f"mode {args.mode}: {model.num_params() / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained, "
+    log(f"mode {args.mode}: {count(model.num_params())} parameters, {count(trainable)} trained, "
         f"{plural(len(model.heads), 'MTP head')}{fused}, data {args.data} ({len(data.tokens('train')):,} training "
         f"tokens)")
     if args.max_steps == 0:
@@ -746,14 +804,23 @@ def train(args, par):
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        totals = par.average(totals)
+        totals = par.average(totals)        # a non-finite loss on any rank makes it non-finite here
+        if not math.isfinite(totals["loss"]):
+            kept = checkpoint_args(args.out)
+            last = f"{args.out} keeps step {kept['step']}" if kept else "no checkpoint was written"
+            raise ValueError(f"step {step + 1}: the loss is {totals['loss']}; stopped before "
+                             f"saving these weights ({last}): lower --lr or raise --warmup")
         seconds = time.time() - t_step
         record = {"step": step + 1, **totals, "time": time.time() - t0,
                   "tokens_per_s": sequences * args.seq_len / seconds}
         if peak:
             record["mfu"] = flops / seconds / (peak * par.world_size)
-        bar.set_postfix({k: f"{v:.3f}" if k == "loss" else f"{v:.2f}" for k, v in totals.items()
-                         if k == "loss" or k.startswith(("acc", "agree", "k"))})
+        shown = {k: f"{v:.3f}" if k == "loss" else f"{v:.2f}" for k, v in totals.items()
+                 if k == "loss" or k.startswith(("acc", "agree", "k"))}
+        shown["tok/s"] = f"{record['tokens_per_s']:,.0f}"
+        if peak:
+            shown["mfu"] = f"{record['mfu']:.1%}"
+        bar.set_postfix(shown)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.max_steps:
             record["val"] = evaluate(objective, teacher, data, args, par, autocast, prompt_batch)
             if par.rank == 0:

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.dataset import FORMAT, dtype_for, fingerprint  # noqa: E402
 from data.readers import read_jsonl, read_text  # noqa: E402
 from data.synthmath import make_splits  # noqa: E402
-from load import BUNDLED, bundled_gguf, load  # noqa: E402
+from load import BUNDLED, bundled_gguf, load, recover_checkpoint  # noqa: E402
 from tokenizer import CHATML_END, load_tokenizer, plural  # noqa: E402
 
 PLAIN_PROMPT = "Question: {question}\nAnswer:\n"   # the prompt format of models without a chat template
@@ -48,6 +48,8 @@ def get_tokenizer(name, device="cpu", dtype=None, with_model=False):
     if with_model:
         model, tokenizer = load(name, device=device, dtype=dtype or torch.float32)
         return tokenizer, model
+    if name != BUNDLED:
+        recover_checkpoint(name)      # as load does: a train.py checkpoint may sit in .NAME.old
     return load_tokenizer(bundled_gguf() if name == BUNDLED else name)
 
 
@@ -151,11 +153,20 @@ def split_examples(items, n_val, n_test, seed):
 # the four sources
 
 def prepare_synthmath(args):
+    if not 1 <= args.min_steps <= args.max_steps:
+        raise ValueError(f"--min_steps {args.min_steps}, --max_steps {args.max_steps}: need "
+                         f"1 <= --min_steps <= --max_steps")
+    if args.max_number < 2:
+        raise ValueError(f"--max_number {args.max_number}: must be at least 2")
+    sizes = {"val": args.n_val, "test": args.n_test, "train": args.n_train}
+    if min(sizes.values()) < 0 or not any(sizes.values()):
+        raise ValueError(f"--n_train {args.n_train}, --n_val {args.n_val}, --n_test {args.n_test}: "
+                         f"need counts of at least 0, not all 0")
     tokenizer = get_tokenizer(args.tokenizer)
     chat = use_chat(tokenizer, args.chat)
     knobs = dict(min_steps=args.min_steps, max_steps=args.max_steps, max_number=args.max_number,
                  max_factor=args.max_factor)
-    problems = make_splits(args.seed, {"val": args.n_val, "test": args.n_test, "train": args.n_train}, **knobs)
+    problems = make_splits(args.seed, sizes, **knobs)
     splits = {}
     for split, probs in problems.items():
         rows = []
@@ -424,4 +435,5 @@ if __name__ == "__main__":
     try:
         main()
     except (ValueError, OSError) as e:   # bad input: the message names the file and the problem
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)                      # as argparse's usage errors and every other CLI here

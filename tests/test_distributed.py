@@ -40,7 +40,8 @@ def scenarios(data, tmp):
     }
 
 
-TWO_PROCESS_RUNS = ["ddp2", "fsdp2", "heads2", "split2", "mask2"]   # the folders worker() writes
+# the folders worker() writes
+TWO_PROCESS_RUNS = ["ddp2", "fsdp2", "heads2", "split2", "mask2", "masksplit2"]
 
 
 def worker(rank, data, tmp, port):
@@ -54,9 +55,12 @@ def worker(rank, data, tmp, port):
         both, two, _ = scenarios(data, tmp)["ddp"]
         train.main([*both, *two, "--out", f"{tmp}/split2", "--max_steps", "3"])
         train.main(["--out", f"{tmp}/split2", "--resume", "--max_steps", "6", "--parallel", "fsdp"])
-        train.main(["--data", data, *TINY, "--mode", "mask", "--init_from", f"{tmp}/base", "--lora_rank", "4",
-                    "--gated", "--k_max", "4", "--batch_size", "2", "--max_steps", "2", "--parallel", "fsdp",
-                    "--lr", "0.1", "--out", f"{tmp}/mask2"])
+        mask = ["--data", data, *TINY, "--mode", "mask", "--init_from", f"{tmp}/base",
+                "--lora_rank", "4", "--gated", "--k_max", "4", "--batch_size", "2",
+                "--parallel", "fsdp", "--lr", "0.1"]
+        train.main([*mask, "--max_steps", "2", "--out", f"{tmp}/mask2"])
+        train.main([*mask, "--max_steps", "1", "--out", f"{tmp}/masksplit2"])
+        train.main(["--out", f"{tmp}/masksplit2", "--resume", "--max_steps", "2"])
     with open(f"{tmp}/stdout{rank}.txt", "w") as f:
         f.write(printed.getvalue())
     dist.destroy_process_group()
@@ -141,6 +145,12 @@ def test_fsdp_mask_mode_trains_only_the_mask_row_and_adapters(runs):
     assert all(torch.equal(v, state[k][:first] if k in ("embed.weight", "lm_head.weight") else state[k])
                for k, v in base.items())
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in state.items() if "lora_B" in k)
+
+
+def test_each_rank_resumes_its_own_loss_stream(runs):
+    """Mask mode draws k and the regions from a per-rank stream: a resumed 2-process run continues
+    each rank's own, so it trains what the straight run trains."""
+    assert_same_run(runs / "mask2", runs / "masksplit2")
 
 
 def test_resume_with_another_world_size_is_refused(runs, capsys):
