@@ -562,7 +562,7 @@ def attach_mask_adapter(model, tokenizer, path):
         raise ValueError(f"{path}: holds only the mask token embedding of a fully fine-tuned model (no LoRA): on "
                          f"the base model it cannot work; decode with that model's checkpoint folder instead")
     new_names = mask_token_names(n)
-    if tokenizer.vocab_size != model.cfg.vocab_size or set(new_names) & set(tokenizer.special):
+    if tokenizer.vocab_size > model.cfg.vocab_size or set(new_names) & set(tokenizer.special):
         raise ValueError(f"{path}: the tokenizer ({tokenizer.vocab_size} ids, specials {names(tokenizer.special)}) "
                          f"cannot give the mask tokens {names(new_names)} the model's ids "
                          f"{model.cfg.vocab_size}..{model.cfg.vocab_size + n - 1}")
@@ -572,9 +572,10 @@ def attach_mask_adapter(model, tokenizer, path):
         m.add_lora(rank, meta["lora_gated"])
     check_fits(path, "adapters", tensors, {**grown_shapes(model, grow), "mask_embeddings": (n, model.cfg.n_embd)})
 
+    first = model.cfg.vocab_size     # beyond a padded embedding's rows too (Qwen's): the tokenizer follows the model
     grow(model)
-    for name in new_names:
-        tokenizer.add_special(name)
+    for i, name in enumerate(new_names):
+        tokenizer.add_special(name, first + i)
     with torch.no_grad():
         model.embed.weight[-n:] = tensors.pop("mask_embeddings").to(model.embed.weight.dtype)
     model.load_state_dict(tensors, strict=False)    # the adapters; everything else stays the base model's

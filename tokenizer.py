@@ -252,11 +252,17 @@ class Tokenizer(ChatML):
         """Ids that end a generation: eos and ChatML's end of turn."""
         return sorted({self.eos_id, self.special.get(CHATML_END)} - {None})
 
-    def add_special(self, name):
-        """New special token at id vocab_size (e.g. Paper A's mask token); the model's embedding must grow to fit."""
+    def add_special(self, name, token_id=None):
+        """New special token at token_id (default vocab_size), e.g. Paper A's mask token; the model's embedding must
+        grow to fit. A model whose embedding has more rows than the tokenizer has ids (Qwen's, padded) puts it
+        after its rows: the ids between stay without a token, as they were."""
         if name in self.special:
             raise ValueError(f"{self.source}: special token {name!r} exists already (id {self.special[name]})")
-        self.special[name] = self.vocab_size
+        token_id = self.vocab_size if token_id is None else token_id
+        if token_id < self.vocab_size:
+            raise ValueError(f"{self.source}: special token {name!r} at id {token_id}: new ids start at "
+                             f"{self.vocab_size}")
+        self.special[name] = token_id
         self._build()
         return self.special[name]
 
@@ -411,10 +417,14 @@ class CharTokenizer(ChatML):
         # longest first, so that no special is matched by a prefix of another
         self._special_re = re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)))
 
-    def add_special(self, name):
-        """New special token at id vocab_size (e.g. Paper A's mask token); the model's embedding must grow to fit."""
+    def add_special(self, name, token_id=None):
+        """New special token at id vocab_size (e.g. Paper A's mask token); the model's embedding must grow to fit.
+        token_id, if given, must be that id: a character vocabulary has no gaps."""
         if name in self.special or name in self.stoi:
             raise ValueError(f"CharTokenizer: token {name!r} exists already")
+        if token_id not in (None, self.vocab_size):
+            raise ValueError(f"CharTokenizer: special token {name!r} can take id {self.vocab_size} only, not "
+                             f"{token_id}")
         self.__init__(self.tokens + [name], [*self.special, name])
         return self.special[name]
 

@@ -329,8 +329,8 @@ def build(args, tokenizer):
         teacher = None if args.lora_rank and args.gated else copy.deepcopy(model).eval().requires_grad_(False)
         names = mask_token_names(args.k_max - 1 if args.distinct_masks else 1)
         ids = model.add_mask_tokens(len(names))
-        if [tokenizer.add_special(n) for n in names] != ids:
-            raise ValueError("the tokenizer and the model disagree on the ids of the new mask tokens")
+        for name, i in zip(names, ids):     # the model's ids: beyond a padded embedding's rows too (Qwen's)
+            tokenizer.add_special(name, i)
         if args.lora_rank:
             model.add_lora(args.lora_rank, args.gated)
         return model, teacher, tokenizer
