@@ -89,8 +89,8 @@ def make_parser():
     p.add_argument("--config", help="JSON file of defaults for any of the options below (config/)")
     a = p.add_argument_group("what to train")
     a.add_argument("--mode", default="scratch", choices=["scratch", "heads", "extend", "mask"], help="the recipe")
-    a.add_argument("--init_from", default=None, help="starting model: smollm2, HF folder, .gguf, or a checkpoint "
-                   "folder (scratch: none)")
+    a.add_argument("--init_from", default=None, help="starting model: smollm2, a Hugging Face folder (GPT-2, Llama, "
+                   "Qwen2/2.5, Qwen3), a .gguf file (llama, qwen2, qwen3), or a checkpoint folder (scratch: none)")
     a.add_argument("--data", default="data/synthmath", help="a folder prepared by data/prepare.py")
     a.add_argument("--out", default="out/run", help="checkpoint folder")
     a.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out (its options "

@@ -19,7 +19,7 @@ from decode import Stats, generate
 from test_decode import V as DECODE_V, assert_exercised, prompt, tiny, with_mask_oracle
 from test_load import TOL, V, assert_same_logits, edit_config, randomize
 from test_tokenizer import NUMERALS
-from tokenizer import NoTokenizer, Tokenizer, load_tokenizer
+from tokenizer import CharTokenizer, NoTokenizer, Tokenizer, load_tokenizer
 
 # the split of Qwen2's, Qwen2.5's and Qwen3's tokenizer.json, as written there
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
@@ -234,6 +234,11 @@ def test_qwen_greedy_drafts_equal_ar(kind):
         assert all(hasattr(block.attn, "q_norm") == (kind == "qwen3") for block in [*m.blocks, m.heads[0].block])
         for p in (prompt(seed, 1 + 3 * seed), prompt(seed + 50, 20 - seed)):
             ref = generate(m, [p], 24, method="ar")
+            ids = list(p)                                    # the static cache against recomputing everything
+            with torch.no_grad():
+                for _ in range(24):
+                    ids.append(int(m(torch.tensor([ids]))[0, -1].argmax()))
+            assert ref == [ids[len(p):]], (kind, seed)
             for method in ("mtp@1", "mtp@3", "tree@3x4", "tree@auto16"):
                 assert generate(m, [p], 24, method=method, stats=stats[method]) == ref, (kind, seed, method)
             mask_ids = [DECODE_V - 1]
@@ -290,3 +295,19 @@ def test_qwen_mask_training_step(qwen_run, tmp_path):
     p = tokenizer.encode("The number 12345 and")
     assert generate(model, [p], 16, method="verified@3", mask_ids=model.cfg.mask_token_ids) == \
         generate(model, [p], 16, method="ar")
+    for method in ("static@3", "confadapt@0.9:3"):    # lossy: they run, and keep to the budget
+        (out,) = generate(model, [p], 16, method=method, mask_ids=model.cfg.mask_token_ids)
+        assert 0 < len(out) <= 16 and max(out) < V
+
+
+def test_special_tokens_after_a_gap(tmp_path, qwen_bpe):
+    qwen_bpe.save(str(tmp_path / "tokenizer.json"))
+    tokenizer = Tokenizer.from_hf(tmp_path)
+    assert tokenizer.add_special("<mtp>", V) == V and tokenizer.vocab_size == V + 1
+    assert tokenizer.encode("a<mtp>", specials=True)[-1] == V and tokenizer.decode([V]) == "<mtp>"
+    with pytest.raises(ValueError, match=r"tokenizer\.json: token id 701 is not in the vocabulary"):
+        tokenizer.decode([701])                       # the gap: ids without a token
+    with pytest.raises(ValueError, match=r"tokenizer\.json: special token '<x>' at id 3: new ids start at 705"):
+        tokenizer.add_special("<x>", 3)
+    with pytest.raises(ValueError, match=r"CharTokenizer: special token '<x>' can take id 97 only, not 99"):
+        CharTokenizer().add_special("<x>", 99)
