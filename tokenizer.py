@@ -142,7 +142,10 @@ GGUF_PRE = {"gpt-2": GPT2_PATTERN, "smollm": SINGLE_DIGITS_PATTERN, "llama-bpe":
             "llama3": LLAMA3_PATTERN, "qwen2": QWEN2_PATTERN}
 GGUF_NFC = {"qwen2"}           # pre-tokenizers whose Hugging Face tokenizer.json normalizes text to NFC first
 GGUF_SPECIAL_TYPES = (3, 4)    # GGUF token types: control, user-defined
-SYSTEM_IN_TEMPLATE = re.compile(r"<\|im_start\|>system(?:\n|\\n)(.*?)<\|im_end\|>", re.DOTALL)
+# the default system prompt: a whole system turn inside one string literal of the template (Qwen's templates also open
+# a system turn in one literal and fill it from code in others: those are not a default)
+SYSTEM_IN_TEMPLATE = re.compile(r"""(['"])<\|im_start\|>system(?:\n|\\n)(?P<prompt>(?:(?!\1).)*?)<\|im_end\|>""",
+                                re.DOTALL)
 HF_TOKENIZER_FILES = ("tokenizer.json", "vocab.json + merges.txt")
 
 
@@ -283,7 +286,7 @@ class Tokenizer(ChatML):
         return cls(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
                    special={t: i for i, (t, k) in enumerate(zip(tokens, types)) if k in GGUF_SPECIAL_TYPES},
                    pattern=GGUF_PRE[pre], eos_id=get("tokenizer.ggml.eos_token_id", None),
-                   bos_id=get("tokenizer.ggml.bos_token_id", None), system_prompt=system and system.group(1),
+                   bos_id=get("tokenizer.ggml.bos_token_id", None), system_prompt=system and system.group("prompt"),
                    source=path, nfc=pre in GGUF_NFC)
 
     @classmethod
@@ -325,7 +328,7 @@ class Tokenizer(ChatML):
             template = " ".join(t.get("template", "") for t in template)
         system = SYSTEM_IN_TEMPLATE.search(template)
         return cls(vocab, merges, special, pattern, eos_id=eos_id, bos_id=bos_id,
-                   system_prompt=system and system.group(1), whole_words=whole_words, source=where, nfc=nfc)
+                   system_prompt=system and system.group("prompt"), whole_words=whole_words, source=where, nfc=nfc)
 
     # --- own format
 

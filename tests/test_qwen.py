@@ -212,6 +212,48 @@ def test_qwen_tokenizer_matches_hf(tmp_path, qwen_bpe):
     assert any(ours.encode(t) != qwen_bpe.encode(t, add_special_tokens=False).ids for t in UNNORMALIZED)
 
 
+# The system-turn logic of Qwen2.5's and Qwen3's chat templates, as their tokenizer_config.json hold it (tool details
+# left out): Qwen2.5 has a default system prompt in its plain branch, Qwen3 none; both open system turns in
+# literals that code fills.
+QWEN_TEMPLATE_HEAD = {
+    "qwen2.5": ("{%- if tools %}\n    {{- '<|im_start|>system\\n' }}\n    {%- if messages[0]['role'] == 'system' %}\n"
+                "        {{- messages[0]['content'] }}\n    {%- else %}\n        {{- 'You are Qwen, created by Alibaba "
+                "Cloud. You are a helpful assistant.' }}\n    {%- endif %}\n    {{- \"\\n\\n# Tools\\n<tools>\" }}\n"
+                "    {{- \"\\n</tools><|im_end|>\\n\" }}\n{%- else %}\n    {%- if messages[0]['role'] == 'system' %}\n"
+                "        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n    {%- else %}\n"
+                "        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+                "assistant.<|im_end|>\\n' }}\n    {%- endif %}\n{%- endif %}\n"),
+    "qwen3": ("{%- if tools %}\n    {{- '<|im_start|>system\\n' }}\n    {%- if messages[0].role == 'system' %}\n"
+              "        {{- messages[0].content + '\\n\\n' }}\n    {%- endif %}\n    {{- \"# Tools\\n<tools>\" }}\n"
+              "    {{- \"\\n</tools><|im_end|>\\n\" }}\n{%- else %}\n    {%- if messages[0].role == 'system' %}\n"
+              "        {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}\n    {%- endif %}\n"
+              "{%- endif %}\n"),
+}
+QWEN_TEMPLATE_TAIL = ("{%- for message in messages %}\n    {%- if (message.role == \"user\") or (message.role == "
+                      "\"system\" and not loop.first) or (message.role == \"assistant\") %}\n        {{- "
+                      "'<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n    "
+                      "{%- endif %}\n{%- endfor %}\n{%- if add_generation_prompt %}\n    {{- "
+                      "'<|im_start|>assistant\\n' }}\n{%- endif %}\n")
+
+
+@pytest.mark.parametrize("family, system", [("qwen2.5", "You are Qwen, created by Alibaba Cloud. You are a helpful "
+                                                        "assistant."), ("qwen3", None)])
+def test_qwen_chat_template(tmp_path, qwen_bpe, family, system):
+    qwen_bpe.save(str(tmp_path / "tokenizer.json"))
+    template = QWEN_TEMPLATE_HEAD[family] + QWEN_TEMPLATE_TAIL
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|im_end|>", "chat_template": template, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    ours, hf = Tokenizer.from_hf(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert ours.system_prompt == system
+    for messages in ([{"role": "user", "content": "What is 2+2?"}],
+                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Café ½ e\u0301"}],
+                     [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                      {"role": "user", "content": "  code:\n\tx = 1\n"}]):
+        text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert ours.chat_prompt(messages) == text
+        assert ours.encode_chat(messages) == hf(text, add_special_tokens=False)["input_ids"]
+
+
 def test_unsupported_normalizer(tmp_path, qwen_bpe):
     hf = HFTokenizer.from_str(qwen_bpe.to_str())
     hf.normalizer = normalizers.NFKC()
