@@ -17,7 +17,7 @@ from conftest import SAMPLE_TEXTS, SPECIALS, corpus, finish_gguf, gguf_with_toke
 from data.prepare import main as prepare
 from decode import Stats, generate
 from test_decode import V as DECODE_V, assert_exercised, prompt, tiny, with_mask_oracle
-from test_load import TOL, V, assert_same_logits, edit_config, randomize
+from test_load import V, assert_same_logits, edit_config, randomize
 from test_tokenizer import NUMERALS
 from tokenizer import CharTokenizer, NoTokenizer, Tokenizer, load_tokenizer
 
@@ -94,7 +94,7 @@ def test_qwen_logits_equal_transformers(tmp_path, qwen_bpe, name):
     assert (model.cfg.head_dim, model.cfg.n_kv_head, model.cfg.tie_embeddings) == \
         (c.head_dim, c.num_key_value_heads, c.tie_word_embeddings)
     assert model.cfg.rope_theta == c.rope_parameters["rope_theta"]
-    assert tokenizer.nfc and tokenizer.eos_id == SPECIALS.index("<|im_end|>") + 697
+    assert tokenizer.nfc and tokenizer.eos_id == qwen_bpe.token_to_id("<|im_end|>") == 699
     assert_same_logits(hf, model, offset=3000)
 
 
@@ -103,7 +103,7 @@ def test_qwen_parts_matter(tmp_path, qwen_bpe):
     for kind, overrides, off in [("qwen2", {}, {"qkv_bias": False}), ("qwen3", {}, {"qk_norm": False}),
                                  ("qwen3", dict(rope_parameters={**LLAMA3_ROPE, "rope_theta": 1e4}),
                                   {"rope_scaling": None})]:
-        hf = hf_qwen(tmp_path / kind, qwen_bpe, kind, save=True, **overrides)
+        hf = hf_qwen(tmp_path / kind, qwen_bpe, kind, **overrides)
         model, _ = load.load(tmp_path / kind)
         crippled = load.Transformer(load.Config(**{**model.cfg.to_dict(), **off}))
         crippled.load_state_dict(model.state_dict(), strict=False)   # without the parts switched off
