@@ -1085,8 +1085,8 @@ def file_list(text):
 
 def add_model_args(p, max_new_tokens):
     """The options decode.py and bench.py share: what to load, where, and how long to decode."""
-    p.add_argument("--init_from", default=BUNDLED, help="smollm2, a Hugging Face folder, a .gguf file, or a nanoMTP "
-                   "checkpoint folder")
+    p.add_argument("--init_from", default=BUNDLED, help="smollm2, a Hugging Face folder (GPT-2, Llama, Qwen2/2.5, "
+                   "Qwen3), a .gguf file (llama, qwen2, qwen3), or a nanoMTP checkpoint folder")
     p.add_argument("--heads", type=file_list, default=None, help="MTP heads files for method mtp, comma-separated, "
                    "in training order (default: those shipped for --init_from)")
     p.add_argument("--mask", type=existing_file, default=None, help="mask-token adapter file for static, confadapt "

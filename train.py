@@ -91,8 +91,8 @@ def make_parser():
     p.add_argument("--config", help="JSON file of defaults for any of the options below (config/)")
     a = p.add_argument_group("what to train")
     a.add_argument("--mode", default="scratch", choices=["scratch", "heads", "extend", "mask"], help="the recipe")
-    a.add_argument("--init_from", default=None, help="starting model: smollm2, HF folder, .gguf, or a checkpoint "
-                   "folder (scratch: none)")
+    a.add_argument("--init_from", default=None, help="starting model: smollm2, a Hugging Face folder (GPT-2, Llama, "
+                   "Qwen2/2.5, Qwen3), a .gguf file (llama, qwen2, qwen3), or a checkpoint folder (scratch: none)")
     a.add_argument("--data", default="data/synthmath", help="a folder prepared by data/prepare.py")
     a.add_argument("--out", default="out/run", help="checkpoint folder")
     a.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out (its options "
@@ -351,8 +351,8 @@ def build(args, tokenizer):
         teacher = None if args.lora_rank and args.gated else copy.deepcopy(model).eval().requires_grad_(False)
         names = mask_token_names(args.k_max - 1 if args.distinct_masks else 1)
         ids = model.add_mask_tokens(len(names))
-        if [tokenizer.add_special(n) for n in names] != ids:
-            raise ValueError("the tokenizer and the model disagree on the ids of the new mask tokens")
+        for name, i in zip(names, ids):     # the model's ids: beyond a padded embedding's rows too (Qwen's)
+            tokenizer.add_special(name, i)
         if args.lora_rank:
             model.add_lora(args.lora_rank, args.gated)
         return model, teacher, tokenizer

@@ -56,10 +56,10 @@ def load_meta(folder):
 
 def check_tokenizer(meta, tokenizer, folder):
     """Raise ValueError unless `tokenizer` is the one that tokenized the data in `folder`. A tokenizer that only
-    appended special tokens after the data's vocabulary (Paper A's mask token) is accepted."""
+    appended special tokens after the data's vocabulary (Paper A's mask token) is accepted, also after a gap of ids
+    without a token (a model's padded embedding rows, Qwen's: the mask tokens take ids after those rows)."""
     want, have = meta["tokenizer"], fingerprint(tokenizer)
-    extra = set(range(want["vocab_size"], have["vocab_size"]))
-    grown_by_specials = have["vocab_size"] > want["vocab_size"] and extra <= set(tokenizer.special.values())
+    grown_by_specials = have["vocab_size"] > want["vocab_size"] and have["vocab_size"] - 1 in tokenizer.special.values()
     if (have["probe_sha256"] != want["probe_sha256"] or have["eos_id"] != want["eos_id"]
             or (have["vocab_size"] != want["vocab_size"] and not grown_by_specials)):
         raise ValueError(

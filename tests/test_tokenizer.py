@@ -134,8 +134,8 @@ def test_gguf_vocabulary(tmp_path, tiny_bpe, sample_texts):
     hf = with_pre(tiny_bpe, pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                      pre_tokenizers.ByteLevel(add_prefix_space=False)]))
     assert_same(smollm, hf, sample_texts)
-    with pytest.raises(ValueError, match=r"x\.gguf.*pre-tokenizer 'qwen2' is not supported"):
-        Tokenizer.from_gguf(write_gguf_tokenizer(tmp_path / "x.gguf", tiny_bpe, "qwen2"))
+    with pytest.raises(ValueError, match=r"x\.gguf.*pre-tokenizer 'deepseek-llm' is not supported"):
+        Tokenizer.from_gguf(write_gguf_tokenizer(tmp_path / "x.gguf", tiny_bpe, "deepseek-llm"))
 
 
 def test_unsupported_pre_tokenizer(tmp_path, tiny_bpe):
