@@ -40,10 +40,14 @@ from tqdm import tqdm
 import decode
 import load
 import model as nano
+from cli import Parser, add_model_args, existing_file, fail, number
+from engine import MAX_DRAFTS, Sampling
 
 from data.dataset import check_tokenizer, load_meta
 from data.synthmath import score
-from tokenizer import CHATML_START, CharTokenizer, plural
+from files import plural, read_json
+from prompts import encode_prompt, read_prompts
+from tokenizer import CharTokenizer
 
 HF = "hf"   # the method name of transformers' generate
 QUESTIONS = [  # short held-out chat questions (not in data/'s chat prompts)
@@ -132,12 +136,13 @@ def run(model, tokenizer, methods, prompts, max_new_tokens=128, original=None, o
     answers = [p.get("answer") if numeric(p.get("answer")) else None for p in prompts]
 
     methods = list(dict.fromkeys(methods))
+    parsed = {m: decode.Method.parse(m) for m in methods if m != HF}
     max_len = max(map(len, ids)) + max_new_tokens
     gens = {m: torch.Generator(device).manual_seed(seed) for m in methods}
-    sampling = decode.Sampling(temperature)
+    sampling = Sampling(temperature)
     # one strategy per method, built once: its buffers, CUDA graphs and compiled kernels serve every prompt
-    strategies = {m: decode.make_strategy(model, m, max_len, sampling, gens[m], compile=compile, **options)
-                  for m in methods if m != HF}
+    strategies = {m: decode.make_strategy(model, parsed[m], max_len, sampling, gens[m], compile=compile,
+                                          **options) for m in parsed}
 
     def generate(method, prompt, n, stats=None):
         if method == HF:
@@ -175,7 +180,7 @@ def run(model, tokenizer, methods, prompts, max_new_tokens=128, original=None, o
         ours = method != HF
         results[method] = {
             "implementation": "nanoMTP" if ours else "transformers",
-            "lossy": ours and decode.parse_method(method)[0] in decode.LOSSY,
+            "lossy": ours and parsed[method].lossy,
             "tokens": tokens,
             "wall_s": wall[method],
             "tok_s": tokens / wall[method],
@@ -190,8 +195,8 @@ def run(model, tokenizer, methods, prompts, max_new_tokens=128, original=None, o
             "accuracy": sum(scored) / len(scored) if scored else None,
             "accuracy_ci95": wilson(sum(scored), len(scored)),
             "scored": len(scored),
-            "k_max": decode.confadapt_k_max(method, options.get("k_max", decode.K_MAX))
-            if ours and decode.parse_method(method)[0] == "confadapt" else None,
+            "k_max": decode.confadapt_k_max(parsed[method], options.get("k_max", decode.K_MAX))
+            if ours and parsed[method].kind == "confadapt" else None,
             "ttft_ms": 1000 * ttft[method] / len(ids),
             "sample": texts[0][:200],
         }
@@ -201,14 +206,6 @@ def run(model, tokenizer, methods, prompts, max_new_tokens=128, original=None, o
     return {"device": str(device), "dtype": str(model.embed.weight.dtype).replace("torch.", ""),
             "num_prompts": len(ids), "max_new_tokens": max_new_tokens, "temperature": temperature,
             "nll_key": nll_key, "methods": results, "notes": []}
-
-
-def encode_prompt(tokenizer, text):
-    """A prompt that data/prepare.py wrote is already in the chat template (its control tokens are read as such); a
-    plain message (data/chat_prompts.jsonl, the built-in questions) is put into the template here, as user text."""
-    if text.startswith(CHATML_START):
-        return tokenizer.encode(text, specials=True)
-    return tokenizer.encode_chat(text) if tokenizer.has_chat else tokenizer.encode(text)
 
 
 def greedy_references(model, strategies, outs, batches, max_new_tokens, stop_ids, temperature, **build):
@@ -347,11 +344,12 @@ def run_batches(model, tokenizer, methods, prompts, batch_sizes, max_new_tokens=
     ids = [encode_prompt(tokenizer, p["prompt"] if isinstance(p, dict) else p) for p in prompts]
     stop_ids = list(tokenizer.stop_ids)
     max_len = max(map(len, ids)) + max_new_tokens
-    sampling = decode.Sampling(temperature)
+    sampling = Sampling(temperature)
+    parsed = {m: decode.Method.parse(m) for m in methods}
     results = {m: [] for m in methods}
     for B in tqdm(batch_sizes, desc="batch sizes", file=sys.stderr, disable=None if progress else True):
         batch = (ids * math.ceil(B / len(ids)))[:B]
-        strategies = {m: decode.make_strategy(model, m, max_len, sampling, torch.Generator(device).manual_seed(seed),
+        strategies = {m: decode.make_strategy(model, parsed[m], max_len, sampling, torch.Generator(device).manual_seed(seed),
                                               batch_size=B, compile=compile, **options) for m in methods}
         for m in methods:                                   # warm-up, untimed
             decode.generate(model, batch, max_new_tokens, stop_ids=stop_ids, method=strategies[m])
@@ -378,7 +376,7 @@ def run_batches(model, tokenizer, methods, prompts, batch_sizes, max_new_tokens=
                 r["speedup"] = r["tok_s"] / ar["tok_s"]
     notes = [f"{m}: mixes query lengths from step to step, so in {model.embed.weight.dtype} no single ar@Q is its "
              f"bit-exact reference (exact in float32)" for m in methods
-             if "@auto" in m and model.embed.weight.dtype != torch.float32]
+             if parsed[m].auto and model.embed.weight.dtype != torch.float32]
     return {"device": str(device), "dtype": str(model.embed.weight.dtype).replace("torch.", ""),
             "batch_sizes": list(batch_sizes), "num_prompts": len(ids), "max_new_tokens": max_new_tokens,
             "temperature": temperature, "methods": results, "notes": notes}
@@ -456,7 +454,7 @@ def hf_model(model, source):
         return None, "the model carries ungated LoRA adapters, which transformers' Llama does not have"
     if cfg.arch == "gpt2":
         folder = Path(str(source))
-        if not (folder / "config.json").is_file() or load.read_json(folder / "config.json").get("format") == "nanomtp":
+        if not (folder / "config.json").is_file() or read_json(folder / "config.json").get("format") == "nanomtp":
             return None, "a GPT-2 model is compared only when loaded from its Hugging Face folder"
         hf = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
         return hf.to(device=model.embed.weight.device, dtype=model.embed.weight.dtype).eval(), None
@@ -501,32 +499,7 @@ def tiny_setup(device, dtype, seed):
 
 
 def prompts_arg(text):
-    return text if text == BUILTIN else decode.existing_file(text)
-
-
-def read_prompts(path):
-    """The rows of a prompts file, each {"prompt": text, "answer": anything}; a malformed line is a ValueError that
-    names file:line."""
-    rows = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not a JSON object ({e.msg})")
-                if not isinstance(row, dict) or "prompt" not in row:
-                    raise ValueError(f'{path}:{n}: expected an object with a "prompt" field')
-                if not isinstance(row["prompt"], str) or not row["prompt"]:
-                    raise ValueError(f'{path}:{n}: "prompt" must be a non-empty string')
-                rows.append(row)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason})")
-    if not rows:
-        raise ValueError(f"{path}: holds no prompts")
-    return rows
+    return text if text == BUILTIN else existing_file(text)
 
 
 def check_prompts_tokenizer(path, tokenizer):
@@ -537,41 +510,40 @@ def check_prompts_tokenizer(path, tokenizer):
 
 
 def method_list(text):
-    names = []
-    for m in filter(None, (m.strip() for m in text.split(","))):
-        if m.isdigit() and names and names[-1].startswith("tree@"):   # tree@4,2,2,1: its branch factors go on
-            names[-1] += f",{m}"
-        else:
-            names.append(m)
-    methods = list(dict.fromkeys(names))
+    methods = list(dict.fromkeys(filter(None, (m.strip() for m in text.split(",")))))
     if not methods:
         raise argparse.ArgumentTypeError("no methods given (e.g. ar,mtp@3)")
-    return [m if m == HF else decode.method_arg(m) for m in methods]
+    for m, after in zip(methods, methods[1:] + [""]):
+        if m.startswith("tree@") and after.isdigit():   # the old tree@4,2,2,1 read as a list
+            decode.method_arg(f"{m},{after}")
+        if m != HF:
+            decode.method_arg(m)
+    return methods
 
 
 def size_list(text):
-    return list(dict.fromkeys(decode.number(int, 1)(b) for b in text.split(",")))
+    return list(dict.fromkeys(number(int, 1)(b) for b in text.split(",")))
 
 
 def tau_list(text):
-    return [decode.number(float, 0, 1, low_open=True)(t) for t in text.split(",")]
+    return [number(float, 0, 1, low_open=True)(t) for t in text.split(",")]
 
 
 def k_max_list(text):
-    return list(dict.fromkeys(decode.number(int, 2, decode.MAX_DRAFTS)(k) for k in text.split(",")))
+    return list(dict.fromkeys(number(int, 2, MAX_DRAFTS)(k) for k in text.split(",")))
 
 
 def main(argv=None):
-    p = decode.Parser(__doc__.split("\n\n")[0])
+    p = Parser(__doc__.split("\n\n")[0])
     p.add_argument("--methods", type=method_list, default="ar,mtp", help="comma-separated: ar, ar@Q, mtp@D, "
-                   f"mtp@autoD, tree@DxK, tree@b1,b2,..., tree@autoN, static@K, confadapt@TAU[:K], verified@K (D and K "
-                   f"up to {decode.MAX_DRAFTS}, TAU in (0, 1]), hf (transformers)")
-    decode.add_model_args(p, max_new_tokens=128)
+                   f"mtp@autoD, tree@DxK, tree@b1-b2-..., tree@autoN, static@K, confadapt@TAU[:K], verified@K (D and K "
+                   f"up to {MAX_DRAFTS}, TAU in (0, 1]), hf (transformers)")
+    add_model_args(p, max_new_tokens=128)
     p.add_argument("--prompts", type=prompts_arg, default=None, help='JSONL file, one {"prompt": text, '
                    '"answer": gold?} a line, the prompt used verbatim, or "builtin": 16 short chat questions in the '
                    "model's chat template (default: data/smollm2_heldout.jsonl for smollm2, else builtin)")
-    p.add_argument("--num_prompts", type=decode.number(int, 1), default=8, help="how many prompts to use")
-    p.add_argument("--warmup", type=decode.number(int, 0), default=1, help="prompts decoded untimed before timing")
+    p.add_argument("--num_prompts", type=number(int, 1), default=8, help="how many prompts to use")
+    p.add_argument("--warmup", type=number(int, 0), default=1, help="prompts decoded untimed before timing")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object, last line")
     p.add_argument("--sweep", action="store_true", help="also run confadapt@TAU for every --taus value; write a "
                    "markdown table (and a PNG where matplotlib exists) to --out")
@@ -587,15 +559,16 @@ def main(argv=None):
                    "weights: checks that everything runs")
     args = p.parse_args(argv)
     if args.k_maxes and not args.sweep:
-        decode.fail("--k_maxes: only with --sweep")
+        fail("--k_maxes: only with --sweep")
     taus = args.taus if args.sweep else []
     methods = list(dict.fromkeys(args.methods + [sweep_method(t, k) for k in args.k_maxes or [None] for t in taus]))
-    ours = [m for m in methods if m != HF]
+    ours = [decode.Method.parse(m) for m in methods if m != HF]
     dtype = decode.check_model_args(args, ours)
     if args.batch_sizes:
-        single = [m for m in methods if m == HF or decode.parse_method(m)[0] not in decode.BATCHED]
+        parsed = dict(zip([m for m in methods if m != HF], ours))
+        single = [m for m in methods if m == HF or not parsed[m].batches]
         if single or args.sweep:
-            decode.fail(f"--batch_sizes: only methods that decode batches (ar, ar@Q, mtp@D, mtp@autoD) are "
+            fail(f"--batch_sizes: only methods that decode batches (ar, ar@Q, mtp@D, mtp@autoD) are "
                         f"measured against batch size, not {', '.join(single) or '--sweep'}")
     prompts_file = args.prompts or (HELDOUT if args.init_from == load.BUNDLED and not args.tiny else BUILTIN)
     try:
@@ -603,8 +576,7 @@ def main(argv=None):
         if args.tiny:
             model, original, tokenizer, options = tiny_setup(args.device, dtype, args.seed)
         else:
-            model, original, tokenizer, options = decode.setup(args.init_from, ours, args.device, dtype, args.heads,
-                                                               args.mask, args.draft_vocab)
+            model, original, tokenizer, options = decode.load_args(args, ours, dtype)
         if rows:
             check_prompts_tokenizer(prompts_file, tokenizer)
         else:
@@ -626,7 +598,7 @@ def main(argv=None):
                       args.temperature, args.seed, args.warmup, hf, nll_self=original is None, progress=True,
                       compile=args.compile)
     except (ValueError, OSError) as e:
-        decode.fail(e)
+        fail(e)
     if args.batch_sizes:
         res["notes"] += write_batches(res, args.out)
         print(batch_table(res))

@@ -1,11 +1,11 @@
 """
-The training losses of both papers, and Paper A's packed training layout with its attention mask.
+The training losses of both papers, and Paper A's packed training layout with its visibility matrix.
 
 Paper B (MTP-D): `mtp_loss` - every MTP head gets cross-entropy against the data plus a KL term that pulls it towards
 the main head's (detached) distribution for the same target token, over the main head's top-N tokens.
 
 Paper A (standalone MTP via mask tokens): `pack_regions` lays out a batch with "MTP regions" of k-1 mask tokens and
-builds the blocked-causal mask; `mask_loss` is the student-forced distillation loss against a frozen teacher.
+builds the blocked-causal visibility; `student_forced_loss` is the distillation loss against a frozen teacher.
 
 Nothing here owns an optimizer or a data loader (train.py does).
 """
@@ -43,25 +43,25 @@ class MTPLossConfig:
     main_loss: bool = True      # include the main head's next-token loss (off when the backbone is frozen)
 
 
-def mtp_loss(model, idx, loss_mask=None, cfg=MTPLossConfig()):
+def mtp_loss(model, idx, loss_weight=None, cfg=MTPLossConfig()):
     """Loss of the main model and its MTP heads on token ids idx (B, T).
 
     The head at depth d (1-based) runs module d-1 on (depth d-1's hidden state at i, token i+d) and predicts token
     i+d+1; the main head at position i+d predicts the same token, so its (detached) distribution there is the
-    distillation target. loss_mask (B, T) marks which tokens count as targets (e.g. answers only).
+    distillation target. loss_weight (B, T) marks which tokens count as targets (e.g. answers only).
     Returns (loss, metrics dict)."""
     T = idx.size(1)
-    loss_mask = torch.ones_like(idx, dtype=torch.float) if loss_mask is None else loss_mask.float()
+    loss_weight = torch.ones_like(idx, dtype=torch.float) if loss_weight is None else loss_weight.float()
     train_main = cfg.main_loss and any(p.requires_grad for p in model.blocks.parameters())
     with torch.set_grad_enabled(train_main and torch.is_grad_enabled()):
         x, taps = model.hidden(idx, keep_taps=True)
         main_logits = model.logits(x)
-    h = model.head_input(x, taps)         # outside: a fusion trains with the heads while the backbone stays frozen
+    h = model.head_state(x, taps)         # outside: a fusion trains with the heads while the backbone stays frozen
     metrics = {}
     loss = torch.zeros((), device=idx.device)
     if cfg.main_loss:
         ce = F.cross_entropy(main_logits[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten(), reduction="none")
-        loss = loss + _masked_mean(ce, loss_mask[:, 1:])
+        loss = loss + _weighted_mean(ce, loss_weight[:, 1:])
         metrics["main_loss"] = loss.item()
     teacher = main_logits.detach()
     pos = model.default_pos(idx)
@@ -71,28 +71,28 @@ def mtp_loss(model, idx, loss_mask=None, cfg=MTPLossConfig()):
             break
         h = model.head_forward(d - 1, h[:, :n], idx[:, d:d + n], pos[:, :n])
         logits = model.logits(h)                        # (B, n, V): predictions of tokens d+1 .. d+n
-        target, m = idx[:, d + 1:d + 1 + n], loss_mask[:, d + 1:d + 1 + n]
-        ce = _masked_mean(F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="none"), m)
+        target, m = idx[:, d + 1:d + 1 + n], loss_weight[:, d + 1:d + 1 + n]
+        ce = _weighted_mean(F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="none"), m)
         head_loss = cfg.alpha * ce
         if cfg.beta:
-            kl = _masked_mean(topn_kl(logits, teacher[:, d:d + n], cfg.top_n, cfg.kl_direction).flatten(), m)
+            kl = _weighted_mean(topn_kl(logits, teacher[:, d:d + n], cfg.top_n, cfg.kl_direction).flatten(), m)
             head_loss = head_loss + cfg.beta * kl
             metrics[f"kl{d}"] = kl.item()
         loss = loss + head_loss
         pred = logits.argmax(-1)
         metrics[f"ce{d}"] = ce.item()
-        metrics[f"acc{d}"] = _masked_mean((pred == target).float().flatten(), m).item()           # vs the data
-        metrics[f"agree{d}"] = _masked_mean((pred == teacher[:, d:d + n].argmax(-1)).float().flatten(), m).item()
+        metrics[f"acc{d}"] = _weighted_mean((pred == target).float().flatten(), m).item()           # vs the data
+        metrics[f"agree{d}"] = _weighted_mean((pred == teacher[:, d:d + n].argmax(-1)).float().flatten(), m).item()
     return loss, metrics
 
 
-def _masked_mean(values, mask):
-    mask = mask.flatten().to(values.dtype)
-    return (values.flatten() * mask).sum() / mask.sum().clamp_min(1)
+def _weighted_mean(values, weight):
+    weight = weight.flatten().to(values.dtype)
+    return (values.flatten() * weight).sum() / weight.sum().clamp_min(1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Paper A: MTP regions and the blocked-causal mask
+# Paper A: MTP regions and the blocked-causal visibility
 
 @dataclass
 class Regions:
@@ -140,7 +140,7 @@ def pack_regions(tokens, k, n_regions, mask_ids, generator=None):
     return Regions(torch.cat(pieces), torch.cat(pos), torch.cat(span), torch.cat(anchor), torch.stack(slots), targets)
 
 
-def region_mask(span, pos, anchor):
+def region_visible(span, pos, anchor):
     """Blocked-causal "may attend" matrix (..., L, L) from a layout's span, pos and anchor (..., L) (as in Regions;
     one row or a batch): every query sees the real tokens up to its anchor; a mask token also sees the masks of its
     own region up to itself. Real tokens never see a mask."""
@@ -151,31 +151,31 @@ def region_mask(span, pos, anchor):
 
 
 def pack_batch(batch, k, n_regions, mask_ids, generator=None, device=None):
-    """pack_regions for every row of batch (B, N) with the same k and region count: returns idx, pos, mask (B, L, L),
+    """pack_regions for every row of batch (B, N) with the same k and region count: returns idx, pos, visible (B, L, L),
     slots (B, R, k), targets (B, R, k), on `device` (default: the batch's). Rows get the same layout length because
-    the counts are equal. The layouts are drawn on the CPU (small, sequential); the (B, L, L) mask is built in one
+    the counts are equal. The layouts are drawn on the CPU (small, sequential); the (B, L, L) matrix is built in one
     batched step where it is used: built row by row on the CPU, it cost seconds per step on a busy host."""
     device = device or batch.device
     packed = [pack_regions(row, k, n_regions, mask_ids, generator) for row in batch.cpu()]
     stack = lambda name: torch.stack([getattr(p, name) for p in packed]).to(device)
     span, pos, anchor = stack("span"), stack("pos"), stack("anchor")
-    return stack("idx"), pos, region_mask(span, pos, anchor), stack("slots"), stack("targets")
+    return stack("idx"), pos, region_visible(span, pos, anchor), stack("slots"), stack("targets")
 
 
 @dataclass
-class MaskLossConfig:
+class StudentForcedConfig:
     target: str = "hard"           # "hard": teacher argmax (default), "soft": KL(teacher || student), "data": ground truth
     prefix_loss: float = 0.0       # weight of an extra next-token loss on the real (prefix) positions
 
 
-def mask_loss(student, teacher, idx, pos, attn_mask, slots, targets, cfg=MaskLossConfig(), n_real_vocab=None):
+def student_forced_loss(student, teacher, idx, pos, visible, slots, targets, cfg=StudentForcedConfig(), n_real_vocab=None):
     """Student-forced distillation (Paper A). The student predicts k tokens per region; its argmax proposals
     replace the masks; the frozen teacher scores that text with the same layout, which gives, at every slot, the
     teacher's next token given the prefix and the student's own earlier proposals. The student is trained to match.
     teacher may be the student itself when its adapters are gated (a proposal is no mask: no adapter runs).
     Returns (loss, metrics)."""
     V = n_real_vocab or student.cfg.vocab_size
-    logits = student(idx, pos, mask=attn_mask)[..., :V]                   # (B, L, V)
+    logits = student(idx, pos, visible=visible)[..., :V]                   # (B, L, V)
     B, R, k = slots.shape
     rows = torch.arange(B, device=idx.device)[:, None, None]
     s = logits[rows, slots]                                                # (B, R, k, V)
@@ -187,13 +187,13 @@ def mask_loss(student, teacher, idx, pos, attn_mask, slots, targets, cfg=MaskLos
         forced = idx.clone()
         forced[rows, slots[..., 1:]] = proposals[..., :-1]                 # masks -> the student's own proposals
         with torch.no_grad():
-            t = teacher(forced, pos, mask=attn_mask)[..., :V][rows, slots]  # (B, R, k, V)
+            t = teacher(forced, pos, visible=visible)[..., :V][rows, slots]  # (B, R, k, V)
         if cfg.target == "hard":
             loss = F.cross_entropy(s.flatten(0, 2).float(), t.argmax(-1).flatten())
         elif cfg.target == "soft":
             loss = topn_kl(s, t).mean()
         else:
-            raise ValueError(f"unknown mask-loss target {cfg.target!r} (hard, soft or data)")
+            raise ValueError(f"unknown student-forced loss target {cfg.target!r} (hard, soft or data)")
         agree = (proposals == t.argmax(-1)).float()
         metrics.update({f"agree{j + 1}": agree[..., j].mean().item() for j in range(k)})
     if cfg.prefix_loss:

@@ -34,7 +34,8 @@ from data.dataset import FORMAT, dtype_for, fingerprint  # noqa: E402
 from data.readers import read_jsonl, read_text  # noqa: E402
 from data.synthmath import make_splits  # noqa: E402
 from load import BUNDLED, bundled_gguf, load  # noqa: E402
-from tokenizer import CHATML_END, load_tokenizer, plural  # noqa: E402
+from files import plural  # noqa: E402
+from tokenizer import CHATML_END, load_tokenizer  # noqa: E402
 
 PLAIN_PROMPT = "Question: {question}\nAnswer:\n"   # the prompt format of models without a chat template
 

@@ -143,15 +143,15 @@ def checkpoint(tmp_path_factory):
 
 def test_setup_attaches_only_what_methods_use(checkpoint):
     heads = [checkpoint / "heads.safetensors"]
-    m = decode.setup(checkpoint / "model", ["ar"], heads=heads)[0]
+    m = load.load_for(checkpoint / "model")[0]
     assert len(m.heads) == 0
-    m, original, _, options = decode.setup(checkpoint / "model", ["ar", "mtp@2"], heads=heads)
+    m, original, _, options = load.load_for(checkpoint / "model", heads=heads)
     assert len(m.heads) == 1 and original is m
 
 
 def test_draft_vocab(checkpoint):
     def draft_ids(n, file="heads.safetensors"):
-        return decode.setup(checkpoint / "model", ["mtp@2"], heads=[checkpoint / file], draft_vocab=n)[3].get(
+        return load.load_for(checkpoint / "model", heads=[checkpoint / file], draft_vocab=n)[3].get(
             "draft_ids")
     assert draft_ids(None).tolist() == list(range(29, -1, -1))   # the default is capped by what the file lists
     assert draft_ids(0) is None                                   # 0: the full vocabulary
@@ -165,7 +165,7 @@ def test_draft_vocab(checkpoint):
 
 def test_fine_tuned_without_its_original_is_labelled(tmp_path, capsys):
     tiny_checkpoint(tmp_path / "ft", mask_tokens=1, train_args={"init_from": str(tmp_path / "gone"), "k_max": 4})
-    m, original, _, options = decode.setup(tmp_path / "ft", ["static@2"])
+    m, original, _, options = load.load_for(tmp_path / "ft", adapter=load.SHIPPED)
     assert original is None and options["k_max"] == 4
     assert "warning:" in capsys.readouterr().err
     res = bench.main(["--init_from", str(tmp_path / "ft"), "--methods", "ar,static@2", "--num_prompts", "1",
@@ -175,7 +175,7 @@ def test_fine_tuned_without_its_original_is_labelled(tmp_path, capsys):
     assert "nll" not in res["methods"]["ar"] and res["methods"]["ar"]["nll_self"] is not None
     tiny_checkpoint(tmp_path / "orig")       # with its original present, that one judges
     tiny_checkpoint(tmp_path / "ft2", mask_tokens=1, train_args={"init_from": str(tmp_path / "orig")})
-    m, original, _, _ = decode.setup(tmp_path / "ft2", ["static@2"])
+    m, original, _, _ = load.load_for(tmp_path / "ft2", adapter=load.SHIPPED)
     assert original is not None and original is not m and original.cfg.mask_token_ids == []
 
 

@@ -16,7 +16,11 @@ import torch
 
 import decode   # the repository is on sys.path through conftest.py
 import model
-from decode import Sampling, Stats, generate
+import draft_heads
+import draft_mask
+import engine
+from decode import Method, Stats, generate
+from engine import Sampling
 
 V = 60
 
@@ -93,7 +97,7 @@ def test_mtp_greedy_equals_ar(method, opts):
         m, cases = case(seed, residual)
         for p, ref in cases:
             assert generate(m, [p], 24, method=method, stats=stats, **opts) == ref, (seed, len(p), method)
-    assert_exercised(stats, depths=min(2, decode.parse_method(method)[1]))
+    assert_exercised(stats, depths=min(2, Method.parse(method).k))
 
 
 def test_mtp_greedy_equals_ar_gpt2():
@@ -112,9 +116,9 @@ def with_mask_oracle(m, mask_ids, ref, wrong=lambda pos: pos % 3 == 0):
     plain = m.forward
     masks = torch.tensor(mask_ids)
 
-    def forward(idx, pos=None, caches=None, mask=None, return_hidden=False):
-        out = plain(idx, pos, caches, mask, return_hidden)
-        logits = out[0] if return_hidden else out
+    def forward(idx, pos=None, caches=None, visible=None, return_head_state=False):
+        out = plain(idx, pos, caches, visible, return_head_state)
+        logits = out[0] if return_head_state else out
         pos = m.default_pos(idx) if pos is None else pos
         for b, t in torch.isin(idx, masks).nonzero().tolist():
             target = int(pos[b, t]) + 1        # a mask at position p stands for the token at p, predicts p + 1
@@ -142,13 +146,13 @@ def test_verified_greedy_equals_ar(k, mask_ids):
 def test_stop_token_inside_accepted_run(monkeypatch):
     """A stop id that the drafts carry past: the output ends at it, as ar's does."""
     chunks = []
-    step = decode.HeadDrafts.step
+    step = draft_heads.HeadDrafts.step
 
     def recording_step(self, live):
-        new, accepted = step(self, live)
-        chunks.append(new[0])   # batch 1: the one row
-        return new, accepted
-    monkeypatch.setattr(decode.HeadDrafts, "step", recording_step)
+        rows = step(self, live)
+        chunks.append(rows[0].tokens)   # batch 1: the one row
+        return rows
+    monkeypatch.setattr(draft_heads.HeadDrafts, "step", recording_step)
     inside = 0
     for seed in (1, 5):
         m = tiny(seed, heads=2, residual=0.01)
@@ -231,24 +235,24 @@ def test_verify_sampling_distribution():
     assert 0.5 * (p[0] - q[0]).abs().sum() > 0.2         # drafts far from the target: bugs will show
 
     # depth 1: the first token (sampling noise at these sizes: TV ~0.005-0.01)
-    assert tv(first_two(decode.verify, p_logits[1:], q[1:], 8000).sum(1), p[1]) < 0.02
+    assert tv(first_two(engine.verify, p_logits[1:], q[1:], 8000).sum(1), p[1]) < 0.02
     assert tv(first_two(always_accept, p_logits[1:], q[1:], 1000).sum(1), p[1]) > 0.2            # power
     assert tv(first_two(resample_from_target, p_logits[1:], q[1:], 2000).sum(1), p[1]) > 0.04     # power
     # depth 2: joint of the first two tokens (36 cells: noise ~0.02)
     joint = torch.outer(p[0], p[1]).flatten()
-    assert tv(first_two(decode.verify, p_logits, q, 8000).flatten(), joint) < 0.035
+    assert tv(first_two(engine.verify, p_logits, q, 8000).flatten(), joint) < 0.035
     assert tv(first_two(always_accept, p_logits, q, 1000).flatten(), joint) > 0.3
 
 
 def test_verify_greedy():
     target = torch.tensor([[0.0, 5, 1], [3, 0, 1], [0, 0, 9], [2, 1, 0]])   # argmax 1, 0, 2, 0
     for drafts, want in (([1, 0, 2], (3, 0)), ([1, 2, 2], (1, 0)), ([0, 0, 2], (0, 1))):
-        assert decode.verify(torch.tensor(drafts), None, target, Sampling()) == want
+        assert engine.verify(torch.tensor(drafts), None, target, Sampling()) == want
 
 
 def e2e_tv(monkeypatch, verify, n):
     """TV between mtp@2's sampled 2-token outputs and the exact distribution of plain sampling."""
-    monkeypatch.setattr(decode, "verify", verify)
+    monkeypatch.setattr(draft_heads, "verify", verify)
     m = tiny(7, vocab=5, heads=2, std=0.5, n_layer=1, n_embd=16, head_dim=8, n_head=2, n_kv_head=1,
              intermediate_size=32, max_seq_len=16)
     p = [1, 3, 2]
@@ -265,7 +269,7 @@ def e2e_tv(monkeypatch, verify, n):
 
 
 def test_mtp_sampling_end_to_end(monkeypatch):
-    assert e2e_tv(monkeypatch, decode.verify, 1000) < 0.12     # 25 cells, 1000 samples: noise ~0.05-0.07
+    assert e2e_tv(monkeypatch, engine.verify, 1000) < 0.12     # 25 cells, 1000 samples: noise ~0.05-0.07
     assert e2e_tv(monkeypatch, always_accept, 300) > 0.2       # the test has power
 
 
@@ -285,7 +289,7 @@ def crafted(confidences, k=5):
 def test_confadapt_emit():
     def emit(tau, conf):
         stub = SimpleNamespace(tau=tau, sampling=Sampling(), generator=None)
-        return decode.MaskDrafts.emit(stub, crafted(conf))
+        return draft_mask.MaskDrafts.emit(stub, crafted(conf))
     assert emit(0.9, [0.99, 0.95, 0.5, 0.99, 0.99]) == [0, 1]          # stops at the first unsure position
     assert emit(0.9, [0.5, 0.99, 0.99, 0.99, 0.99]) == [0]             # always at least one token
     assert emit(0.9, [0.99] * 5) == [0, 1, 2, 3, 4]
@@ -408,11 +412,11 @@ def test_head_drafts_keep_the_main_hidden_states(arch):
     text = torch.tensor([p + out])[:, :final]
     with torch.no_grad():
         expected = m.hidden(text)
-    torch.testing.assert_close(strategy.hidden[:, :final], expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(strategy.head_state[:, :final], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_graphed_steps_are_idempotent(monkeypatch):
-    """A CUDA graph is captured after warm-up runs of its step on the same state (decode.Graph), so every graphed
+    """A CUDA graph is captured after warm-up runs of its step on the same state (engine.Graph), so every graphed
     step must leave the same state however often it runs; counters advance outside it. Simulated on the CPU: every
     step here runs three times per call, and the outputs must not change."""
     m, cases = case(2, 0.01)
@@ -423,7 +427,7 @@ def test_graphed_steps_are_idempotent(monkeypatch):
         graph.fn()
         graph.fn()
         return graph.fn()
-    monkeypatch.setattr(decode.Graph, "__call__", thrice)
+    monkeypatch.setattr(engine.Graph, "__call__", thrice)
     for meth in ("ar", "ar@4", "mtp@1", "mtp@3", "mtp@auto3", "verified@3"):
         for p, ref in cases:
             assert generate(m, [p], 24, method=meth, mask_ids=[V - 1]) == ref, meth

@@ -54,7 +54,7 @@ def worker(rank, data, tmp, port):
         both, two, _ = scenarios(data, tmp)["ddp"]
         train.main([*both, *two, "--out", f"{tmp}/split2", "--max_steps", "3"])
         train.main(["--out", f"{tmp}/split2", "--resume", "--max_steps", "6", "--parallel", "fsdp"])
-        train.main(["--data", data, *TINY, "--mode", "mask", "--init_from", f"{tmp}/base", "--lora_rank", "4",
+        train.main(["--data", data, *TINY, "--mode", "mask_tokens", "--init_from", f"{tmp}/base", "--lora_rank", "4",
                     "--gated", "--k_max", "4", "--batch_size", "2", "--max_steps", "2", "--parallel", "fsdp",
                     "--lr", "0.1", "--out", f"{tmp}/mask2"])
     with open(f"{tmp}/stdout{rank}.txt", "w") as f:

@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 import distill
 import load
 import train
-from decode import Sampling, Stats, generate, make_strategy
+from decode import Stats, generate, make_strategy
+from engine import Sampling
 from test_decode import MODELS, assert_exercised, prompt, tiny
 import test_train
 from test_train import SMALL, read_log, run_cli
@@ -123,14 +124,14 @@ def test_drafts_read_the_fused_state():
         s.step([True])
     assert checked == 8 and int(s.newest[0]) > len(p) + 8   # some drafts accepted on the way
     final = int(s.newest[0])
-    torch.testing.assert_close(s.hidden[:, :final], head_start(m, s.tokens[:, :final]), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(s.head_state[:, :final], head_start(m, s.tokens[:, :final]), atol=1e-5, rtol=1e-4)
     for tree in strategy_steps(m, "tree@2x2", p, 6):
         tree.draft()
         L = int(tree.newest)
         t = tree.tokens[:, :L + 1]
         h1 = m.head_forward(0, head_start(m, t[:, :L]), t[:, 1:L + 1], m.default_pos(t[:, :L]))
         assert tree.nodes.tolist()[1:3] == top(m, h1, 2), L
-        torch.testing.assert_close(tree.hidden[:, :L], head_start(m, t[:, :L]), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(tree.head_state[:, :L], head_start(m, t[:, :L]), atol=1e-5, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------------------------

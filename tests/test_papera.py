@@ -49,7 +49,7 @@ def test_confadapt_k_max_override():
     assert strategy.k == 3 and strategy.query_len == 5 and strategy.tau == 0.9
     for bad in ("confadapt@0.9:1", "confadapt@0.9:17", "confadapt@0.9:x"):
         with pytest.raises(ValueError, match="K \\(k_max\\)"):
-            decode.parse_method(bad)
+            decode.Method.parse(bad)
 
 
 def test_k_max_sweep(tmp_path, capsys):
