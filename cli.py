@@ -46,7 +46,8 @@ def number(kind, low, high=None, low_open=False):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+            raise argparse.ArgumentTypeError(f"expected "
+                                             f"{'an integer' if kind is int else 'a number'}, "
                                              f"got {text!r}")
         above = value > low if low_open else value >= low
         if not (above and (high is None or value <= high)):   # NaN fails every comparison
@@ -63,12 +64,14 @@ def device_arg(text):
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"unknown device {text!r} (expected cpu, cuda or cuda:N)")
     if device.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"unsupported device {text!r} (expected cpu, cuda or cuda:N)")
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r} (expected cpu, cuda or "
+                                         f"cuda:N)")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine (use --device cpu)")
+        raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine (use "
+                                         f"--device cpu)")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA "
-                                         f"device(s)")
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} "
+                                         f"CUDA device(s)")
     return text
 
 
@@ -96,24 +99,27 @@ def add_model_args(p, max_new_tokens):
                    "folder, a .gguf file, or a nanoMTP checkpoint folder")
     p.add_argument("--heads", type=file_list, default=None, help="MTP heads files for method mtp, "
                    "comma-separated, in training order (default: those shipped for --init_from)")
-    p.add_argument("--adapter", type=existing_file, default=None, help="mask-token adapter file for "
-                   "static, confadapt and verified (default: the one shipped for --init_from)")
-    p.add_argument("--draft_vocab", type=number(int, 0), default=None, help="mtp drafts from the N most "
-                   "frequent tokens the heads file lists; 0 = the full vocabulary (default: "
+    p.add_argument("--adapter", type=existing_file, default=None, help="mask-token adapter file "
+                   "for static, confadapt and verified (default: the one shipped for --init_from)")
+    p.add_argument("--draft_vocab", type=number(int, 0), default=None, help="mtp drafts from the "
+                   "N most frequent tokens the heads file lists; 0 = the full vocabulary (default: "
                    f"{DRAFT_VOCAB}, or all listed)")
     p.add_argument("--max_new_tokens", type=number(int, 1), default=max_new_tokens,
                    help="tokens to generate at most")
     p.add_argument("--temperature", type=number(float, 0), default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling")
-    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
+    p.add_argument("--device", type=device_arg,
+                   default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weights and activations (default: bfloat16 on cuda, float32 on cpu)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model's forward before its "
-                   "CUDA graphs are captured (cuda only; about a minute of compilation per step shape)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model's forward "
+                   "before its CUDA graphs are captured (cuda only; about a minute of compilation "
+                   "per step shape)")
 
 
-COLOURS = ["32", "33", "35", "36", "34"]   # ANSI foreground: green, yellow, magenta, cyan, blue: 1..5+
+# ANSI foreground: green, yellow, magenta, cyan, blue: 1..5+
+COLOURS = ["32", "33", "35", "36", "34"]
 
 
 def render(tokenizer, out, labels, lossy, colour):
@@ -122,7 +128,8 @@ def render(tokenizer, out, labels, lossy, colour):
     pieces, done = [], ""
     for i, d in enumerate(labels):
         text = tokenizer.decode(out[:i + 1])
-        if text.endswith("\ufffd") and i + 1 < len(out):   # a character split across tokens: shown next
+        # a character split across tokens: shown next
+        if text.endswith("\ufffd") and i + 1 < len(out):
             continue
         text, done = text[len(done):], text
         if d == 0:

@@ -1,13 +1,14 @@
 """
 Generation: one `generate` loop over a strategy per method, and the decode.py command line.
 
-- `Method`: a method name parsed once (`ar`, `ar@Q`, `mtp@D`, `mtp@autoD`, `tree@DxK`, `tree@b1-b2-...`,
-  `tree@autoN`, `static@K`, `confadapt@TAU[:K]`, `verified@K`); `make_strategy` builds its strategy.
+- `Method`: a method name parsed once (`ar`, `ar@Q`, `mtp@D`, `mtp@autoD`, `tree@DxK`,
+  `tree@b1-b2-...`, `tree@autoN`, `static@K`, `confadapt@TAU[:K]`, `verified@K`); `make_strategy`
+  builds its strategy.
 - `Autoregressive`: plain decoding of a batch, the reference every other method is compared with.
 - `generate`: prefill, then steps until every row stops; fills `Stats` (one histogram of accepted
   lengths, every rate derived from it) and a `trace` of how each token was produced.
-- The methods: draft_heads.py (mtp), draft_tree.py (tree), draft_mask.py (static, confadapt, verified);
-  their machinery: engine.py. Nothing here trains or measures speed (bench.py does).
+- The methods: draft_heads.py (mtp), draft_tree.py (tree), draft_mask.py (static, confadapt,
+  verified); their machinery: engine.py. Nothing here trains or measures speed (bench.py does).
 
 CLI: python decode.py --init_from smollm2 --prompt "What is the capital of France?" [--method mtp@3]
 """
@@ -34,7 +35,8 @@ LOSSY = {"static", "confadapt"}    # methods that emit predictions nothing check
 class Method:
     """A decoding method, parsed once from its name."""
     kind: str                   # ar, mtp, tree, static, confadapt, verified
-    k: int | None = None        # ar: Q; mtp: D; static, verified: K; confadapt: K (None: the model's)
+    # ar: Q; mtp: D; static, verified: K; confadapt: K (None: the model's)
+    k: int | None = None
     tau: float | None = None    # confadapt's threshold
     branches: tuple = ()        # tree: branch factors per depth
     budget: int | None = None   # tree@autoN: the node budget N
@@ -58,7 +60,9 @@ class Method:
 
     def __str__(self):
         if self.kind == "tree":
-            return f"tree@auto{self.budget}" if self.budget else "tree@" + "-".join(map(str, self.branches))
+            if self.budget:
+                return f"tree@auto{self.budget}"
+            return "tree@" + "-".join(map(str, self.branches))
         if self.kind == "confadapt":
             return f"confadapt@{self.tau:g}" + (f":{self.k}" if self.k else "")
         if self.kind == "ar" and self.k == 1:
@@ -67,25 +71,30 @@ class Method:
 
     @classmethod
     def parse(cls, name):
-        """A ValueError names the allowed values. ar@Q is plain decoding padded to Q tokens per forward
-        (the bf16 reference of a method whose forwards carry Q tokens: mtp@D's is ar@(D+1), verified@K's
-        ar@(2K-1), a tree's ar@(1 + its nodes)). A bare name takes its default (mtp: mtp@3)."""
+        """A ValueError names the allowed values. ar@Q is plain decoding padded to Q tokens per
+        forward (the bf16 reference of a method whose forwards carry Q tokens: mtp@D's is ar@(D+1),
+        verified@K's ar@(2K-1), a tree's ar@(1 + its nodes)). A bare name takes its default (mtp:
+        mtp@3)."""
         if isinstance(name, cls):
             return name
         kind, at, arg = name.partition("@")
         defaults = {"ar": "1", "mtp": "3", "tree": "3x4", "static": "3", "confadapt": "0.9",
                     "verified": "4"}
         if kind not in defaults:
-            raise ValueError(f"unknown method {name!r}: expected ar, ar@Q, mtp@D, mtp@autoD, tree@DxK, "
-                             f"tree@b1-b2-..., tree@autoN, static@K, confadapt@TAU or verified@K")
+            raise ValueError(f"unknown method {name!r}: expected ar, ar@Q, mtp@D, mtp@autoD, "
+                             f"tree@DxK, tree@b1-b2-..., tree@autoN, static@K, confadapt@TAU or "
+                             f"verified@K")
         arg = arg if at else defaults[kind]
         if kind == "tree":
             shape = tree_shape(name, arg)
-            return cls("tree", budget=shape) if isinstance(shape, int) else cls("tree", branches=shape)
+            if isinstance(shape, int):
+                return cls("tree", budget=shape)
+            return cls("tree", branches=shape)
         if kind == "confadapt":
             tau, _, k = arg.partition(":")
             if k and not (_digits(k) and 2 <= int(k) <= MAX_DRAFTS):
-                raise ValueError(f"method {name!r}: K (k_max) must be an integer from 2 to {MAX_DRAFTS}")
+                raise ValueError(f"method {name!r}: K (k_max) must be an integer from 2 to "
+                                 f"{MAX_DRAFTS}")
             try:
                 value = float(tau) if tau.isascii() else None
             except ValueError:
@@ -107,29 +116,35 @@ def _digits(text):
 
 
 def confadapt_k_max(method, k_max):
-    """ConfAdapt's k (masks per forward + 1): K of confadapt@TAU:K, else the model's k_max. A sweep over
-    K shows what the masks each forward carries cost in speed."""
+    """ConfAdapt's k (masks per forward + 1): K of confadapt@TAU:K, else the model's k_max. A sweep
+    over K shows what the masks each forward carries cost in speed."""
     return method.k or k_max
 
 
 @dataclass
 class Stats:
-    """Counters filled by generate. Tokens and forwards count everything (prefill included); tokens per
-    forward leaves out the prefill forwards and the tokens they yield, so `ar` has exactly one. A batched
-    forward counts once per row still decoding. Acceptance counts only steps that checked a draft."""
+    """Counters filled by generate. Tokens and forwards count everything (prefill included); tokens
+    per forward leaves out the prefill forwards and the tokens they yield, so `ar` has exactly one.
+    A batched forward counts once per row still decoding. Acceptance counts only steps that checked
+    a draft."""
     tokens: int = 0
     forwards: int = 0
     prefills: int = 0                                  # prompts decoded (one prefill forward each)
-    prefill_tokens: int = 0                            # tokens those prefills yielded (k for static@K)
-    # (drafts checked, drafts accepted) -> steps: gpt-fast's accept_counts, every rate below comes from it
+    # tokens those prefills yielded (k for static@K)
+    prefill_tokens: int = 0
+    # (drafts checked, drafts accepted) -> steps: gpt-fast's accept_counts, every rate below comes
+    # from it
     accept_counts: dict = field(default_factory=dict)
 
     def record(self, checked, accepted):
-        if checked:   # a forward with nothing to verify (verified@K after a rejection) is not a step
-            self.accept_counts[checked, accepted] = self.accept_counts.get((checked, accepted), 0) + 1
+        # a forward with nothing to verify (verified@K after a rejection) is not a step
+        if checked:
+            key = checked, accepted
+            self.accept_counts[key] = self.accept_counts.get(key, 0) + 1
 
     def _count(self, where):
-        return sum(n for (checked, accepted), n in self.accept_counts.items() if where(checked, accepted))
+        return sum(n for (checked, accepted), n in self.accept_counts.items()
+                   if where(checked, accepted))
 
     @property
     def depths(self):
@@ -171,13 +186,15 @@ class Stats:
 
 
 class Autoregressive(Strategy):
-    """Plain decoding of a batch, one token per forward. Each step feeds every row's newest token and
-    query_len-1 pads (the bf16 reference of a method that feeds query_len tokens; 1 is the fastest)."""
+    """Plain decoding of a batch, one token per forward. Each step feeds every row's newest token
+    and query_len-1 pads (the bf16 reference of a method that feeds query_len tokens; 1 is the
+    fastest)."""
     batches = True
 
-    def __init__(self, model, max_len, sampling=Sampling(), generator=None, batch_size=1, query_len=1,
-                 graphs=None, compile=False):
-        super().__init__(model, batch_size, max_len, query_len, sampling, generator, graphs, compile)
+    def __init__(self, model, max_len, sampling=Sampling(), generator=None, batch_size=1,
+                 query_len=1, graphs=None, compile=False):
+        super().__init__(model, batch_size, max_len, query_len, sampling, generator, graphs,
+                         compile)
         self.rows = torch.arange(batch_size, device=self.device)
         self.offsets = torch.arange(query_len, device=self.device)
         self.caches, _ = model.make_caches(batch_size, self.cache_len)
@@ -185,7 +202,8 @@ class Autoregressive(Strategy):
         self.next = Graph(self._next_token if sampling.greedy else self._next_logits, self.graphs)
 
     def _next_logits(self):
-        pos = self.newest[:, None] + self.offsets          # (B, query_len): the newest token, then pads
+        # (B, query_len): the newest token, then pads
+        pos = self.newest[:, None] + self.offsets
         return self.forward(self.tokens.gather(1, pos), self.positions(pos), self.caches)[:, 0]
 
     def _next_token(self):
@@ -205,15 +223,18 @@ class Autoregressive(Strategy):
         else:
             nxt = self.sampling.pick(self.next(), self.generator)
             self.tokens[self.rows, self.newest + 1] = nxt
-        self.newest += 1          # in place, outside the graph: it reads newest and must stay idempotent
+        # in place, outside the graph: it reads newest and must stay idempotent
+        self.newest += 1
         return [Step([t], 0, 0, [0]) for t in nxt.tolist()]    # the step's one host read-back
 
 
 def make_strategy(model, method, max_len, sampling=Sampling(), generator=None, schedule=None,
-                  draft_ids=None, mask_ids=None, k_max=None, batch_size=1, graphs=None, compile=False):
+                  draft_ids=None, mask_ids=None, k_max=None, batch_size=1, graphs=None,
+                  compile=False):
     """A strategy for `method` (a Method, or its name) with buffers for prompt + new tokens of up to
-    max_len positions. Pass it to generate as `method` to keep its CUDA graphs (and compiled kernels)
-    across calls. graphs: CUDA graphs (default: on CUDA); compile: torch.compile the forward too."""
+    max_len positions. Pass it to generate as `method` to keep its CUDA graphs (and compiled
+    kernels) across calls. graphs: CUDA graphs (default: on CUDA); compile: torch.compile the
+    forward too."""
     method = Method.parse(method)
     engine = dict(sampling=sampling, generator=generator, graphs=graphs, compile=compile)
     if method.kind == "ar":
@@ -226,16 +247,18 @@ def make_strategy(model, method, max_len, sampling=Sampling(), generator=None, s
             return AutoTreeDrafts(model, max_len, method.budget, schedule, draft_ids, **engine)
         return TreeDrafts(model, max_len, method.branches, schedule, draft_ids, **engine)
     if not mask_ids:
-        raise ValueError(f"method {method} needs a mask-token model (train.py --mode mask_tokens) and "
-                         f"its mask token ids")
+        raise ValueError(f"method {method} needs a mask-token model (train.py --mode mask_tokens) "
+                         f"and its mask token ids")
     if method.kind == "confadapt":
         k = confadapt_k_max(method, k_max or K_MAX)
         return MaskDrafts(model, max_len, mask_ids, k, tau=method.tau, **engine)
-    return MaskDrafts(model, max_len, mask_ids, method.k, verified=method.kind == "verified", **engine)
+    return MaskDrafts(model, max_len, mask_ids, method.k, verified=method.kind == "verified",
+                      **engine)
 
 
 # cuDNN attention builds a plan for every new (query length, key length) pair, 40-400 ms each on an
-# H100; decoding meets new lengths with every prompt, so generate keeps to the kernels that need none.
+# H100; decoding meets new lengths with every prompt, so generate keeps to the kernels that need
+# none.
 DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -243,28 +266,30 @@ DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, 
 @sdpa_kernel(DECODE_ATTENTION)
 def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=(),
              generator=None, method="ar", stats=None, trace=None, **method_options):
-    """Generate up to max_new_tokens after each prompt (lists of token ids); returns the new tokens of
-    each prompt, ending with the stop token where one was produced. Methods that batch decode the prompts
-    as one batch, the others one at a time. `method`: a Method or its name (method_options go to
-    make_strategy), or a strategy built by make_strategy (its sampling and generator are used).
-    `trace`, a list, gets per prompt one label per output token (engine.Step's labels)."""
+    """Generate up to max_new_tokens after each prompt (lists of token ids); returns the new tokens
+    of each prompt, ending with the stop token where one was produced. Methods that batch decode the
+    prompts as one batch, the others one at a time. `method`: a Method or its name (method_options
+    go to make_strategy), or a strategy built by make_strategy (its sampling and generator are
+    used). `trace`, a list, gets per prompt one label per output token (engine.Step's labels)."""
     longest = max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0:
         raise ValueError("empty prompt: generation needs at least one token to condition on")
     if longest + max_new_tokens > model.cfg.max_seq_len:
-        raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the "
-                         f"model's context of {model.cfg.max_seq_len} tokens")
+        raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} "
+                         f"exceeds the model's context of {model.cfg.max_seq_len} tokens")
     strategy = method
     if not isinstance(method, Strategy):
         method = Method.parse(method)
-        strategy = make_strategy(model, method, longest + max_new_tokens, Sampling(temperature, top_k, top_p),
-                                 generator, batch_size=len(prompts) if method.batches else 1,
-                                 **method_options)
+        sampling = Sampling(temperature, top_k, top_p)
+        batch_size = len(prompts) if method.batches else 1
+        strategy = make_strategy(model, method, longest + max_new_tokens, sampling, generator,
+                                 batch_size=batch_size, **method_options)
     if longest + max_new_tokens > strategy.max_len:
         raise ValueError(f"a prompt of {longest} tokens plus {max_new_tokens} new ones exceeds the "
                          f"{strategy.max_len} positions this strategy was built for")
     if strategy.batches and len(prompts) != strategy.batch_size:
-        raise ValueError(f"{len(prompts)} prompts for a strategy built for batch size {strategy.batch_size}")
+        raise ValueError(f"{len(prompts)} prompts for a strategy built for batch size "
+                         f"{strategy.batch_size}")
     groups = [prompts] if strategy.batches else [[p] for p in prompts]
     runs = [_decode(strategy, group, max_new_tokens, set(stop_ids)) for group in groups]
     if trace is not None:
@@ -283,8 +308,8 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
 @dataclass
 class Run:
     """What one prefill and its steps produced: per row the output and its labels; the forwards that
-    rows still decoding took part in (a batched forward counts once per such row), per row the tokens
-    its prefill yielded, and (drafts checked, drafts accepted) of every row's every step."""
+    rows still decoding took part in (a batched forward counts once per such row), per row the
+    tokens its prefill yielded, and (drafts checked, drafts accepted) of every row's every step."""
     outs: list
     labels: list
     first: list
@@ -316,7 +341,8 @@ def _decode(strategy, prompts, max_new_tokens, stop_ids):
 
 
 def _finished(out, new, max_new_tokens, stop_ids):
-    """Whether a row ends with its `new` tokens (the last of `out`): full, or they carry a stop token."""
+    """Whether a row ends with its `new` tokens (the last of `out`): full, or they carry a stop
+    token."""
     return len(out) >= max_new_tokens or any(t in stop_ids for t in new)
 
 
@@ -327,7 +353,7 @@ def _truncate(out, max_new_tokens, stop_ids):
     return out[:max_new_tokens]
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # CLI: option checks that run before anything loads, then one prompt decoded
 
 def method_arg(text):
@@ -350,30 +376,35 @@ def check_model_args(args, methods):
     for value, option, used in unused:
         if value is not None and not used:
             fail(f"{option}: no method here uses it (methods: {', '.join(map(str, methods))})")
-    return getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    return getattr(torch,
+                   args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
 
 
 def load_args(args, methods, dtype):
     """load.load_for with what `methods` use: MTP heads, a mask-token adapter (given or shipped)."""
-    heads = (SHIPPED if args.heads is None else args.heads) if any(m.uses_heads for m in methods) else None
-    adapter = ((SHIPPED if args.adapter is None else args.adapter)
-               if any(m.uses_mask_tokens for m in methods) else None)
+    heads = adapter = None
+    if any(m.uses_heads for m in methods):
+        heads = SHIPPED if args.heads is None else args.heads
+    if any(m.uses_mask_tokens for m in methods):
+        adapter = SHIPPED if args.adapter is None else args.adapter
     return load_for(args.init_from, heads, adapter, args.device, dtype, args.draft_vocab)
 
 
 def main(argv=None):
     p = Parser(__doc__.split("\n\n")[0])
     p.add_argument("--prompt", default="What is the capital of France?", help="the user's message")
-    p.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
-    p.add_argument("--method", type=method_arg, default="ar", help="ar, mtp@D, mtp@autoD, tree@DxK, "
-                   "tree@b1-b2-... or tree@autoN (greedy only), static@K, confadapt@TAU or verified@K "
-                   f"(D and K up to {MAX_DRAFTS}, TAU in (0, 1])")
+    p.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat "
+                   "template")
+    p.add_argument("--method", type=method_arg, default="ar", help="ar, mtp@D, mtp@autoD, "
+                   "tree@DxK, tree@b1-b2-... or tree@autoN (greedy only), static@K, confadapt@TAU "
+                   f"or verified@K (D and K up to {MAX_DRAFTS}, TAU in (0, 1])")
     add_model_args(p, max_new_tokens=64)
-    p.add_argument("--top_k", type=number(int, 1), default=None, help="sample among the k most likely")
+    p.add_argument("--top_k", type=number(int, 1), default=None, help="sample among the k most "
+                   "likely")
     p.add_argument("--top_p", type=number(float, 0, 1, low_open=True), default=None, help="nucleus "
                    "sampling: keep the smallest set of tokens whose probability reaches p")
-    p.add_argument("--show", action="store_true", help="mark each token by how it was produced: the "
-                   "main model, an accepted draft of depth d, or a kept mask prediction")
+    p.add_argument("--show", action="store_true", help="mark each token by how it was produced: "
+                   "the main model, an accepted draft of depth d, or a kept mask prediction")
     args = p.parse_args(argv)
     method = args.method
     dtype = check_model_args(args, [method])
@@ -381,7 +412,8 @@ def main(argv=None):
         fail("--top_k and --top_p shape sampling: they need --temperature > 0")
     try:
         model, _, tokenizer, options = load_args(args, [method], dtype)
-        chat = not args.raw and tokenizer.has_chat     # a from-scratch model's tokenizer has no template
+        # a from-scratch model's tokenizer has no template
+        chat = not args.raw and tokenizer.has_chat
         ids = tokenizer.encode_chat(args.prompt) if chat else tokenizer.encode(args.prompt)
         generator = torch.Generator(args.device).manual_seed(args.seed)
         stats, trace = Stats(), []
@@ -401,10 +433,11 @@ def main(argv=None):
     else:
         print(tokenizer.decode(tokens))
     print(f"--- {method}: {len(out)} tokens in {dt:.2f} s, {len(out) / dt:.1f} tokens/s, "
-          f"{stats.tokens_per_forward:.2f} tokens per forward ({args.device}, {model.embed.weight.dtype})")
+          f"{stats.tokens_per_forward:.2f} tokens per forward ({args.device}, "
+          f"{model.embed.weight.dtype})")
     if method.lossy:
-        print(f"LOSSY: {method} emits mask-token predictions that nothing checks; the text may differ "
-              f"from the model's own greedy output")
+        print(f"LOSSY: {method} emits mask-token predictions that nothing checks; the text may "
+              f"differ from the model's own greedy output")
 
 
 if __name__ == "__main__":

@@ -2,10 +2,10 @@
 Paper A's mask-token decoding: k-1 mask tokens after the text make one forward predict k tokens.
 
 - `static@K`: emit all K predictions per forward. LOSSY.
-- `confadapt@TAU`: emit the leading predictions whose top-1 probability is at least TAU (at least one),
-  with k = the model's k_max (`confadapt@TAU:K`: k = K). LOSSY.
-- `verified@K`: the mask predictions are drafts, checked by the model's own next-token predictions in
-  the next forward. Lossless with respect to the mask-token model's own one-token decoding.
+- `confadapt@TAU`: emit the leading predictions whose top-1 probability is at least TAU (at least
+  one), with k = the model's k_max (`confadapt@TAU:K`: k = K). LOSSY.
+- `verified@K`: the mask predictions are drafts, checked by the model's own next-token predictions
+  in the next forward. Lossless with respect to the mask-token model's own one-token decoding.
 - One prompt at a time.
 """
 
@@ -17,10 +17,11 @@ K_MAX = 16        # ConfAdapt's k (Paper A's k_max) where the mask-token model d
 
 
 class MaskDrafts(Strategy):
-    """Each step feeds the tokens not yet in the cache (`fed`), then the masks, padded to 2k-1 tokens;
-    the masks' cache slots are overwritten by real tokens in the next step. tau=None emits all k
-    predictions (static), a float the confident leading ones (ConfAdapt). verified=True treats them as
-    drafts instead (the fed tokens come before the masks, so their predictions never see a mask)."""
+    """Each step feeds the tokens not yet in the cache (`fed`), then the masks, padded to 2k-1
+    tokens; the masks' cache slots are overwritten by real tokens in the next step. tau=None emits
+    all k predictions (static), a float the confident leading ones (ConfAdapt). verified=True treats
+    them as drafts instead (the fed tokens come before the masks, so their predictions never see a
+    mask)."""
 
     def __init__(self, model, max_len, mask_ids, k, tau=None, verified=False, sampling=Sampling(),
                  generator=None, graphs=None, compile=False):
@@ -46,7 +47,8 @@ class MaskDrafts(Strategy):
         return self.forward(self.ids, self.positions(self.pos), self.caches)[0]
 
     def logits(self, ids):
-        """Logits (len(ids), V) of a forward of ids at positions newest.., padded to query_len if it fits."""
+        """Logits (len(ids), V) of a forward of ids at positions newest.., padded to query_len if it
+        fits."""
         n = len(ids)
         if n > self.query_len:                                    # prefill: eager, its own length
             pos = self.newest[:, None] + torch.arange(n, device=self.device)
@@ -57,7 +59,8 @@ class MaskDrafts(Strategy):
         return self.step_logits()[:n]
 
     def prefill(self, prompts):
-        # verified@K prefills the prompt alone, as plain decoding does: its cache rows match ar's bitwise
+        # verified@K prefills the prompt alone, as plain decoding does: its cache rows match ar's
+        # bitwise
         (prompt,) = prompts
         self.newest.zero_()
         self.fed, self.drafts, self.q = list(prompt), [], None
@@ -71,7 +74,8 @@ class MaskDrafts(Strategy):
         """One forward of the fed tokens and `masks`; returns the row's Step."""
         fed, m = self.fed, len(self.drafts)
         logits = self.logits(fed + masks)
-        # row i < len(fed): the token after fed[i]; the last 1 + len(masks) rows: those after the text
+        # row i < len(fed): the token after fed[i]; the last 1 + len(masks) rows: those after the
+        # text
         ahead = logits[len(fed) - 1:]
         if not self.verified:
             self.newest += len(fed)
@@ -79,10 +83,12 @@ class MaskDrafts(Strategy):
             return predicted(self.fed, len(masks))
         n, nxt = verify(torch.tensor(self.drafts, device=self.device), self.q,
                         logits[len(fed) - 1 - m:len(fed)], self.sampling, self.generator)
-        self.newest += len(fed) - m + n      # the fed tokens up to the last accepted draft are cached
+        # the fed tokens up to the last accepted draft are cached
+        self.newest += len(fed) - m + n
         out = self.drafts[:n] + [nxt]
         self.drafts, self.q = [], None
-        if n == m and masks:                 # the masks followed an accepted text: their predictions
+        # the masks followed an accepted text: their predictions
+        if n == m and masks:
             self.q = None if self.sampling.greedy else self.sampling.probs(ahead[1:])
             picks = (self.sampling.pick(ahead[1:], self.generator) if self.q is None else
                      torch.multinomial(self.q, 1, generator=self.generator)[:, 0])

@@ -1,5 +1,6 @@
 """
-Prompts files and prompt encoding, shared by bench.py (measurement) and train.py (validation answers).
+Prompts files and prompt encoding, shared by bench.py (measurement) and train.py (validation
+answers).
 
 - `read_prompts`: the rows of a JSONL prompts file, each {"prompt": text, "answer": anything}.
 - `encode_prompt`: a prompt's token ids, in the chat template unless it already is.
@@ -11,16 +12,17 @@ from tokenizer import CHATML_START
 
 
 def encode_prompt(tokenizer, text):
-    """A prompt that data/prepare.py wrote is already in the chat template (its control tokens are read as such); a
-    plain message (data/chat_prompts.jsonl, the built-in questions) is put into the template here, as user text."""
+    """A prompt that data/prepare.py wrote is already in the chat template (its control tokens are
+    read as such); a plain message (data/chat_prompts.jsonl, the built-in questions) is put into the
+    template here, as user text."""
     if text.startswith(CHATML_START):
         return tokenizer.encode(text, specials=True)
     return tokenizer.encode_chat(text) if tokenizer.has_chat else tokenizer.encode(text)
 
 
 def read_prompts(path):
-    """The rows of a prompts file, each {"prompt": text, "answer": anything}; a malformed line is a ValueError that
-    names file:line."""
+    """The rows of a prompts file, each {"prompt": text, "answer": anything}; a malformed line is a
+    ValueError that names file:line."""
     rows = []
     try:
         with open(path, encoding="utf-8") as f:
