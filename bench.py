@@ -17,17 +17,13 @@ weights, for comparison. A table for people; with --json, one JSON object last.
 What is not here: the decoding itself and the model setup (decode.py), loading (load.py), training
 (train.py).
 
-    # smollm2, its shipped heads and held-out prompts
-    python bench.py --methods ar,mtp@1,mtp@3,hf --num_prompts 4
+    python bench.py --methods ar,mtp@1,mtp@3,hf --num_prompts 4       # smollm2, its shipped heads and held-out prompts
     python bench.py --methods ar,static@2,verified@4,hf --prompts data/smollm2_heldout.jsonl --num_prompts 4
     python bench.py --init_from out/synthmath_mask --prompts data/synthmath/test_prompts.jsonl --sweep --taus 0.6,0.9
     python bench.py --init_from out/papera/gated --prompts data/papera_synthmath/test_prompts.jsonl --methods ar \
-        # ConfAdapt at every tau and k_max (confadapt@TAU:K)
-        --sweep --taus 0.8,0.9 --k_maxes 4,8,16
-    # speed against batch
-    python bench.py --methods ar,mtp@3,mtp@auto --batch_sizes 1,4,16,64 --out results/batch
-    # a random model, no weights: a smoke test
-    python bench.py --tiny --methods ar,mtp@2,static@3,verified@3
+        --sweep --taus 0.8,0.9 --k_maxes 4,8,16           # ConfAdapt at every tau and k_max (confadapt@TAU:K)
+    python bench.py --methods ar,mtp@3,mtp@auto --batch_sizes 1,4,16,64 --out results/batch   # speed against batch
+    python bench.py --tiny --methods ar,mtp@2,static@3,verified@3      # a random model, no weights: a smoke test
 
 The programmatic entry points are `run(model, tokenizer, methods, prompts, ...) -> dict` and
 `run_batches(...)`; the CLI wraps them.
@@ -72,6 +68,35 @@ ACCEPT_SHOWN = 4    # acceptance rates shown per table row; the rest are in the 
 
 # ----------------------------------------------------------------------------------------------------------------
 # one run: every method on the same prompts
+
+def strategies_for(model, parsed, max_len, temperature, seed, options, batch_size=1, compile=False):
+    """One strategy per method (name -> Method), built once: its buffers, CUDA graphs and compiled
+    kernels serve every prompt (or batch) it decodes; each samples from its own seeded generator."""
+    device = model.embed.weight.device
+    return {m: decode.make_strategy(model, method, max_len, Sampling(temperature),
+                                    torch.Generator(device).manual_seed(seed), batch_size=batch_size,
+                                    compile=compile, **options)
+            for m, method in parsed.items()}
+
+
+def add_speedups(results):
+    """Every row's speedup: its tok/s over ar's in the same position (results: name -> rows)."""
+    if "ar" in results:
+        for rows in results.values():
+            for r, ar in zip(rows, results["ar"]):
+                r["speedup"] = r["tok_s"] / ar["tok_s"]
+
+
+def pyplot():
+    """matplotlib's pyplot on a file backend, or None: the plots are optional, the tables are not."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
 
 def timed(device, fn):
     """fn() and its wall time in seconds, the device synchronised before and after."""
@@ -127,8 +152,7 @@ def hf_generate(hf, prompt, n, stop_ids):
     return out[0, len(prompt):].tolist()
 
 
-def run(model, tokenizer, methods, prompts, max_new_tokens=128, original=None, options=None,
-        temperature=0.0, seed=0,
+def run(model, tokenizer, methods, prompts, max_new_tokens=128, original=None, options=None, temperature=0.0, seed=0,
         warmup=1, hf=None, nll_self=False, progress=False, compile=False):
     """Decode `prompts` (texts, used verbatim, or {"prompt": text, "answer": gold} dicts) with every
     method, one prompt at a time (speculative methods decode batch 1, so ar does too), methods
@@ -150,19 +174,12 @@ def run(model, tokenizer, methods, prompts, max_new_tokens=128, original=None, o
     methods = list(dict.fromkeys(methods))
     parsed = {m: decode.Method.parse(m) for m in methods if m != HF}
     max_len = max(map(len, ids)) + max_new_tokens
-    gens = {m: torch.Generator(device).manual_seed(seed) for m in methods}
-    sampling = Sampling(temperature)
-    # one strategy per method, built once: its buffers, CUDA graphs and compiled kernels serve every
-    # prompt
-    strategies = {m: decode.make_strategy(model, parsed[m], max_len, sampling, gens[m],
-                                          compile=compile,
-                                          **options) for m in parsed}
+    strategies = strategies_for(model, parsed, max_len, temperature, seed, options, compile=compile)
 
     def generate(method, prompt, n, stats=None):
         if method == HF:
             return hf_generate(hf, prompt, n, stop_ids)
-        return decode.generate(model, [prompt], n, stop_ids=stop_ids, method=strategies[method],
-                               stats=stats)[0]
+        return decode.generate(model, [prompt], n, stop_ids=stop_ids, method=strategies[method], stats=stats)[0]
 
     # warm-up (graph capture, compilation), untimed
     for method in methods:
@@ -185,8 +202,7 @@ def run(model, tokenizer, methods, prompts, max_new_tokens=128, original=None, o
             bars[m].update()
     for bar in bars.values():
         bar.close()
-    references, greedy = greedy_references(model, {m: strategies.get(m) for m in methods}, outs,
-                                           [[p] for p in ids],
+    references, greedy = greedy_references(model, {m: strategies.get(m) for m in methods}, outs, [[p] for p in ids],
                                            max_new_tokens, stop_ids, temperature, max_len=max_len, compile=compile,
                                            **options)
     nll_key = "nll_self" if nll_self else "nll"
@@ -218,16 +234,13 @@ def run(model, tokenizer, methods, prompts, max_new_tokens=128, original=None, o
             "ttft_ms": 1000 * ttft[method] / len(ids),
             "sample": texts[0][:200],
         }
-    if "ar" in results:
-        for r in results.values():
-            r["speedup"] = r["tok_s"] / results["ar"]["tok_s"]
+    add_speedups({m: [r] for m, r in results.items()})
     return {"device": str(device), "dtype": str(model.embed.weight.dtype).replace("torch.", ""),
             "num_prompts": len(ids), "max_new_tokens": max_new_tokens, "temperature": temperature,
             "nll_key": nll_key, "methods": results, "notes": []}
 
 
-def greedy_references(model, strategies, outs, batches, max_new_tokens, stop_ids, temperature,
-                      **build):
+def greedy_references(model, strategies, outs, batches, max_new_tokens, stop_ids, temperature, **build):
     """For every method (name -> its strategy, None for hf): the name of its plain greedy reference
     (reference_method), and that reference's outputs on the same prompts, decoded batch by batch as
     the methods were, or taken from the timed outputs where the reference itself was timed greedily.
@@ -241,8 +254,7 @@ def greedy_references(model, strategies, outs, batches, max_new_tokens, stop_ids
         else:
             strategy = decode.make_strategy(model, ref, **build)
             decoded[ref] = [out for batch in batches
-                            for out in decode.generate(model, batch, max_new_tokens,
-                                                       stop_ids=stop_ids, method=strategy)]
+                            for out in decode.generate(model, batch, max_new_tokens, stop_ids=stop_ids, method=strategy)]
     return references, {m: decoded[ref] for m, ref in references.items()}
 
 
@@ -279,22 +291,18 @@ def table(res):
     lines = [head]
     for name, r in res["methods"].items():
         rates = r["acceptance_rate"]
-        accept = " ".join(f"{a:.2f}" for a in rates[:ACCEPT_SHOWN]) + (" "
-                                                                       "..." if len(rates) > ACCEPT_SHOWN else "")
+        accept = " ".join(f"{a:.2f}" for a in rates[:ACCEPT_SHOWN]) + (" ..." if len(rates) > ACCEPT_SHOWN else "")
         label = "  LOSSY" if r["lossy"] else "" if r["implementation"] == "nanoMTP" else f"  ({r['implementation']})"
         lines.append(f"{name:<{name_width}} {r['tok_s']:>8.1f} {fmt(r['speedup'], '.2f') + 'x':>8} "
                      f"{fmt(r['tokens_per_forward'], '.2f'):>8} {r['exact_match']:>6.2f} {fmt(r[nll], '.3f'):>8}" +
                      (f" {fmt(r['accuracy'], '.3f'):>6} {interval(r):>11}" if acc else "") +
                      f"   {accept or '-':<{width}} {r['ttft_ms']:>8.1f} {r['wall_s']:>7.2f}" + label)
     prompts = plural(res["num_prompts"], "prompt")
-    lines.append(f"{prompts}, max_new_tokens={res['max_new_tokens']}, "
-                 f"temperature={res['temperature']}, "
+    lines.append(f"{prompts}, max_new_tokens={res['max_new_tokens']}, temperature={res['temperature']}, "
                  f"{res['device']} {res['dtype']}; tok/fwd excludes prefill; exact = output identical to plain "
                  f"greedy ar" + ("; acc 95% = Wilson interval" if acc else "") +
-                 ("; nll_self = NLL under the fine-tuned model itself, NOT the "
-                  "original" if nll == "nll_self" else ""))
-    hists = [f"{name} "
-             f"{' '.join(map(str, r['accepted_lengths']))}" for name, r in res["methods"].items()
+                 ("; nll_self = NLL under the fine-tuned model itself, NOT the original" if nll == "nll_self" else ""))
+    hists = [f"{name} {' '.join(map(str, r['accepted_lengths']))}" for name, r in res["methods"].items()
              if r.get("accepted_lengths")]
     # the acceptance histogram beside the rates: how many steps accepted n = 0, 1, 2, ... drafts
     if hists:
@@ -314,38 +322,28 @@ def write_sweep(res, taus, k_maxes, out):
     footer."""
     out, nll = Path(out), res["nll_key"]
     out.mkdir(parents=True, exist_ok=True)
-    curves = {k: [(f"{t:g}", res["methods"][sweep_method(t,
-                                                         k)]) for t in taus] for k in k_maxes or [None]}
+    curves = {k: [(f"{t:g}", res["methods"][sweep_method(t, k)]) for t in taus] for k in k_maxes or [None]}
     ar = res["methods"].get("ar")
-    md = [f"| method | k_max | tau | tok/fwd | tok/s | speedup | exact match | accuracy | acc 95% "
-          f"| {nll} |",
+    md = [f"| method | k_max | tau | tok/fwd | tok/s | speedup | exact match | accuracy | acc 95% | {nll} |",
           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     rows = ([("ar", "-", "-", ar)] if ar else []) + \
-        [(sweep_method(float(t), k), r["k_max"], t, r) for k, points in curves.items() for t,
-         r in points]
-    md += [f"| {name} | {k} | {t} | {r['tokens_per_forward']:.2f} | {r['tok_s']:.1f} | "
-           f"{fmt(r['speedup'], '.2f')} | "
+        [(sweep_method(float(t), k), r["k_max"], t, r) for k, points in curves.items() for t, r in points]
+    md += [f"| {name} | {k} | {t} | {r['tokens_per_forward']:.2f} | {r['tok_s']:.1f} | {fmt(r['speedup'], '.2f')} | "
            f"{r['exact_match']:.2f} | {fmt(r['accuracy'], '.3f')} | {interval(r)} | {fmt(r[nll], '.3f')} |"
            for name, k, t, r in rows]
     (out / "sweep.md").write_text("\n".join(md) + "\n")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return [f"wrote {out / 'sweep.md'} (no matplotlib: no plot)"]
-    keys = [key for key in ("accuracy", "exact_match", nll) if any(r[key] is not None for *_,
-                                                                   r in rows)]
+    keys = [key for key in ("accuracy", "exact_match", nll) if any(r[key] is not None for *_, r in rows)]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.4 * len(keys), 3.8), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for k, points in curves.items():
-            pts = [(r["tokens_per_forward"], r[key], t, r["accuracy_ci95"]) for t,
-                   r in points if r[key] is not None]
+            pts = [(r["tokens_per_forward"], r[key], t, r["accuracy_ci95"]) for t, r in points if r[key] is not None]
             label = f"k_max {points[0][1]['k_max']}"
             if key == "accuracy":    # the 95% interval as error bars
                 err = [[y - ci[0] for _, y, _, ci in pts], [ci[1] - y for _, y, _, ci in pts]]
-                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=err, fmt="o-",
-                            capsize=3, label=label)
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=err, fmt="o-", capsize=3, label=label)
             else:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
             for x, y, t, _ in pts:
@@ -366,8 +364,7 @@ def write_sweep(res, taus, k_maxes, out):
 # ----------------------------------------------------------------------------------------------------------------
 # speed against batch size
 
-def run_batches(model, tokenizer, methods, prompts, batch_sizes, max_new_tokens=128, options=None,
-                temperature=0.0,
+def run_batches(model, tokenizer, methods, prompts, batch_sizes, max_new_tokens=128, options=None, temperature=0.0,
                 seed=0, compile=False, progress=False):
     """tokens/s of every method at every batch size: the prompts (texts or {"prompt": ...} dicts,
     used verbatim) repeated in order to fill each batch, decoded as one batch (decode.generate with
@@ -382,24 +379,18 @@ def run_batches(model, tokenizer, methods, prompts, batch_sizes, max_new_tokens=
     ids = [encode_prompt(tokenizer, p["prompt"] if isinstance(p, dict) else p) for p in prompts]
     stop_ids = list(tokenizer.stop_ids)
     max_len = max(map(len, ids)) + max_new_tokens
-    sampling = Sampling(temperature)
     parsed = {m: decode.Method.parse(m) for m in methods}
     results = {m: [] for m in methods}
-    for B in tqdm(batch_sizes, desc="batch "
-                  "sizes", file=sys.stderr, disable=None if progress else True):
+    for B in tqdm(batch_sizes, desc="batch sizes", file=sys.stderr, disable=None if progress else True):
         batch = (ids * math.ceil(B / len(ids)))[:B]
-        strategies = {m: decode.make_strategy(model, parsed[m], max_len, sampling,
-                                              torch.Generator(device).manual_seed(seed),
-                                              batch_size=B, compile=compile, **options) for m in methods}
+        strategies = strategies_for(model, parsed, max_len, temperature, seed, options, B, compile)
         for m in methods:                                   # warm-up, untimed
             decode.generate(model, batch, max_new_tokens, stop_ids=stop_ids, method=strategies[m])
         outs, stats, wall = {}, {m: decode.Stats() for m in methods}, {}
         for m in methods:
-            outs[m], wall[m] = timed(device, lambda: decode.generate(model, batch, max_new_tokens,
-                                                                     stop_ids=stop_ids,
+            outs[m], wall[m] = timed(device, lambda: decode.generate(model, batch, max_new_tokens, stop_ids=stop_ids,
                                                                      method=strategies[m], stats=stats[m]))
-        references, greedy = greedy_references(model, strategies, outs, [batch], max_new_tokens,
-                                               stop_ids,
+        references, greedy = greedy_references(model, strategies, outs, [batch], max_new_tokens, stop_ids,
                                                temperature, max_len=max_len, batch_size=B, compile=compile, **options)
         rules = {m: getattr(strategies[m], "rule", None) for m in methods}   # mtp@auto's DepthRule
         # their caches and graphs before the next, larger size
@@ -413,12 +404,9 @@ def run_batches(model, tokenizer, methods, prompts, batch_sizes, max_new_tokens=
                 "exact_match": sum(o == r for o, r in zip(outs[m], greedy[m])) / B,
                 "reference": references[m],
                 "step_costs": rules[m].costs if rules[m] else None})
-    if "ar" in results:
-        for rows in results.values():
-            for r, ar in zip(rows, results["ar"]):
-                r["speedup"] = r["tok_s"] / ar["tok_s"]
-    notes = [f"{m}: mixes query lengths from step to step, so in {model.embed.weight.dtype} no "
-             f"single ar@Q is its bit-exact reference (exact in float32)" for m in methods
+    add_speedups(results)
+    notes = [f"{m}: mixes query lengths from step to step, so in {model.embed.weight.dtype} no single ar@Q is its "
+             f"bit-exact reference (exact in float32)" for m in methods
              if parsed[m].auto and model.embed.weight.dtype != torch.float32]
     return {"device": str(device), "dtype": str(model.embed.weight.dtype).replace("torch.", ""),
             "batch_sizes": list(batch_sizes), "num_prompts": len(ids), "max_new_tokens": max_new_tokens,
@@ -428,19 +416,17 @@ def run_batches(model, tokenizer, methods, prompts, batch_sizes, max_new_tokens=
 def batch_table(res):
     """One row per batch size: every method's tok/s, speedup over ar and tokens per forward."""
     methods = list(res["methods"])
-    head = f"{'batch':>5}" + "".join(f"  {m + ' tok/s':>16} {'speedup':>7} {'tok/fwd':>7} "
-                                     f"{'exact':>5}"
+    head = f"{'batch':>5}" + "".join(f"  {m + ' tok/s':>16} {'speedup':>7} {'tok/fwd':>7} {'exact':>5}"
                                      for m in methods)
     lines = [head]
     for i, B in enumerate(res["batch_sizes"]):
         line = f"{B:>5}"
         for m in methods:
             r = res["methods"][m][i]
-            line += (f"  {r['tok_s']:>16.1f} {fmt(r['speedup'], '.2f') + 'x':>7} "
-                     f"{r['tokens_per_forward']:>7.2f} {r['exact_match']:>5.2f}")
+            line += (f"  {r['tok_s']:>16.1f} {fmt(r['speedup'], '.2f') + 'x':>7} {r['tokens_per_forward']:>7.2f}"
+                     f" {r['exact_match']:>5.2f}")
         lines.append(line)
-    lines.append(f"{res['num_prompts']} prompts repeated to fill each batch, "
-                 f"max_new_tokens={res['max_new_tokens']}, "
+    lines.append(f"{res['num_prompts']} prompts repeated to fill each batch, max_new_tokens={res['max_new_tokens']}, "
                  f"temperature={res['temperature']}, {res['device']} {res['dtype']}; tok/s counts every row's "
                  f"tokens, prefill included; tok/fwd counts rows still decoding; exact = rows identical to plain "
                  f"greedy ar at the same batch size")
@@ -458,11 +444,8 @@ def write_batches(res, out):
         md.append(f"| {B} | " + " | ".join(f"{res['methods'][m][i]['tok_s']:.1f} | "
                                            f"{fmt(res['methods'][m][i]['speedup'], '.2f')}" for m in methods) + " |")
     (out / "batch_sizes.md").write_text("\n".join(md) + "\n")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return [f"wrote {out / 'batch_sizes.md'} (no matplotlib: no plot)"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for m in methods:
@@ -514,8 +497,7 @@ def hf_model(model, source):
         head_dim=cfg.head_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
         tie_word_embeddings=cfg.tie_embeddings, bos_token_id=None, eos_token_id=None, pad_token_id=None, **rope)
     ours = model.state_dict()
-    state = {theirs: ours[name][:vocab] if name in ("embed.weight",
-                                                    "lm_head.weight") else ours[name]
+    state = {theirs: ours[name][:vocab] if name in ("embed.weight", "lm_head.weight") else ours[name]
              for name, theirs, _ in load.llama_table(cfg)}
     hf = transformers.LlamaForCausalLM(hf_cfg).to(dtype=model.embed.weight.dtype)
     result = hf.load_state_dict(state, strict=False)
@@ -536,8 +518,7 @@ def tiny_setup(device, dtype, seed):
     torch.manual_seed(seed)
     tokenizer = CharTokenizer()
     mask_id = tokenizer.add_special("<mtp>")
-    cfg = nano.Config(arch="llama", vocab_size=tokenizer.vocab_size, n_layer=2, n_head=4,
-                      n_kv_head=2, n_embd=64,
+    cfg = nano.Config(arch="llama", vocab_size=tokenizer.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
                       head_dim=16, intermediate_size=128, max_seq_len=512)
     m = nano.Transformer(cfg)
     # larger weights than the default init, so the text is not one token repeated
@@ -586,50 +567,41 @@ def k_max_list(text):
 
 
 def main(argv=None):
-    p = Parser(__doc__.split("\n\n")[0])
-    p.add_argument("--methods", type=method_list, default="ar,mtp", help="comma-separated: ar, "
-                   "ar@Q, mtp@D, "
+    p = Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--methods", type=method_list, default="ar,mtp", help="comma-separated: ar, ar@Q, mtp@D, "
                    f"mtp@autoD, tree@DxK, tree@b1-b2-..., tree@autoN, static@K, confadapt@TAU[:K], verified@K (D and K "
                    f"up to {MAX_DRAFTS}, TAU in (0, 1]), hf (transformers)")
     add_model_args(p, max_new_tokens=128)
-    p.add_argument("--prompts", type=prompts_arg, default=None, help='JSONL file, one {"prompt": '
-                   'text, '
+    p.add_argument("--prompts", type=prompts_arg, default=None, help='JSONL file, one {"prompt": text, '
                    '"answer": gold?} a line, the prompt used verbatim, or "builtin": 16 short chat questions in the '
                    "model's chat template (default: data/smollm2_heldout.jsonl for smollm2, else builtin)")
     p.add_argument("--num_prompts", type=number(int, 1), default=8, help="how many prompts to use")
-    p.add_argument("--warmup", type=number(int, 0), default=1, help="prompts decoded untimed "
-                   "before timing")
-    p.add_argument("--json", action="store_true", help="print the results as one JSON object, "
-                   "last line")
-    p.add_argument("--sweep", action="store_true", help="also run confadapt@TAU for every --taus "
-                   "value; write a markdown table (and a PNG where matplotlib exists) to --out")
-    p.add_argument("--taus", type=tau_list, default="0.5,0.6,0.7,0.8,0.9,0.95", help="ConfAdapt "
-                   "thresholds, comma-separated, each in (0, 1], for --sweep")
-    p.add_argument("--k_maxes", type=k_max_list, default=None, help="with --sweep: run the tau "
-                   "sweep once per "
+    p.add_argument("--warmup", type=number(int, 0), default=1, help="prompts decoded untimed before timing")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object, last line")
+    p.add_argument("--sweep", action="store_true", help="also run confadapt@TAU for every --taus value; write a "
+                   "markdown table (and a PNG where matplotlib exists) to --out")
+    p.add_argument("--taus", type=tau_list, default="0.5,0.6,0.7,0.8,0.9,0.95", help="ConfAdapt thresholds, "
+                   "comma-separated, each in (0, 1], for --sweep")
+    p.add_argument("--k_maxes", type=k_max_list, default=None, help="with --sweep: run the tau sweep once per "
                    "k_max (ConfAdapt's masks per forward + 1), comma-separated, e.g. 4,8,16 (default: the model's)")
-    p.add_argument("--batch_sizes", type=size_list, default=None, help="comma-separated, e.g. "
-                   "1,4,16,64: instead "
+    p.add_argument("--batch_sizes", type=size_list, default=None, help="comma-separated, e.g. 1,4,16,64: instead "
                    "of one prompt at a time, decode batches of each size (the prompts repeated to fill them) and "
                    "report tokens/s against batch size; writes a table (and a PNG where matplotlib exists) to --out")
-    p.add_argument("--out", default="out/bench", help="folder for --sweep's and --batch_sizes' "
-                   "tables and plots")
-    p.add_argument("--tiny", action="store_true", help="a tiny random model with heads and a mask "
-                   "token, no weights: checks that everything runs")
+    p.add_argument("--out", default="out/bench", help="folder for --sweep's and --batch_sizes' tables and plots")
+    p.add_argument("--tiny", action="store_true", help="a tiny random model with heads and a mask token, no "
+                   "weights: checks that everything runs")
     args = p.parse_args(argv)
     if args.k_maxes and not args.sweep:
         fail("--k_maxes: only with --sweep")
     taus = args.taus if args.sweep else []
-    methods = list(dict.fromkeys(args.methods + [sweep_method(t,
-                                                              k) for k in args.k_maxes or [None] for t in taus]))
+    methods = list(dict.fromkeys(args.methods + [sweep_method(t, k) for k in args.k_maxes or [None] for t in taus]))
     ours = [decode.Method.parse(m) for m in methods if m != HF]
     dtype = decode.check_model_args(args, ours)
     if args.batch_sizes:
         parsed = dict(zip([m for m in methods if m != HF], ours))
         single = [m for m in methods if m == HF or not parsed[m].batches]
         if single or args.sweep:
-            fail(f"--batch_sizes: only methods that decode batches (ar, ar@Q, mtp@D, mtp@autoD) "
-                 f"are "
+            fail(f"--batch_sizes: only methods that decode batches (ar, ar@Q, mtp@D, mtp@autoD) are "
                         f"measured against batch size, not {', '.join(single) or '--sweep'}")
     prompts_file = args.prompts or (HELDOUT if args.init_from == load.BUNDLED and not args.tiny else BUILTIN)
     try:
@@ -655,8 +627,7 @@ def main(argv=None):
             res = run_batches(model, tokenizer, methods, rows[:args.num_prompts], args.batch_sizes,
                               args.max_new_tokens, options, args.temperature, args.seed, args.compile, progress=True)
         else:
-            res = run(model, tokenizer, methods, rows[:args.num_prompts], args.max_new_tokens,
-                      original, options,
+            res = run(model, tokenizer, methods, rows[:args.num_prompts], args.max_new_tokens, original, options,
                       args.temperature, args.seed, args.warmup, hf, nll_self=original is None, progress=True,
                       compile=args.compile)
     except (ValueError, OSError) as e:

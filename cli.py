@@ -26,9 +26,6 @@ class Parser(argparse.ArgumentParser):
     """argparse with the defaults in --help (unless the help text explains it, or it is None or a
     flag) and every usage error as one line."""
 
-    def __init__(self, description, **kwargs):
-        super().__init__(description=description, **kwargs)
-
     def add_argument(self, *names, **kwargs):
         default, text = kwargs.get("default"), kwargs.get("help")
         if text and "default" not in text and all(default is not x for x in (None, False,

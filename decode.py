@@ -391,7 +391,7 @@ def load_args(args, methods, dtype):
 
 
 def main(argv=None):
-    p = Parser(__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prompt", default="What is the capital of France?", help="the user's message")
     p.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat "
                    "template")

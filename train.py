@@ -175,7 +175,7 @@ def get_args(argv=None):
         saved = checkpoint_args(pre.out)
         if saved is None:
             raise ValueError(f"--resume: {pre.out} holds no train.py checkpoint to continue")
-        known = {act.dest for act in p._actions} - {"config", "resume", "overwrite"}
+        known = option_names(p) - {"config", "resume", "overwrite"}
         p.set_defaults(**{key: value for key, value in saved.items() if key in known})
     args = p.parse_args(argv)
     check_args(args)
@@ -192,6 +192,11 @@ def get_args(argv=None):
     return args
 
 
+def option_names(parser):
+    """Every option's name, from a parse of no arguments (no option is required)."""
+    return set(vars(parser.parse_args([])))
+
+
 def read_config(path, parser):
     try:
         with open(path) as f:
@@ -200,7 +205,7 @@ def read_config(path, parser):
         raise ValueError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(defaults, dict):
         raise ValueError(f"{path}: expected a JSON object of option names and values")
-    unknown = set(defaults) - {act.dest for act in parser._actions}
+    unknown = set(defaults) - option_names(parser)
     if unknown:
         raise ValueError(f"{path}: unknown options {sorted(unknown)}")
     return defaults

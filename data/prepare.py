@@ -30,6 +30,7 @@ from tqdm import tqdm
 # `python data/prepare.py` puts data/ on the path; the project's modules (load.py, decode.py, data/) live one level up
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from cli import Parser, fail  # noqa: E402
 from data.dataset import FORMAT, dtype_for, fingerprint  # noqa: E402
 from data.readers import read_jsonl, read_text  # noqa: E402
 from data.synthmath import make_splits  # noqa: E402
@@ -321,7 +322,7 @@ def prepare_text(args):
 # command line
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Prepare a dataset into token files for train.py and bench.py.")
+    ap = Parser(description="Prepare a dataset into token files for train.py and bench.py.")
     sub = ap.add_subparsers(dest="source", required=True, metavar="SOURCE")
 
     def common(p, tokenizer_default):
@@ -425,4 +426,4 @@ if __name__ == "__main__":
     try:
         main()
     except (ValueError, OSError) as e:   # bad input: the message names the file and the problem
-        sys.exit(f"error: {e}")
+        fail(e)

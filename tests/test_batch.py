@@ -13,7 +13,7 @@ import decode
 import draft_heads
 import engine
 from decode import Method, Stats, generate
-from test_decode import assert_exercised, prompt, tiny
+from helpers import assert_exercised, prompt, tiny
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models run on one thread

@@ -21,69 +21,13 @@ import draft_mask
 import engine
 from decode import Method, Stats, generate
 from engine import Sampling
-
-V = 60
-
+from helpers import MODELS, V, assert_exercised, case, head_start, prompt, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models run on one thread
 
 
-def tiny(seed, arch="llama", vocab=V, heads=0, std=0.4, residual=None, **kw):
-    """A tiny random model with all parameters drawn with a large std (so outputs are not degenerate).
-    residual=r (e.g. 0.01) makes it bigram-like: unit norms, residual branches scaled by r, heads that read only the
-    next token's embedding, untied embeddings, so head drafts agree with the main model often."""
-    torch.manual_seed(seed)
-    cfg = dict(arch=arch, vocab_size=vocab, n_layer=2, n_head=4, n_kv_head=2 if arch == "llama" else 4, n_embd=32,
-               head_dim=8, intermediate_size=64, max_seq_len=256, bias=arch == "gpt2",
-               tie_embeddings=residual is None)   # tied + bigram-like would just repeat the last token
-    cfg.update(kw)
-    m = model.Transformer(model.Config(**cfg))
-    if heads:
-        m.add_heads(heads, init="random")
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            p.normal_(0.0, std)
-            if residual is not None:
-                if "norm" in name and name.endswith("weight"):
-                    p.fill_(1.0)
-                if name.endswith(("o_proj.weight", "down_proj.weight")):
-                    p.mul_(residual)
-        if residual is not None:
-            for h in m.heads:
-                h.proj.weight.zero_()
-                h.proj.weight[:, cfg["n_embd"]:] = torch.eye(cfg["n_embd"])   # take norm(emb(next token))
-    return m.eval()
-
-
-def prompt(seed, n, vocab=V):
-    g = torch.Generator().manual_seed(1000 + seed)
-    return torch.randint(0, vocab - 4, (n,), generator=g).tolist()   # the last ids stay free for mask tokens
-
-
-def assert_exercised(stats, depths=1):
-    """Some drafts accepted and some rejected at each of the first `depths` depths."""
-    assert len(stats.proposed) >= depths, stats
-    for d in range(depths):
-        assert 0 < stats.accepted[d] < stats.proposed[d], f"depth {d + 1}: {stats}"
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # lossless: speculative greedy == plain greedy
-
-# (model seed, residual) pairs: fully random models (drafts mostly rejected) and bigram-like ones (mostly accepted)
-MODELS = [(0, None), (1, 0.005), (2, 0.01), (3, 0.02)]
-_cache = {}
-
-
-def case(seed, residual, arch="llama"):
-    """A model with two heads, two prompts (lengths from 1 to 20) and their greedy ar outputs; built once."""
-    key = (seed, residual, arch)
-    if key not in _cache:
-        m = tiny(seed, arch=arch, heads=2, residual=residual)
-        prompts = [prompt(seed, 1 + 3 * seed), prompt(seed + 50, 20 - seed)]
-        _cache[key] = m, [(p, generate(m, [p], 24, method="ar")) for p in prompts]
-    return _cache[key]
-
 
 @pytest.mark.parametrize("method, opts", [
     ("mtp@1", {}), ("mtp@2", {}), ("mtp@4", {}),
@@ -356,18 +300,6 @@ def test_stats_definitions():
     assert verified.steps < verified.forwards - 1     # forwards with nothing to verify are not steps
 
 
-class FakeTokenizer:
-    """Characters as ids: enough for bench.run."""
-    stop_ids = [0]
-
-    def encode(self, text, specials=False):
-        return [1 + ord(c) % (V - 5) for c in text]
-
-    def decode(self, ids):
-        return "".join(chr(ord("a") + i % 26) for i in ids)
-
-    def chat_prompt(self, q):
-        return q
 def test_batched_ar_counts_only_rows_still_decoding():
     m = tiny(0)
     prompts = [prompt(s, 4 + s) for s in range(3)]
@@ -399,10 +331,13 @@ def test_trace_matches_stats(method):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_head_drafts_keep_the_main_hidden_states(arch):
-    """The accepted tokens' hidden states that the heads read are the main model's own: equal to a cache-free forward
-    over the final text (a wrong write leaves the output identical but starves the heads)."""
+def test_head_drafts_keep_the_main_head_state(arch):
+    """The accepted tokens' head states that the heads read are the main model's own, fused: equal to a cache-free
+    forward over the final text (a wrong write leaves the output identical but starves the heads)."""
     m = tiny(2, arch=arch, heads=2, residual=0.01)
+    m.add_fusion([0])      # a fusion that is not "take the last", so head_state differs from hidden()
+    with torch.no_grad():
+        m.fuse.weight.add_(0.3 * torch.randn_like(m.fuse.weight) / m.cfg.n_embd ** 0.5)
     p = prompt(2, 7)
     strategy = decode.make_strategy(m, "mtp@3", len(p) + 30)
     stats = Stats()
@@ -411,7 +346,8 @@ def test_head_drafts_keep_the_main_hidden_states(arch):
     final = int(strategy.newest[0])                      # positions before it hold accepted tokens
     text = torch.tensor([p + out])[:, :final]
     with torch.no_grad():
-        expected = m.hidden(text)
+        expected = head_start(m, text)
+        assert not torch.allclose(expected, m.hidden(text), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(strategy.head_state[:, :final], expected, rtol=1e-4, atol=1e-5)
 
 

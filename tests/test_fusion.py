@@ -19,43 +19,11 @@ import load
 import train
 from decode import Stats, generate, make_strategy
 from engine import Sampling
-from test_decode import MODELS, assert_exercised, prompt, tiny
-import test_train
-from test_train import SMALL, read_log, run_cli
-from test_tree import strategy_steps, top
+from helpers import (MODELS, SMALL, TAPS, assert_exercised, fused, head_start, prompt, read_log, reading,
+                     run_cli, strategy_steps, tiny, top)
 from tokenizer import CharTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models run on one thread
-
-TAPS = [0, 1]   # of three blocks: the first, the middle, and (always) the last
-synth = test_train.synth   # the synthetic-math data fixture (pytest finds fixtures by module-level name)
-
-
-def reading(seed, residual=None):
-    """A three-block model with two heads whose input projections read the state they get (a bigram-like model's
-    heads otherwise read only the next token, and no fusion would matter)."""
-    m = tiny(seed, heads=2, residual=residual, n_layer=3)
-    C = m.cfg.n_embd
-    with torch.no_grad():
-        for h in m.heads:
-            h.proj.weight[:, :C] += 0.3 * torch.randn(C, C) / C ** 0.5
-    return m
-
-
-def fused(seed, residual=None, noise=0.3):
-    """reading(seed, residual) with a fusion of TAPS whose weight moved away from "take the last" by `noise`."""
-    m = reading(seed, residual)
-    m.add_fusion(TAPS)
-    with torch.no_grad():
-        m.fuse.weight.add_(noise * torch.randn_like(m.fuse.weight) / m.cfg.n_embd ** 0.5)
-    return m
-
-
-def head_start(m, t):
-    """The state head 1 starts from, recomputed here without caches: blocks' outputs -> fuse."""
-    x, taps = m.hidden(t, keep_taps=True)
-    assert len(taps) == len(m.cfg.head_taps)
-    return m.fuse(torch.cat(taps + [x], dim=-1))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -76,6 +44,8 @@ def test_fresh_fusion_changes_nothing():
         out = generate(plain, p, 20, method=method, stats=sa)
         assert generate(fusion, p, 20, method=method, stats=sb) == out, method
         assert sa.accepted_lengths == sb.accepted_lengths and sum(sa.accepted) > 0, method
+
+
 
 
 @pytest.mark.parametrize("taps", [[], [2], [1, 0], [0, 0], [-1], [0.5]])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from decode import generate, make_strategy
-from test_decode import V, prompt, tiny
+from helpers import V, prompt, tiny
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -15,6 +15,7 @@ import decode  # noqa: E402
 import distill  # noqa: E402
 import load  # noqa: E402
 import train  # noqa: E402
+from helpers import SMALL, read_log, run_cli  # noqa: E402
 from model import Config, LoRALinear, Transformer  # noqa: E402
 
 
@@ -239,23 +240,6 @@ def test_mask_tokens_are_never_predicted():
 # ---------------------------------------------------------------------------------------------------------------
 # train.py: extension, resume, shipped files
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    from data.prepare import main as prepare
-    out = tmp_path_factory.mktemp("data") / "synth"
-    prepare(["synthmath", "--out", str(out), "--n_train", "400", "--n_val", "40", "--n_test", "10"])
-    return out
-
-
-SMALL = ["--n_layer", "2", "--n_embd", "32", "--n_head", "4", "--n_kv_head", "2", "--batch_size", "4",
-         "--seq_len", "48", "--eval_every", "1000", "--eval_batches", "1", "--device", "cpu"]
-
-
-def read_log(out):
-    """The step records of the training log beside checkpoint folder out."""
-    return [r for r in map(json.loads, open(f"{out}.log.jsonl")) if "loss" in r]
-
-
 def test_extension_copies_heads_and_freezes_the_rest(synth, tmp_path):
     base = tmp_path / "base"
     train.main(["--mode", "scratch", "--data", str(synth), "--out", str(base), "--n_mtp_heads", "1",
@@ -349,12 +333,6 @@ def test_mask_mode_resume_restores_the_loss_rng(synth, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------
 # train.py: nothing lost, every bad input one line
-
-def run_cli(argv, capsys):
-    """train.py's command line in process: (exit status, stderr)."""
-    status = train.cli([str(a) for a in argv])
-    return status, capsys.readouterr().err
-
 
 def test_out_folder_of_user_files_is_kept(synth, tmp_path, capsys):
     out = tmp_path / "mine"

@@ -16,7 +16,7 @@ import draft_tree
 import engine
 from decode import Method, Stats, generate, make_strategy
 from draft_tree import TreeDrafts
-from test_decode import MODELS, assert_exercised, case, prompt, tiny
+from helpers import MODELS, assert_exercised, case, prompt, strategy_steps, tiny, top
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models run on one thread
@@ -84,19 +84,6 @@ def test_tree_stop_token():
 
 # ----------------------------------------------------------------------------------------------------------------
 # the mechanism: drafting, the cache after a step, off-chain acceptance
-
-def strategy_steps(m, method, p, steps):
-    """A tree strategy after prefill(p), and a generator yielding it before each of `steps` steps."""
-    s = make_strategy(m, method, len(p) + 4 * steps + 8)
-    s.prefill([p])
-    for _ in range(steps):
-        yield s
-        s.step([True])
-
-
-def top(m, h, k):
-    return m.logits(h[0, -1]).topk(k).indices.tolist()
-
 
 @torch.no_grad()
 def test_tree_drafts_equal_recompute():
