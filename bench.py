@@ -3,7 +3,7 @@ Measurement: every decoding method side by side, in one process, on the same pro
 
 For each method: tokens/s (generated tokens / wall time of generate, prefill included, device
 synchronised), speedup (tokens/s over `ar`'s from the same run), tokens per forward, per-depth
-acceptance AR_d and cumulative CAR_d (decode.Stats; definitions in DESIGN.md "Metrics"), the
+acceptance AR_d and cumulative CAR_d (decode.Stats, which defines them), the
 accepted-length histogram (steps that accepted n drafts, chains and trees), exact match against
 plain greedy `ar`, mean per-token NLL of the output under the original model (the main model without
 heads or adapters; one no-cache forward of prompt + output), task accuracy where the prompts carry
@@ -17,13 +17,17 @@ weights, for comparison. A table for people; with --json, one JSON object last.
 What is not here: the decoding itself and the model setup (decode.py), loading (load.py), training
 (train.py).
 
-    python bench.py --methods ar,mtp@1,mtp@3,hf --num_prompts 4       # smollm2, its shipped heads and held-out prompts
+    # smollm2, its shipped heads and held-out prompts
+    python bench.py --methods ar,mtp@1,mtp@3,hf --num_prompts 4
     python bench.py --methods ar,static@2,verified@4,hf --prompts data/smollm2_heldout.jsonl --num_prompts 4
     python bench.py --init_from out/synthmath_mask --prompts data/synthmath/test_prompts.jsonl --sweep --taus 0.6,0.9
     python bench.py --init_from out/papera/gated --prompts data/papera_synthmath/test_prompts.jsonl --methods ar \
-        --sweep --taus 0.8,0.9 --k_maxes 4,8,16           # ConfAdapt at every tau and k_max (confadapt@TAU:K)
-    python bench.py --methods ar,mtp@3,mtp@auto --batch_sizes 1,4,16,64 --out results/batch   # speed against batch
-    python bench.py --tiny --methods ar,mtp@2,static@3,verified@3      # a random model, no weights: a smoke test
+        # ConfAdapt at every tau and k_max (confadapt@TAU:K)
+        --sweep --taus 0.8,0.9 --k_maxes 4,8,16
+    # speed against batch
+    python bench.py --methods ar,mtp@3,mtp@auto --batch_sizes 1,4,16,64 --out results/batch
+    # a random model, no weights: a smoke test
+    python bench.py --tiny --methods ar,mtp@2,static@3,verified@3
 
 The programmatic entry points are `run(model, tokenizer, methods, prompts, ...) -> dict` and
 `run_batches(...)`; the CLI wraps them.
@@ -47,8 +51,9 @@ from engine import MAX_DRAFTS, Sampling
 
 from data.dataset import check_tokenizer, load_meta
 from data.synthmath import score
-from files import plural, read_json
+from files import read_json
 from prompts import encode_prompt, read_prompts
+from report import batch_table, sweep_method, table, write_batches, write_sweep
 from tokenizer import CharTokenizer
 
 HF = "hf"   # the method name of transformers' generate
@@ -63,7 +68,6 @@ QUESTIONS = [  # short held-out chat questions (not in data/'s chat prompts)
 BUILTIN = "builtin"   # --prompts: QUESTIONS
 # shipped: the default prompts of smollm2
 HELDOUT = Path(__file__).parent / "data" / "smollm2_heldout.jsonl"
-ACCEPT_SHOWN = 4    # acceptance rates shown per table row; the rest are in the JSON
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -85,17 +89,6 @@ def add_speedups(results):
         for rows in results.values():
             for r, ar in zip(rows, results["ar"]):
                 r["speedup"] = r["tok_s"] / ar["tok_s"]
-
-
-def pyplot():
-    """matplotlib's pyplot on a file backend, or None: the plots are optional, the tables are not."""
-    try:
-        import matplotlib
-    except ImportError:
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
 
 
 def timed(device, fn):
@@ -268,100 +261,6 @@ def reference_method(method, strategy, model):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# reporting
-
-def fmt(x, spec):
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
-
-
-def interval(r):
-    """An accuracy's 95% interval as text, "-" where there is none."""
-    ci = r.get("accuracy_ci95")
-    return f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "-"
-
-
-def table(res):
-    acc = any(r["accuracy"] is not None for r in res["methods"].values())
-    nll = res["nll_key"]
-    width = 5 * ACCEPT_SHOWN + 4        # the rates shown and " ..." after them
-    name_width = max(15, *map(len, res["methods"]))
-    head = f"{'method':<{name_width}} {'tok/s':>8} {'speedup':>8} {'tok/fwd':>8} {'exact':>6} {nll:>8}" + \
-           (f" {'acc':>6} {'acc 95%':>11}" if acc else "") + \
-           f"   {'accept (per depth)':<{width}} {'ttft ms':>8} {'wall s':>7}"
-    lines = [head]
-    for name, r in res["methods"].items():
-        rates = r["acceptance_rate"]
-        accept = " ".join(f"{a:.2f}" for a in rates[:ACCEPT_SHOWN]) + (" ..." if len(rates) > ACCEPT_SHOWN else "")
-        label = "  LOSSY" if r["lossy"] else "" if r["implementation"] == "nanoMTP" else f"  ({r['implementation']})"
-        lines.append(f"{name:<{name_width}} {r['tok_s']:>8.1f} {fmt(r['speedup'], '.2f') + 'x':>8} "
-                     f"{fmt(r['tokens_per_forward'], '.2f'):>8} {r['exact_match']:>6.2f} {fmt(r[nll], '.3f'):>8}" +
-                     (f" {fmt(r['accuracy'], '.3f'):>6} {interval(r):>11}" if acc else "") +
-                     f"   {accept or '-':<{width}} {r['ttft_ms']:>8.1f} {r['wall_s']:>7.2f}" + label)
-    prompts = plural(res["num_prompts"], "prompt")
-    lines.append(f"{prompts}, max_new_tokens={res['max_new_tokens']}, temperature={res['temperature']}, "
-                 f"{res['device']} {res['dtype']}; tok/fwd excludes prefill; exact = output identical to plain "
-                 f"greedy ar" + ("; acc 95% = Wilson interval" if acc else "") +
-                 ("; nll_self = NLL under the fine-tuned model itself, NOT the original" if nll == "nll_self" else ""))
-    hists = [f"{name} {' '.join(map(str, r['accepted_lengths']))}" for name, r in res["methods"].items()
-             if r.get("accepted_lengths")]
-    # the acceptance histogram beside the rates: how many steps accepted n = 0, 1, 2, ... drafts
-    if hists:
-        lines.append("accepted drafts per step, steps with n = 0, 1, 2, ...: " + " | ".join(hists))
-    return "\n".join(lines + res["notes"])
-
-
-def sweep_method(tau, k_max=None):
-    """The method name of one sweep point: ConfAdapt at tau, with the model's k_max or k_max masks +
-    1."""
-    return f"confadapt@{tau:g}" + (f":{k_max}" if k_max else "")
-
-
-def write_sweep(res, taus, k_maxes, out):
-    """The ConfAdapt sweep over tau (and k_max) as a markdown table, and where matplotlib exists a
-    PNG of quality against tokens per forward, one curve per k_max. Returns notes for the table's
-    footer."""
-    out, nll = Path(out), res["nll_key"]
-    out.mkdir(parents=True, exist_ok=True)
-    curves = {k: [(f"{t:g}", res["methods"][sweep_method(t, k)]) for t in taus] for k in k_maxes or [None]}
-    ar = res["methods"].get("ar")
-    md = [f"| method | k_max | tau | tok/fwd | tok/s | speedup | exact match | accuracy | acc 95% | {nll} |",
-          "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    rows = ([("ar", "-", "-", ar)] if ar else []) + \
-        [(sweep_method(float(t), k), r["k_max"], t, r) for k, points in curves.items() for t, r in points]
-    md += [f"| {name} | {k} | {t} | {r['tokens_per_forward']:.2f} | {r['tok_s']:.1f} | {fmt(r['speedup'], '.2f')} | "
-           f"{r['exact_match']:.2f} | {fmt(r['accuracy'], '.3f')} | {interval(r)} | {fmt(r[nll], '.3f')} |"
-           for name, k, t, r in rows]
-    (out / "sweep.md").write_text("\n".join(md) + "\n")
-    plt = pyplot()
-    if plt is None:
-        return [f"wrote {out / 'sweep.md'} (no matplotlib: no plot)"]
-    keys = [key for key in ("accuracy", "exact_match", nll) if any(r[key] is not None for *_, r in rows)]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.4 * len(keys), 3.8), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        for k, points in curves.items():
-            pts = [(r["tokens_per_forward"], r[key], t, r["accuracy_ci95"]) for t, r in points if r[key] is not None]
-            label = f"k_max {points[0][1]['k_max']}"
-            if key == "accuracy":    # the 95% interval as error bars
-                err = [[y - ci[0] for _, y, _, ci in pts], [ci[1] - y for _, y, _, ci in pts]]
-                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=err, fmt="o-", capsize=3, label=label)
-            else:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
-            for x, y, t, _ in pts:
-                ax.annotate(t, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        if ar and ar[key] is not None:
-            ax.axhline(ar[key], color="grey", linestyle="--", linewidth=1, label="ar")
-        ax.set_xlabel("tokens per forward")
-        ax.set_ylabel(key)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("ConfAdapt (LOSSY): quality against tokens per forward, labels = tau")
-    fig.tight_layout()
-    fig.savefig(out / "sweep.png", dpi=120)
-    plt.close(fig)
-    return [f"wrote {out / 'sweep.md'} and {out / 'sweep.png'}"]
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # speed against batch size
 
 def run_batches(model, tokenizer, methods, prompts, batch_sizes, max_new_tokens=128, options=None, temperature=0.0,
@@ -381,7 +280,8 @@ def run_batches(model, tokenizer, methods, prompts, batch_sizes, max_new_tokens=
     max_len = max(map(len, ids)) + max_new_tokens
     parsed = {m: decode.Method.parse(m) for m in methods}
     results = {m: [] for m in methods}
-    for B in tqdm(batch_sizes, desc="batch sizes", file=sys.stderr, disable=None if progress else True):
+    for B in tqdm(batch_sizes, desc="batch "
+                  "sizes", file=sys.stderr, disable=None if progress else True):
         batch = (ids * math.ceil(B / len(ids)))[:B]
         strategies = strategies_for(model, parsed, max_len, temperature, seed, options, B, compile)
         for m in methods:                                   # warm-up, untimed
@@ -405,65 +305,12 @@ def run_batches(model, tokenizer, methods, prompts, batch_sizes, max_new_tokens=
                 "reference": references[m],
                 "step_costs": rules[m].costs if rules[m] else None})
     add_speedups(results)
-    notes = [f"{m}: mixes query lengths from step to step, so in {model.embed.weight.dtype} no single ar@Q is its "
-             f"bit-exact reference (exact in float32)" for m in methods
+    notes = [f"{m}: mixes query lengths from step to step, so in {model.embed.weight.dtype} no "
+             f"single ar@Q is its bit-exact reference (exact in float32)" for m in methods
              if parsed[m].auto and model.embed.weight.dtype != torch.float32]
     return {"device": str(device), "dtype": str(model.embed.weight.dtype).replace("torch.", ""),
             "batch_sizes": list(batch_sizes), "num_prompts": len(ids), "max_new_tokens": max_new_tokens,
             "temperature": temperature, "methods": results, "notes": notes}
-
-
-def batch_table(res):
-    """One row per batch size: every method's tok/s, speedup over ar and tokens per forward."""
-    methods = list(res["methods"])
-    head = f"{'batch':>5}" + "".join(f"  {m + ' tok/s':>16} {'speedup':>7} {'tok/fwd':>7} {'exact':>5}"
-                                     for m in methods)
-    lines = [head]
-    for i, B in enumerate(res["batch_sizes"]):
-        line = f"{B:>5}"
-        for m in methods:
-            r = res["methods"][m][i]
-            line += (f"  {r['tok_s']:>16.1f} {fmt(r['speedup'], '.2f') + 'x':>7} {r['tokens_per_forward']:>7.2f}"
-                     f" {r['exact_match']:>5.2f}")
-        lines.append(line)
-    lines.append(f"{res['num_prompts']} prompts repeated to fill each batch, max_new_tokens={res['max_new_tokens']}, "
-                 f"temperature={res['temperature']}, {res['device']} {res['dtype']}; tok/s counts every row's "
-                 f"tokens, prefill included; tok/fwd counts rows still decoding; exact = rows identical to plain "
-                 f"greedy ar at the same batch size")
-    return "\n".join(lines + res["notes"])
-
-
-def write_batches(res, out):
-    """Markdown table and, where matplotlib exists, tokens/s and speedup against batch size."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    methods = list(res["methods"])
-    md = ["| batch | " + " | ".join(f"{m} tok/s | {m} speedup" for m in methods) + " |",
-          "| ---: |" + " ---: | ---: |" * len(methods)]
-    for i, B in enumerate(res["batch_sizes"]):
-        md.append(f"| {B} | " + " | ".join(f"{res['methods'][m][i]['tok_s']:.1f} | "
-                                           f"{fmt(res['methods'][m][i]['speedup'], '.2f')}" for m in methods) + " |")
-    (out / "batch_sizes.md").write_text("\n".join(md) + "\n")
-    plt = pyplot()
-    if plt is None:
-        return [f"wrote {out / 'batch_sizes.md'} (no matplotlib: no plot)"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for m in methods:
-        rows = res["methods"][m]
-        axes[0].plot(res["batch_sizes"], [r["tok_s"] for r in rows], "o-", label=m)
-        if rows[0]["speedup"] is not None:
-            axes[1].plot(res["batch_sizes"], [r["speedup"] for r in rows], "o-", label=m)
-    for ax, label in zip(axes, ("tokens/s", "speedup over ar")):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(res["batch_sizes"], [str(b) for b in res["batch_sizes"]])
-        ax.set_xlabel("batch size")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"tokens/s against batch size ({res['device']}, {res['dtype']})")
-    fig.tight_layout()
-    fig.savefig(out / "batch_sizes.png", dpi=120)
-    return [f"wrote {out / 'batch_sizes.md'} and {out / 'batch_sizes.png'}"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -568,28 +415,35 @@ def k_max_list(text):
 
 def main(argv=None):
     p = Parser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--methods", type=method_list, default="ar,mtp", help="comma-separated: ar, ar@Q, mtp@D, "
+    p.add_argument("--methods", type=method_list, default="ar,mtp", help="comma-separated: ar, "
+                   "ar@Q, mtp@D, "
                    f"mtp@autoD, tree@DxK, tree@b1-b2-..., tree@autoN, static@K, confadapt@TAU[:K], verified@K (D and K "
                    f"up to {MAX_DRAFTS}, TAU in (0, 1]), hf (transformers)")
     add_model_args(p, max_new_tokens=128)
-    p.add_argument("--prompts", type=prompts_arg, default=None, help='JSONL file, one {"prompt": text, '
+    p.add_argument("--prompts", type=prompts_arg, default=None, help='JSONL file, one {"prompt": '
+                   'text, '
                    '"answer": gold?} a line, the prompt used verbatim, or "builtin": 16 short chat questions in the '
                    "model's chat template (default: data/smollm2_heldout.jsonl for smollm2, else builtin)")
     p.add_argument("--num_prompts", type=number(int, 1), default=8, help="how many prompts to use")
-    p.add_argument("--warmup", type=number(int, 0), default=1, help="prompts decoded untimed before timing")
-    p.add_argument("--json", action="store_true", help="print the results as one JSON object, last line")
-    p.add_argument("--sweep", action="store_true", help="also run confadapt@TAU for every --taus value; write a "
-                   "markdown table (and a PNG where matplotlib exists) to --out")
-    p.add_argument("--taus", type=tau_list, default="0.5,0.6,0.7,0.8,0.9,0.95", help="ConfAdapt thresholds, "
-                   "comma-separated, each in (0, 1], for --sweep")
-    p.add_argument("--k_maxes", type=k_max_list, default=None, help="with --sweep: run the tau sweep once per "
+    p.add_argument("--warmup", type=number(int, 0), default=1, help="prompts decoded untimed "
+                   "before timing")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object, "
+                   "last line")
+    p.add_argument("--sweep", action="store_true", help="also run confadapt@TAU for every --taus "
+                   "value; write a markdown table (and a PNG where matplotlib exists) to --out")
+    p.add_argument("--taus", type=tau_list, default="0.5,0.6,0.7,0.8,0.9,0.95", help="ConfAdapt "
+                   "thresholds, comma-separated, each in (0, 1], for --sweep")
+    p.add_argument("--k_maxes", type=k_max_list, default=None, help="with --sweep: run the tau "
+                   "sweep once per "
                    "k_max (ConfAdapt's masks per forward + 1), comma-separated, e.g. 4,8,16 (default: the model's)")
-    p.add_argument("--batch_sizes", type=size_list, default=None, help="comma-separated, e.g. 1,4,16,64: instead "
+    p.add_argument("--batch_sizes", type=size_list, default=None, help="comma-separated, e.g. "
+                   "1,4,16,64: instead "
                    "of one prompt at a time, decode batches of each size (the prompts repeated to fill them) and "
                    "report tokens/s against batch size; writes a table (and a PNG where matplotlib exists) to --out")
-    p.add_argument("--out", default="out/bench", help="folder for --sweep's and --batch_sizes' tables and plots")
-    p.add_argument("--tiny", action="store_true", help="a tiny random model with heads and a mask token, no "
-                   "weights: checks that everything runs")
+    p.add_argument("--out", default="out/bench", help="folder for --sweep's and --batch_sizes' "
+                   "tables and plots")
+    p.add_argument("--tiny", action="store_true", help="a tiny random model with heads and a mask "
+                   "token, no weights: checks that everything runs")
     args = p.parse_args(argv)
     if args.k_maxes and not args.sweep:
         fail("--k_maxes: only with --sweep")
@@ -601,7 +455,8 @@ def main(argv=None):
         parsed = dict(zip([m for m in methods if m != HF], ours))
         single = [m for m in methods if m == HF or not parsed[m].batches]
         if single or args.sweep:
-            fail(f"--batch_sizes: only methods that decode batches (ar, ar@Q, mtp@D, mtp@autoD) are "
+            fail(f"--batch_sizes: only methods that decode batches (ar, ar@Q, mtp@D, mtp@autoD) "
+                 f"are "
                         f"measured against batch size, not {', '.join(single) or '--sweep'}")
     prompts_file = args.prompts or (HELDOUT if args.init_from == load.BUNDLED and not args.tiny else BUILTIN)
     try:

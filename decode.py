@@ -177,10 +177,12 @@ class Stats:
 
     @property
     def acceptance_rate(self):
+        """AR_d: drafts accepted at depth d / drafts checked there (every earlier depth accepted)."""
         return [a / p if p else 0.0 for a, p in zip(self.accepted, self.proposed)]
 
     @property
     def cum_acceptance_rate(self):
+        """CAR_d: steps in which depths 1..d were all accepted / steps."""
         steps = self.steps
         return [a / steps if steps else 0.0 for a in self.accepted]
 

@@ -40,10 +40,13 @@ def topn_kl(student_logits, teacher_logits, top_n=None, direction="forward"):
 @dataclass
 class MTPLossConfig:
     alpha: float = 1.0          # weight of each head's cross-entropy against the data
-    beta: float = 1.0           # weight of each head's KL to the main head (0 = plain MTP, no self-distillation)
-    top_n: int | None = 10_000  # KL over the main head's top-N logits (Paper B: 10k of a 123k vocabulary)
+    # weight of each head's KL to the main head (0 = plain MTP, no self-distillation)
+    beta: float = 1.0
+    # KL over the main head's top-N logits (Paper B: 10k of a 123k vocabulary)
+    top_n: int | None = 10_000
     kl_direction: str = "forward"
-    main_loss: bool = True      # include the main head's next-token loss (off when the backbone is frozen)
+    # include the main head's next-token loss (off when the backbone is frozen)
+    main_loss: bool = True
 
 
 def mtp_loss(model, idx, loss_weight=None, cfg=MTPLossConfig()):
@@ -103,12 +106,14 @@ def _weighted_mean(values, weight):
 
 @dataclass
 class Regions:
-    idx: torch.Tensor        # (L,) token ids: the real tokens with k-1 mask tokens after each region's anchor
+    # (L,) token ids: the real tokens with k-1 mask tokens after each region's anchor
+    idx: torch.Tensor
     # (L,) positions: a mask takes the position the real token it stands for would have
     pos: torch.Tensor
     span: torch.Tensor       # (L,) region number of each mask token, -1 for real tokens
     anchor: torch.Tensor     # (L,) position of the last real token a query may see
-    slots: torch.Tensor      # (R, k) indices into idx of each region's k prediction slots (anchor, then masks)
+    # (R, k) indices into idx of each region's k prediction slots (anchor, then masks)
+    slots: torch.Tensor
     targets: torch.Tensor    # (R, k) the real tokens those slots predict (ground truth)
 
 
@@ -176,7 +181,8 @@ def pack_batch(batch, k, n_regions, mask_ids, generator=None, device=None):
 
 @dataclass
 class StudentForcedConfig:
-    target: str = "hard"           # "hard": teacher argmax (default), "soft": KL(teacher || student), "data": ground truth
+    # "hard": teacher argmax (default), "soft": KL(teacher || student), "data": ground truth
+    target: str = "hard"
     # weight of an extra next-token loss on the real (prefix) positions
     prefix_loss: float = 0.0
 
@@ -198,7 +204,8 @@ def student_forced_loss(student, teacher, idx, pos, visible, slots, targets, cfg
         loss = F.cross_entropy(s.flatten(0, 2).float(), targets.flatten())
     else:
         forced = idx.clone()
-        forced[rows, slots[..., 1:]] = proposals[..., :-1]                 # masks -> the student's own proposals
+        # masks -> the student's own proposals
+        forced[rows, slots[..., 1:]] = proposals[..., :-1]
         with torch.no_grad():
             t = teacher(forced, pos, visible=visible)[..., :V][rows, slots]  # (B, R, k, V)
         if cfg.target == "hard":
@@ -206,7 +213,8 @@ def student_forced_loss(student, teacher, idx, pos, visible, slots, targets, cfg
         elif cfg.target == "soft":
             loss = topn_kl(s, t).mean()
         else:
-            raise ValueError(f"unknown student-forced loss target {cfg.target!r} (hard, soft or data)")
+            raise ValueError(f"unknown student-forced loss target {cfg.target!r} (hard, soft or "
+                             f"data)")
         agree = (proposals == t.argmax(-1)).float()
         metrics.update({f"agree{j + 1}": agree[..., j].mean().item() for j in range(k)})
     if cfg.prefix_loss:

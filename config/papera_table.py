@@ -14,9 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from anywhere: bench.py is one level up
 
-from bench import fmt, interval
 from cli import fail
 from decode import Method
+from report import fmt, interval
 
 
 def read(path):

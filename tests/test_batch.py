@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import bench
+import report
 import decode
 import draft_heads
 import engine
@@ -218,9 +219,9 @@ def test_bench_batches(tmp_path):
     alone = [decode.generate(m, [tokenizer.encode(p, specials=True)], 12, stop_ids=tokenizer.stop_ids)[0]
              for p in prompts]
     assert ar[0]["tokens"] == len(alone[0]) and ar[1]["tokens"] == sum(map(len, alone)) + len(alone[0])
-    lines = bench.batch_table(res).splitlines()
+    lines = report.batch_table(res).splitlines()
     assert lines[0].split()[:3] == ["batch", "ar", "tok/s"] and lines[2].split()[0] == "4"
-    assert bench.write_batches(res, tmp_path)[0].startswith(f"wrote {tmp_path / 'batch_sizes.md'}")
+    assert report.write_batches(res, tmp_path)[0].startswith(f"wrote {tmp_path / 'batch_sizes.md'}")
     assert (tmp_path / "batch_sizes.md").read_text().count("\n") == 4    # header, rule, two sizes
 
 

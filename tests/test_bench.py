@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import bench
+import report
 import decode
 import load
 import model as nano
@@ -70,7 +71,7 @@ def test_hf_agrees_with_ar(tiny):
     assert why is None
     res = bench.run(m, tokenizer, ["ar", "hf"], PROMPTS[:3], 16, options=options, warmup=0, hf=hf)["methods"]
     assert res["hf"]["exact_match"] == 1.0 and res["hf"]["implementation"] == "transformers"
-    assert res["hf"]["tokens_per_forward"] is None and "(transformers)" in bench.table(
+    assert res["hf"]["tokens_per_forward"] is None and "(transformers)" in report.table(
         {**bench.run(m, tokenizer, ["hf"], PROMPTS[:1], 4, warmup=0, hf=hf), "notes": []})
 
 
@@ -109,7 +110,7 @@ def test_table_columns_stay_put():
            "nll_key": "nll", "notes": [], "methods": {
                "confadapt@0.9": {**row, "acceptance_rate": [0.5] * 15},
                "mtp@2": {**row, "acceptance_rate": [0.5] * 2}, "ar": {**row, "acceptance_rate": []}}}
-    lines = bench.table(res).splitlines()[:4]
+    lines = report.table(res).splitlines()[:4]
     assert len({len(line) for line in lines}) == 1, lines   # every column ends where the header's does
     assert " ..." in lines[1]
 

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 import decode   # the repository is on sys.path through conftest.py
-import model
 import draft_heads
 import draft_mask
 import engine

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import bench
+import report
 import decode
 import draft_tree
 import engine
@@ -260,5 +261,5 @@ def test_bench_reports_trees():
         assert len(hist) == depth + 1 and sum(hist) > 0
     assert methods["ar"]["accepted_lengths"] == []
     assert bench.method_list("ar,tree@4-2-2-1,mtp@3,tree@3x4") == ["ar", "tree@4-2-2-1", "mtp@3", "tree@3x4"]
-    footer = [line for line in bench.table(res).splitlines() if line.startswith("accepted drafts per step")]
+    footer = [line for line in report.table(res).splitlines() if line.startswith("accepted drafts per step")]
     assert len(footer) == 1 and "tree@2x3" in footer[0] and "mtp@2" in footer[0] and " ar " not in footer[0]
