@@ -19,9 +19,12 @@ What is not here: the decoding itself and the model setup (decode.py), loading (
 
     # smollm2, its shipped heads and held-out prompts
     python bench.py --methods ar,mtp@1,mtp@3,hf --num_prompts 4
-    python bench.py --methods ar,static@2,verified@4,hf --prompts data/smollm2_heldout.jsonl --num_prompts 4
-    python bench.py --init_from out/synthmath_mask --prompts data/synthmath/test_prompts.jsonl --sweep --taus 0.6,0.9
-    python bench.py --init_from out/papera/gated --prompts data/papera_synthmath/test_prompts.jsonl --methods ar \
+    python bench.py --methods ar,static@2,verified@4,hf --prompts data/smollm2_heldout.jsonl \
+        --num_prompts 4
+    python bench.py --init_from out/synthmath_mask --prompts data/synthmath/test_prompts.jsonl \
+        --sweep --taus 0.6,0.9
+    python bench.py --init_from out/papera/gated --methods ar \
+        --prompts data/papera_synthmath/test_prompts.jsonl \
         # ConfAdapt at every tau and k_max (confadapt@TAU:K)
         --sweep --taus 0.8,0.9 --k_maxes 4,8,16
     # speed against batch
@@ -38,6 +41,7 @@ import json
 import math
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -51,26 +55,29 @@ from engine import MAX_DRAFTS, Sampling
 
 from data.dataset import check_tokenizer, load_meta
 from data.synthmath import score
-from files import read_json
+from hf_compare import hf_generate, hf_model
 from prompts import encode_prompt, read_prompts
 from report import batch_table, sweep_method, table, write_batches, write_sweep
 from tokenizer import CharTokenizer
 
 HF = "hf"   # the method name of transformers' generate
 QUESTIONS = [  # short held-out chat questions (not in data/'s chat prompts)
-    "Explain why the sky is blue.", "Write a haiku about autumn.", "What are three benefits of exercise?",
+    "Explain why the sky is blue.", "Write a haiku about autumn.",
+    "What are three benefits of exercise?",
     "How does a refrigerator keep food cold?", "Give me a tip for learning a new language.",
-    "What is the difference between weather and climate?", "Describe a cat to someone who has never seen one.",
+    "What is the difference between weather and climate?",
+    "Describe a cat to someone who has never seen one.",
     "Why do we have seasons?", "Suggest a name for a small bakery.", "What is photosynthesis?",
     "How do I boil an egg?", "Write one sentence about the ocean.", "What causes rainbows?",
-    "List three fruits that are high in vitamin C.", "Why is sleep important?", "What does a compiler do?",
+    "List three fruits that are high in vitamin C.", "Why is sleep important?",
+    "What does a compiler do?",
 ]
 BUILTIN = "builtin"   # --prompts: QUESTIONS
 # shipped: the default prompts of smollm2
 HELDOUT = Path(__file__).parent / "data" / "smollm2_heldout.jsonl"
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # one run: every method on the same prompts
 
 def strategies_for(model, parsed, max_len, temperature, seed, options, batch_size=1, compile=False):
@@ -78,8 +85,8 @@ def strategies_for(model, parsed, max_len, temperature, seed, options, batch_siz
     kernels serve every prompt (or batch) it decodes; each samples from its own seeded generator."""
     device = model.embed.weight.device
     return {m: decode.make_strategy(model, method, max_len, Sampling(temperature),
-                                    torch.Generator(device).manual_seed(seed), batch_size=batch_size,
-                                    compile=compile, **options)
+                                    torch.Generator(device).manual_seed(seed),
+                                    batch_size=batch_size, compile=compile, **options)
             for m, method in parsed.items()}
 
 
@@ -133,19 +140,8 @@ def numeric(answer):
         return False
 
 
-@torch.no_grad()
-def hf_generate(hf, prompt, n, stop_ids):
-    """transformers' greedy generate on one prompt: the new tokens, ending with the stop token where
-    one came."""
-    device = next(hf.parameters()).device
-    # static cache: CUDA only pays
-    cache = {"cache_implementation": "static"} if device.type == "cuda" else {}
-    out = hf.generate(torch.tensor([prompt], device=device), max_new_tokens=n, do_sample=False,
-                      eos_token_id=list(stop_ids) or None, pad_token_id=0, **cache)
-    return out[0, len(prompt):].tolist()
-
-
-def run(model, tokenizer, methods, prompts, max_new_tokens=128, original=None, options=None, temperature=0.0, seed=0,
+def run(model, tokenizer, methods, prompts, max_new_tokens=128, original=None, options=None,
+        temperature=0.0, seed=0,
         warmup=1, hf=None, nll_self=False, progress=False, compile=False):
     """Decode `prompts` (texts, used verbatim, or {"prompt": text, "answer": gold} dicts) with every
     method, one prompt at a time (speculative methods decode batch 1, so ar does too), methods
@@ -172,7 +168,8 @@ def run(model, tokenizer, methods, prompts, max_new_tokens=128, original=None, o
     def generate(method, prompt, n, stats=None):
         if method == HF:
             return hf_generate(hf, prompt, n, stop_ids)
-        return decode.generate(model, [prompt], n, stop_ids=stop_ids, method=strategies[method], stats=stats)[0]
+        return decode.generate(model, [prompt], n, stop_ids=stop_ids, method=strategies[method],
+                               stats=stats)[0]
 
     # warm-up (graph capture, compilation), untimed
     for method in methods:
@@ -195,9 +192,9 @@ def run(model, tokenizer, methods, prompts, max_new_tokens=128, original=None, o
             bars[m].update()
     for bar in bars.values():
         bar.close()
-    references, greedy = greedy_references(model, {m: strategies.get(m) for m in methods}, outs, [[p] for p in ids],
-                                           max_new_tokens, stop_ids, temperature, max_len=max_len, compile=compile,
-                                           **options)
+    references, greedy = greedy_references(model, {m: strategies.get(m) for m in methods}, outs,
+                                           [[p] for p in ids], max_new_tokens, stop_ids,
+                                           temperature, max_len=max_len, compile=compile, **options)
     nll_key = "nll_self" if nll_self else "nll"
     results = {}
     for method in methods:
@@ -233,7 +230,8 @@ def run(model, tokenizer, methods, prompts, max_new_tokens=128, original=None, o
             "nll_key": nll_key, "methods": results, "notes": []}
 
 
-def greedy_references(model, strategies, outs, batches, max_new_tokens, stop_ids, temperature, **build):
+def greedy_references(model, strategies, outs, batches, max_new_tokens, stop_ids, temperature,
+                      **build):
     """For every method (name -> its strategy, None for hf): the name of its plain greedy reference
     (reference_method), and that reference's outputs on the same prompts, decoded batch by batch as
     the methods were, or taken from the timed outputs where the reference itself was timed greedily.
@@ -247,7 +245,8 @@ def greedy_references(model, strategies, outs, batches, max_new_tokens, stop_ids
         else:
             strategy = decode.make_strategy(model, ref, **build)
             decoded[ref] = [out for batch in batches
-                            for out in decode.generate(model, batch, max_new_tokens, stop_ids=stop_ids, method=strategy)]
+                            for out in decode.generate(model, batch, max_new_tokens,
+                                                       stop_ids=stop_ids, method=strategy)]
     return references, {m: decoded[ref] for m, ref in references.items()}
 
 
@@ -260,10 +259,11 @@ def reference_method(method, strategy, model):
     return f"ar@{strategy.query_len}" if strategy.query_len > 1 else "ar"
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # speed against batch size
 
-def run_batches(model, tokenizer, methods, prompts, batch_sizes, max_new_tokens=128, options=None, temperature=0.0,
+def run_batches(model, tokenizer, methods, prompts, batch_sizes, max_new_tokens=128, options=None,
+                temperature=0.0,
                 seed=0, compile=False, progress=False):
     """tokens/s of every method at every batch size: the prompts (texts or {"prompt": ...} dicts,
     used verbatim) repeated in order to fill each batch, decoded as one batch (decode.generate with
@@ -284,21 +284,23 @@ def run_batches(model, tokenizer, methods, prompts, batch_sizes, max_new_tokens=
                   "sizes", file=sys.stderr, disable=None if progress else True):
         batch = (ids * math.ceil(B / len(ids)))[:B]
         strategies = strategies_for(model, parsed, max_len, temperature, seed, options, B, compile)
+        generate = partial(decode.generate, model, batch, max_new_tokens, stop_ids=stop_ids)
         for m in methods:                                   # warm-up, untimed
-            decode.generate(model, batch, max_new_tokens, stop_ids=stop_ids, method=strategies[m])
+            generate(method=strategies[m])
         outs, stats, wall = {}, {m: decode.Stats() for m in methods}, {}
         for m in methods:
-            outs[m], wall[m] = timed(device, lambda: decode.generate(model, batch, max_new_tokens, stop_ids=stop_ids,
-                                                                     method=strategies[m], stats=stats[m]))
-        references, greedy = greedy_references(model, strategies, outs, [batch], max_new_tokens, stop_ids,
-                                               temperature, max_len=max_len, batch_size=B, compile=compile, **options)
+            outs[m], wall[m] = timed(device, lambda: generate(method=strategies[m], stats=stats[m]))
+        references, greedy = greedy_references(model, strategies, outs, [batch], max_new_tokens,
+                                               stop_ids, temperature, max_len=max_len, batch_size=B,
+                                               compile=compile, **options)
         rules = {m: getattr(strategies[m], "rule", None) for m in methods}   # mtp@auto's DepthRule
         # their caches and graphs before the next, larger size
         del strategies
         for m in methods:
             tokens = sum(map(len, outs[m]))
             results[m].append({
-                "batch_size": B, "tokens": tokens, "wall_s": wall[m], "tok_s": tokens / wall[m], "speedup": None,
+                "batch_size": B, "tokens": tokens, "wall_s": wall[m], "tok_s": tokens / wall[m],
+                "speedup": None,
                 "tokens_per_forward": stats[m].tokens_per_forward,
                 "acceptance_rate": stats[m].acceptance_rate,
                 "exact_match": sum(o == r for o, r in zip(outs[m], greedy[m])) / B,
@@ -309,54 +311,12 @@ def run_batches(model, tokenizer, methods, prompts, batch_sizes, max_new_tokens=
              f"single ar@Q is its bit-exact reference (exact in float32)" for m in methods
              if parsed[m].auto and model.embed.weight.dtype != torch.float32]
     return {"device": str(device), "dtype": str(model.embed.weight.dtype).replace("torch.", ""),
-            "batch_sizes": list(batch_sizes), "num_prompts": len(ids), "max_new_tokens": max_new_tokens,
+            "batch_sizes": list(batch_sizes), "num_prompts": len(ids),
+            "max_new_tokens": max_new_tokens,
             "temperature": temperature, "methods": results, "notes": notes}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# transformers side by side: the same weights in its own implementation
-
-def hf_model(model, source):
-    """A transformers model with `model`'s main weights (no heads, no adapters, no mask tokens), or
-    the reason there is none. Llama is rebuilt from our own tensors (no files or network needed,
-    GGUF sources included); GPT-2 is read from its Hugging Face folder."""
-    try:
-        import transformers
-    except ImportError:
-        return None, "transformers is not installed (pip install transformers)"
-    cfg = model.cfg
-    if cfg.lora_rank and not cfg.lora_gated:
-        return None, "the model carries ungated LoRA adapters, which transformers' Llama does not have"
-    if cfg.arch == "gpt2":
-        folder = Path(str(source))
-        if not (folder / "config.json").is_file() or read_json(folder / "config.json").get("format") == "nanomtp":
-            return None, "a GPT-2 model is compared only when loaded from its Hugging Face folder"
-        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
-        return hf.to(device=model.embed.weight.device, dtype=model.embed.weight.dtype).eval(), None
-    # mask tokens are never predicted
-    vocab = cfg.mask_token_ids[0] if cfg.mask_token_ids else cfg.vocab_size
-    rope = {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_theta}
-    rope = {"rope_parameters": rope} if int(transformers.__version__.split(".")[0]) >= 5 else \
-        {"rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling}
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=cfg.n_embd, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
-        head_dim=cfg.head_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-        tie_word_embeddings=cfg.tie_embeddings, bos_token_id=None, eos_token_id=None, pad_token_id=None, **rope)
-    ours = model.state_dict()
-    state = {theirs: ours[name][:vocab] if name in ("embed.weight", "lm_head.weight") else ours[name]
-             for name, theirs, _ in load.llama_table(cfg)}
-    hf = transformers.LlamaForCausalLM(hf_cfg).to(dtype=model.embed.weight.dtype)
-    result = hf.load_state_dict(state, strict=False)
-    if result.unexpected_keys or set(result.missing_keys) - {"lm_head.weight"}:
-        # a bug in load.llama_table, not bad input
-        raise RuntimeError(f"Llama names do not map: {result}")
-    if cfg.tie_embeddings:
-        hf.tie_weights()
-    return hf.to(model.embed.weight.device).eval(), None
-
-
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # CLI
 
 def tiny_setup(device, dtype, seed):
@@ -365,7 +325,8 @@ def tiny_setup(device, dtype, seed):
     torch.manual_seed(seed)
     tokenizer = CharTokenizer()
     mask_id = tokenizer.add_special("<mtp>")
-    cfg = nano.Config(arch="llama", vocab_size=tokenizer.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+    cfg = nano.Config(arch="llama", vocab_size=tokenizer.vocab_size, n_layer=2, n_head=4,
+                      n_kv_head=2, n_embd=64,
                       head_dim=16, intermediate_size=128, max_seq_len=512)
     m = nano.Transformer(cfg)
     # larger weights than the default init, so the text is not one token repeated
@@ -415,15 +376,15 @@ def k_max_list(text):
 
 def main(argv=None):
     p = Parser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--methods", type=method_list, default="ar,mtp", help="comma-separated: ar, "
-                   "ar@Q, mtp@D, "
-                   f"mtp@autoD, tree@DxK, tree@b1-b2-..., tree@autoN, static@K, confadapt@TAU[:K], verified@K (D and K "
-                   f"up to {MAX_DRAFTS}, TAU in (0, 1]), hf (transformers)")
+    p.add_argument("--methods", type=method_list, default="ar,mtp", help=f"comma-separated: ar, "
+                   f"ar@Q, mtp@D, mtp@autoD, tree@DxK, tree@b1-b2-..., tree@autoN, static@K, "
+                   f"confadapt@TAU[:K], verified@K (D and K up to {MAX_DRAFTS}, TAU in (0, 1]), hf "
+                   f"(transformers)")
     add_model_args(p, max_new_tokens=128)
-    p.add_argument("--prompts", type=prompts_arg, default=None, help='JSONL file, one {"prompt": '
-                   'text, '
-                   '"answer": gold?} a line, the prompt used verbatim, or "builtin": 16 short chat questions in the '
-                   "model's chat template (default: data/smollm2_heldout.jsonl for smollm2, else builtin)")
+    p.add_argument("--prompts", type=prompts_arg, default=None, help='JSONL file, one '
+                   '{"prompt": text, "answer": gold?} a line, the prompt used verbatim, or '
+                   '"builtin": 16 short chat questions in the model\'s chat template (default: '
+                   "data/smollm2_heldout.jsonl for smollm2, else builtin)")
     p.add_argument("--num_prompts", type=number(int, 1), default=8, help="how many prompts to use")
     p.add_argument("--warmup", type=number(int, 0), default=1, help="prompts decoded untimed "
                    "before timing")
@@ -434,12 +395,12 @@ def main(argv=None):
     p.add_argument("--taus", type=tau_list, default="0.5,0.6,0.7,0.8,0.9,0.95", help="ConfAdapt "
                    "thresholds, comma-separated, each in (0, 1], for --sweep")
     p.add_argument("--k_maxes", type=k_max_list, default=None, help="with --sweep: run the tau "
-                   "sweep once per "
-                   "k_max (ConfAdapt's masks per forward + 1), comma-separated, e.g. 4,8,16 (default: the model's)")
+                   "sweep once per k_max (ConfAdapt's masks per forward + 1), comma-separated, "
+                   "e.g. 4,8,16 (default: the model's)")
     p.add_argument("--batch_sizes", type=size_list, default=None, help="comma-separated, e.g. "
-                   "1,4,16,64: instead "
-                   "of one prompt at a time, decode batches of each size (the prompts repeated to fill them) and "
-                   "report tokens/s against batch size; writes a table (and a PNG where matplotlib exists) to --out")
+                   "1,4,16,64: instead of one prompt at a time, decode batches of each size (the "
+                   "prompts repeated to fill them) and report tokens/s against batch size; writes "
+                   "a table (and a PNG where matplotlib exists) to --out")
     p.add_argument("--out", default="out/bench", help="folder for --sweep's and --batch_sizes' "
                    "tables and plots")
     p.add_argument("--tiny", action="store_true", help="a tiny random model with heads and a mask "
@@ -448,7 +409,8 @@ def main(argv=None):
     if args.k_maxes and not args.sweep:
         fail("--k_maxes: only with --sweep")
     taus = args.taus if args.sweep else []
-    methods = list(dict.fromkeys(args.methods + [sweep_method(t, k) for k in args.k_maxes or [None] for t in taus]))
+    sweep = [sweep_method(t, k) for k in args.k_maxes or [None] for t in taus]
+    methods = list(dict.fromkeys(args.methods + sweep))
     ours = [decode.Method.parse(m) for m in methods if m != HF]
     dtype = decode.check_model_args(args, ours)
     if args.batch_sizes:
@@ -456,9 +418,9 @@ def main(argv=None):
         single = [m for m in methods if m == HF or not parsed[m].batches]
         if single or args.sweep:
             fail(f"--batch_sizes: only methods that decode batches (ar, ar@Q, mtp@D, mtp@autoD) "
-                 f"are "
-                        f"measured against batch size, not {', '.join(single) or '--sweep'}")
-    prompts_file = args.prompts or (HELDOUT if args.init_from == load.BUNDLED and not args.tiny else BUILTIN)
+                 f"are measured against batch size, not {', '.join(single) or '--sweep'}")
+    shipped = args.init_from == load.BUNDLED and not args.tiny
+    prompts_file = args.prompts or (HELDOUT if shipped else BUILTIN)
     try:
         rows = None if prompts_file == BUILTIN else read_prompts(prompts_file)
         if args.tiny:
@@ -480,11 +442,12 @@ def main(argv=None):
             raise ValueError("nothing left to measure")
         if args.batch_sizes:
             res = run_batches(model, tokenizer, methods, rows[:args.num_prompts], args.batch_sizes,
-                              args.max_new_tokens, options, args.temperature, args.seed, args.compile, progress=True)
+                              args.max_new_tokens, options, args.temperature, args.seed,
+                              args.compile, progress=True)
         else:
-            res = run(model, tokenizer, methods, rows[:args.num_prompts], args.max_new_tokens, original, options,
-                      args.temperature, args.seed, args.warmup, hf, nll_self=original is None, progress=True,
-                      compile=args.compile)
+            res = run(model, tokenizer, methods, rows[:args.num_prompts], args.max_new_tokens,
+                      original, options, args.temperature, args.seed, args.warmup, hf,
+                      nll_self=original is None, progress=True, compile=args.compile)
     except (ValueError, OSError) as e:
         fail(e)
     if args.batch_sizes:

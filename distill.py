@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Paper B: MTP heads with self-distillation from the main head
 
 def topn_kl(student_logits, teacher_logits, top_n=None, direction="forward"):
@@ -27,7 +27,8 @@ def topn_kl(student_logits, teacher_logits, top_n=None, direction="forward"):
     over positions."""
     if top_n is not None and top_n < teacher_logits.size(-1):
         idx = teacher_logits.topk(top_n, dim=-1).indices
-        teacher_logits, student_logits = teacher_logits.gather(-1, idx), student_logits.gather(-1, idx)
+        teacher_logits = teacher_logits.gather(-1, idx)
+        student_logits = student_logits.gather(-1, idx)
     t = F.log_softmax(teacher_logits.float(), -1)
     s = F.log_softmax(student_logits.float(), -1)
     if direction == "reverse":
@@ -57,7 +58,9 @@ def mtp_loss(model, idx, loss_weight=None, cfg=MTPLossConfig()):
     distribution there is the distillation target. loss_weight (B, T) marks which tokens count as
     targets (e.g. answers only). Returns (loss, metrics dict)."""
     T = idx.size(1)
-    loss_weight = torch.ones_like(idx, dtype=torch.float) if loss_weight is None else loss_weight.float()
+    if loss_weight is None:
+        loss_weight = torch.ones_like(idx, dtype=torch.float)
+    loss_weight = loss_weight.float()
     train_main = cfg.main_loss and any(p.requires_grad for p in model.blocks.parameters())
     with torch.set_grad_enabled(train_main and torch.is_grad_enabled()):
         x, taps = model.hidden(idx, keep_taps=True)
@@ -67,7 +70,8 @@ def mtp_loss(model, idx, loss_weight=None, cfg=MTPLossConfig()):
     metrics = {}
     loss = torch.zeros((), device=idx.device)
     if cfg.main_loss:
-        ce = F.cross_entropy(main_logits[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten(), reduction="none")
+        ce = F.cross_entropy(main_logits[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten(),
+                             reduction="none")
         loss = loss + _weighted_mean(ce, loss_weight[:, 1:])
         metrics["main_loss"] = loss.item()
     teacher = main_logits.detach()
@@ -81,10 +85,12 @@ def mtp_loss(model, idx, loss_weight=None, cfg=MTPLossConfig()):
         # (B, n, V): predictions of tokens d+1 .. d+n
         logits = model.logits(h)
         target, m = idx[:, d + 1:d + 1 + n], loss_weight[:, d + 1:d + 1 + n]
-        ce = _weighted_mean(F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="none"), m)
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="none")
+        ce = _weighted_mean(ce, m)
         head_loss = cfg.alpha * ce
         if cfg.beta:
-            kl = _weighted_mean(topn_kl(logits, teacher[:, d:d + n], cfg.top_n, cfg.kl_direction).flatten(), m)
+            kl = topn_kl(logits, teacher[:, d:d + n], cfg.top_n, cfg.kl_direction)
+            kl = _weighted_mean(kl.flatten(), m)
             head_loss = head_loss + cfg.beta * kl
             metrics[f"kl{d}"] = kl.item()
         loss = loss + head_loss
@@ -92,7 +98,8 @@ def mtp_loss(model, idx, loss_weight=None, cfg=MTPLossConfig()):
         metrics[f"ce{d}"] = ce.item()
         # vs the data
         metrics[f"acc{d}"] = _weighted_mean((pred == target).float().flatten(), m).item()
-        metrics[f"agree{d}"] = _weighted_mean((pred == teacher[:, d:d + n].argmax(-1)).float().flatten(), m).item()
+        agree = (pred == teacher[:, d:d + n].argmax(-1)).float()
+        metrics[f"agree{d}"] = _weighted_mean(agree.flatten(), m).item()
     return loss, metrics
 
 
@@ -101,7 +108,7 @@ def _weighted_mean(values, weight):
     return (values.flatten() * weight).sum() / weight.sum().clamp_min(1)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Paper A: MTP regions and the blocked-causal visibility
 
 @dataclass
@@ -153,7 +160,8 @@ def pack_regions(tokens, k, n_regions, mask_ids, generator=None):
     span.append(torch.full((N - start,), -1))
     anchor.append(torch.arange(start, N))
     targets = torch.stack([tokens[a + 1:a + k + 1] for a in anchors.tolist()])
-    return Regions(torch.cat(pieces), torch.cat(pos), torch.cat(span), torch.cat(anchor), torch.stack(slots), targets)
+    return Regions(torch.cat(pieces), torch.cat(pos), torch.cat(span), torch.cat(anchor),
+                   torch.stack(slots), targets)
 
 
 def region_visible(span, pos, anchor):
@@ -162,7 +170,8 @@ def region_visible(span, pos, anchor):
     token also sees the masks of its own region up to itself. Real tokens never see a mask."""
     i = torch.arange(span.size(-1), device=span.device)
     sees_real = (span == -1)[..., None, :] & (pos[..., None, :] <= anchor[..., :, None])
-    same_span = (span[..., :, None] == span[..., None, :]) & (span[..., :, None] >= 0) & (i[None, :] <= i[:, None])
+    same_span = ((span[..., :, None] == span[..., None, :]) & (span[..., :, None] >= 0)
+                 & (i[None, :] <= i[:, None]))
     return sees_real | same_span
 
 
@@ -187,7 +196,8 @@ class StudentForcedConfig:
     prefix_loss: float = 0.0
 
 
-def student_forced_loss(student, teacher, idx, pos, visible, slots, targets, cfg=StudentForcedConfig(), n_real_vocab=None):
+def student_forced_loss(student, teacher, idx, pos, visible, slots, targets,
+                        cfg=StudentForcedConfig(), n_real_vocab=None):
     """Student-forced distillation (Paper A). The student predicts k tokens per region; its argmax
     proposals replace the masks; the frozen teacher scores that text with the same layout, which
     gives, at every slot, the teacher's next token given the prefix and the student's own earlier
@@ -213,12 +223,13 @@ def student_forced_loss(student, teacher, idx, pos, visible, slots, targets, cfg
         elif cfg.target == "soft":
             loss = topn_kl(s, t).mean()
         else:
-            raise ValueError(f"unknown student-forced loss target {cfg.target!r} (hard, soft or "
-                             f"data)")
+            raise ValueError(f"unknown student-forced loss target {cfg.target!r} (hard, soft "
+                             f"or data)")
         agree = (proposals == t.argmax(-1)).float()
         metrics.update({f"agree{j + 1}": agree[..., j].mean().item() for j in range(k)})
     if cfg.prefix_loss:
-        real = ~torch.isin(idx, torch.tensor(student.cfg.mask_token_ids, dtype=torch.long, device=idx.device))
+        mask_ids = torch.tensor(student.cfg.mask_token_ids, dtype=torch.long, device=idx.device)
+        real = ~torch.isin(idx, mask_ids)
         metrics["prefix_loss"] = _prefix_loss(logits, idx, pos, real)
         loss = loss + cfg.prefix_loss * metrics["prefix_loss"]
         metrics["prefix_loss"] = metrics["prefix_loss"].item()
@@ -235,5 +246,6 @@ def _prefix_loss(logits, idx, pos, real):
         r = real[b].nonzero().squeeze(1)
         cur, nxt = r[:-1], r[1:]
         ok = pos[b, nxt] == pos[b, cur] + 1
-        losses.append(F.cross_entropy(logits[b, cur[ok]].float(), idx[b, nxt[ok]], reduction="none"))
+        losses.append(F.cross_entropy(logits[b, cur[ok]].float(), idx[b, nxt[ok]],
+                                      reduction="none"))
     return torch.cat(losses).mean()

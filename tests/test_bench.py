@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import bench
+import hf_compare
 import report
 import decode
 import load
@@ -67,7 +68,7 @@ def test_bench_runs_every_method(tiny):
 def test_hf_agrees_with_ar(tiny):
     pytest.importorskip("transformers")
     m, _, tokenizer, options = tiny
-    hf, why = bench.hf_model(m, "tiny")
+    hf, why = hf_compare.hf_model(m, "tiny")
     assert why is None
     res = bench.run(m, tokenizer, ["ar", "hf"], PROMPTS[:3], 16, options=options, warmup=0, hf=hf)["methods"]
     assert res["hf"]["exact_match"] == 1.0 and res["hf"]["implementation"] == "transformers"
@@ -89,7 +90,7 @@ def test_hf_same_logits_untied_scaled_rope():
             w.normal_(1.0 if w.dim() == 1 else 0.0, 0.3)
     m.add_mask_tokens(1)
     m.eval()
-    hf, why = bench.hf_model(m, "tiny")
+    hf, why = hf_compare.hf_model(m, "tiny")
     ids = torch.randint(0, 50, (1, 200))
     with torch.no_grad():
         ours, theirs = m(ids)[..., :50], hf(ids).logits
@@ -99,7 +100,7 @@ def test_hf_same_logits_untied_scaled_rope():
 
 def test_hf_skipped_without_transformers(tiny, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "transformers", None)   # import transformers -> ImportError
-    hf, why = bench.hf_model(tiny[0], "tiny")
+    hf, why = hf_compare.hf_model(tiny[0], "tiny")
     assert hf is None and "transformers is not installed" in why
 
 
