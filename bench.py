@@ -351,15 +351,16 @@ def check_prompts_tokenizer(path, tokenizer):
 
 
 def method_list(text):
-    methods = list(dict.fromkeys(filter(None, (m.strip() for m in text.split(",")))))
-    if not methods:
+    names = [m for m in (m.strip() for m in text.split(",")) if m]
+    if not names:
         raise argparse.ArgumentTypeError("no methods given (e.g. ar,mtp@3)")
-    for m, after in zip(methods, methods[1:] + [""]):
-        if m.startswith("tree@") and after.isdigit():   # the old tree@4,2,2,1 read as a list
-            decode.method_arg(f"{m},{after}")
+    for i, m in enumerate(names):
+        old = [m]   # the old tree@4,2,2,1 reads as a list here: name its new form
+        while m.startswith("tree@") and names[i + len(old):][:1] and names[i + len(old)].isdigit():
+            old.append(names[i + len(old)])
         if m != HF:
-            decode.method_arg(m)
-    return methods
+            decode.method_arg(",".join(old))
+    return list(dict.fromkeys(names))
 
 
 def size_list(text):

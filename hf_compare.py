@@ -1,5 +1,5 @@
 """
-transformers side by side: the same weights in transformers' own implementation, for bench.py's `hf`.
+transformers side by side: the same weights in transformers' own implementation (bench.py's `hf`).
 
 - `hf_model`: a transformers model with a model's main weights (no heads, adapters or mask tokens).
 - `hf_generate`: transformers' greedy `generate` on one prompt.

@@ -61,6 +61,9 @@ BENCH_BAD = [
     (["--num_prompts", "0"], "argument --num_prompts: must be at least 1, got 0"),
     (["--warmup", "-1"], "argument --warmup: must be at least 0, got -1"),
     (["--prompts", "no/such.jsonl"], "argument --prompts: no/such.jsonl: no such file"),
+    (["--prompts", str(ROOT / "data")], "is a directory, not a file"),
+    (["--methods", "ar,tree@4,2,2,1"], "separated by '-': tree@4-2-2-1"),
+    (["--init_from", ""], "argument --init_from: expected smollm2"),
     (["--methods", "ar", "--heads", str(ROOT / "README.md")], "--heads: no method here uses it (methods: ar)"),
     (["--temperature", "nan"], "argument --temperature: must be at least 0, got nan"),
 ]
