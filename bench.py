@@ -14,8 +14,8 @@ tokens/s and speedup against batch size (`run_batches`). Lossy methods (static@K
 labelled LOSSY. `hf` is another implementation: transformers' own `generate` (greedy) on the same
 weights, for comparison. A table for people; with --json, one JSON object last.
 
-What is not here: the decoding itself and the model setup (decode.py), loading (load.py), training
-(train.py).
+What is not here: the decoding itself (decode.py, engine.py, draft_*.py), the model setup
+(load.load_for), the tables and plots (report.py), training (train.py).
 
     # smollm2, its shipped heads and held-out prompts
     python bench.py --methods ar,mtp@1,mtp@3,hf --num_prompts 4

@@ -4,7 +4,7 @@ Training, one script for every recipe of both papers:
   --mode scratch   a main model and K MTP heads from scratch (Paper B; --beta 0 is plain MTP, --beta 1 MTP-D)
   --mode heads     K MTP heads on a frozen pretrained model, trained on the model's own answers (Paper B)
   --mode extend    looped extension: copy the m trained heads into m new ones, train only the new ones (Paper B)
-  --mode mask_tokens      mask-token MTP by student-forced self-distillation from a frozen copy (Paper A), full fine-tuning,
+  --mode mask_tokens mask-token MTP by student-forced self-distillation from a frozen copy (Paper A), full fine-tuning,
                    LoRA, or gated LoRA (adapters only at mask tokens: next-token predictions stay exactly the original)
 
 Checkpoints (--out) hold the model, its tokenizer, the optimizer, the step, and the RNG states of training and of the
