@@ -177,7 +177,7 @@ class Stats:
 
     @property
     def acceptance_rate(self):
-        """AR_d: drafts accepted at depth d / drafts checked there (every earlier depth accepted)."""
+        """AR_d: drafts accepted at depth d / drafts checked there (all earlier depths accepted)."""
         return [a / p if p else 0.0 for a, p in zip(self.accepted, self.proposed)]
 
     @property

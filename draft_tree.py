@@ -101,7 +101,8 @@ class TreeDrafts(HeadStrategy):
     def draft(self):
         """1) Draft: per depth d, one head call over the window (positions L-1-2D..L-2, recomputed
         each step as HeadDrafts does, from the chain's tokens) and every node of level d-1, at
-        position L-1. Writes the tree's tokens to self.nodes and its first path (the chain) to t[L+1..]."""
+        position L-1. Writes the tree's tokens to self.nodes and its first path (the chain) to
+        t[L+1..]."""
         L = self.newest
         win = (L - 1 - self.window).clamp_min(0) + self.window_offsets       # (W,) up to L-2
         self.nodes[:1] = self.tokens[0, L]
