@@ -1,30 +1,39 @@
 """
 Measurement: every decoding method side by side, in one process, on the same prompts, after warm-up.
 
-For each method: tokens/s (generated tokens / wall time of generate, prefill included, device synchronised),
-speedup (tokens/s over `ar`'s from the same run), tokens per forward, per-depth acceptance AR_d and cumulative CAR_d
-(decode.Stats; definitions in DESIGN.md "Metrics"), the accepted-length histogram (steps that accepted n drafts,
-chains and trees), exact match against plain greedy `ar`, mean per-token NLL of the output under the original model
-(the main model without heads or adapters; one no-cache forward of prompt + output), task accuracy where the prompts
-carry numeric answers (data/synthmath.py's scorer), and time to first token (a prefill-only call, timed apart).
-Every prompt is decoded alone (batch 1), ar included; --batch_sizes instead decodes batches of each size (the prompts
-repeated to fill them) with the methods that batch (ar, mtp), and reports tokens/s and speedup against batch size
-(`run_batches`).
-Lossy methods (static@K, confadapt@TAU) are labelled LOSSY. `hf` is another implementation: transformers' own
-`generate` (greedy) on the same weights, for comparison. A table for people; with --json, one JSON object last.
+For each method: tokens/s (generated tokens / wall time of generate, prefill included, device
+synchronised), speedup (tokens/s over `ar`'s from the same run), tokens per forward, per-depth
+acceptance AR_d and cumulative CAR_d (decode.Stats, which defines them), the
+accepted-length histogram (steps that accepted n drafts, chains and trees), exact match against
+plain greedy `ar`, mean per-token NLL of the output under the original model (the main model without
+heads or adapters; one no-cache forward of prompt + output), task accuracy where the prompts carry
+numeric answers (data/synthmath.py's scorer), and time to first token (a prefill-only call, timed
+apart). Every prompt is decoded alone (batch 1), ar included; --batch_sizes instead decodes batches
+of each size (the prompts repeated to fill them) with the methods that batch (ar, mtp), and reports
+tokens/s and speedup against batch size (`run_batches`). Lossy methods (static@K, confadapt@TAU) are
+labelled LOSSY. `hf` is another implementation: transformers' own `generate` (greedy) on the same
+weights, for comparison. A table for people; with --json, one JSON object last.
 
-What is not here: the decoding itself and the model setup (decode.py), loading (load.py), training (train.py).
+What is not here: the decoding itself (decode.py, engine.py, draft_*.py), the model setup
+(load.load_for), the tables and plots (report.py), training (train.py).
 
-    python bench.py --methods ar,mtp@1,mtp@3,hf --num_prompts 4       # smollm2, its shipped heads and held-out prompts
-    python bench.py --methods ar,static@2,verified@4,hf --prompts data/smollm2_heldout.jsonl --num_prompts 4
-    python bench.py --init_from out/synthmath_mask --prompts data/synthmath/test_prompts.jsonl --sweep --taus 0.6,0.9
-    python bench.py --init_from out/papera/gated --prompts data/papera_synthmath/test_prompts.jsonl --methods ar \
-        --sweep --taus 0.8,0.9 --k_maxes 4,8,16           # ConfAdapt at every tau and k_max (confadapt@TAU:K)
-    python bench.py --methods ar,mtp@3,mtp@auto --batch_sizes 1,4,16,64 --out results/batch   # speed against batch
-    python bench.py --tiny --methods ar,mtp@2,static@3,verified@3      # a random model, no weights: a smoke test
+    # smollm2, its shipped heads and held-out prompts
+    python bench.py --methods ar,mtp@1,mtp@3,hf --num_prompts 4
+    python bench.py --methods ar,static@2,verified@4,hf --prompts data/smollm2_heldout.jsonl \
+        --num_prompts 4
+    python bench.py --init_from out/synthmath_mask --prompts data/synthmath/test_prompts.jsonl \
+        --sweep --taus 0.6,0.9
+    python bench.py --init_from out/papera/gated --methods ar \
+        --prompts data/papera_synthmath/test_prompts.jsonl \
+        # ConfAdapt at every tau and k_max (confadapt@TAU:K)
+        --sweep --taus 0.8,0.9 --k_maxes 4,8,16
+    # speed against batch
+    python bench.py --methods ar,mtp@3,mtp@auto --batch_sizes 1,4,16,64 --out results/batch
+    # a random model, no weights: a smoke test
+    python bench.py --tiny --methods ar,mtp@2,static@3,verified@3
 
-The programmatic entry points are `run(model, tokenizer, methods, prompts, ...) -> dict` and `run_batches(...)`; the
-CLI wraps them.
+The programmatic entry points are `run(model, tokenizer, methods, prompts, ...) -> dict` and
+`run_batches(...)`; the CLI wraps them.
 """
 
 import argparse
@@ -32,6 +41,7 @@ import json
 import math
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -40,27 +50,53 @@ from tqdm import tqdm
 import decode
 import load
 import model as nano
+from cli import Parser, add_model_args, existing_file, fail, number
+from engine import MAX_DRAFTS, Sampling
 
 from data.dataset import check_tokenizer, load_meta
 from data.synthmath import score
-from tokenizer import CHATML_START, CharTokenizer, plural
+from hf_compare import hf_generate, hf_model
+from prompts import encode_prompt, read_prompts
+from report import batch_table, sweep_method, table, write_batches, write_sweep
+from tokenizer import CharTokenizer
 
 HF = "hf"   # the method name of transformers' generate
 QUESTIONS = [  # short held-out chat questions (not in data/'s chat prompts)
-    "Explain why the sky is blue.", "Write a haiku about autumn.", "What are three benefits of exercise?",
+    "Explain why the sky is blue.", "Write a haiku about autumn.",
+    "What are three benefits of exercise?",
     "How does a refrigerator keep food cold?", "Give me a tip for learning a new language.",
-    "What is the difference between weather and climate?", "Describe a cat to someone who has never seen one.",
+    "What is the difference between weather and climate?",
+    "Describe a cat to someone who has never seen one.",
     "Why do we have seasons?", "Suggest a name for a small bakery.", "What is photosynthesis?",
     "How do I boil an egg?", "Write one sentence about the ocean.", "What causes rainbows?",
-    "List three fruits that are high in vitamin C.", "Why is sleep important?", "What does a compiler do?",
+    "List three fruits that are high in vitamin C.", "Why is sleep important?",
+    "What does a compiler do?",
 ]
 BUILTIN = "builtin"   # --prompts: QUESTIONS
-HELDOUT = Path(__file__).parent / "data" / "smollm2_heldout.jsonl"   # shipped: the default prompts of smollm2
-ACCEPT_SHOWN = 4    # acceptance rates shown per table row; the rest are in the JSON
+# shipped: the default prompts of smollm2
+HELDOUT = Path(__file__).parent / "data" / "smollm2_heldout.jsonl"
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # one run: every method on the same prompts
+
+def strategies_for(model, parsed, max_len, temperature, seed, options, batch_size=1, compile=False):
+    """One strategy per method (name -> Method), built once: its buffers, CUDA graphs and compiled
+    kernels serve every prompt (or batch) it decodes; each samples from its own seeded generator."""
+    device = model.embed.weight.device
+    return {m: decode.make_strategy(model, method, max_len, Sampling(temperature),
+                                    torch.Generator(device).manual_seed(seed),
+                                    batch_size=batch_size, compile=compile, **options)
+            for m, method in parsed.items()}
+
+
+def add_speedups(results):
+    """Every row's speedup: its tok/s over ar's in the same position (results: name -> rows)."""
+    if "ar" in results:
+        for rows in results.values():
+            for r, ar in zip(rows, results["ar"]):
+                r["speedup"] = r["tok_s"] / ar["tok_s"]
+
 
 def timed(device, fn):
     """fn() and its wall time in seconds, the device synchronised before and after."""
@@ -74,7 +110,8 @@ def timed(device, fn):
 
 @torch.no_grad()
 def output_nll(model, prompts, outs):
-    """Mean per-token NLL of the outputs under `model`, one forward of prompt + output each, no cache."""
+    """Mean per-token NLL of the outputs under `model`, one forward of prompt + output each, no
+    cache."""
     total, count, device = 0.0, 0, model.embed.weight.device
     for ids, out in zip(prompts, outs):
         logits = model(torch.tensor([ids + out], device=device))[0, len(ids) - 1:-1].float()
@@ -85,8 +122,8 @@ def output_nll(model, prompts, outs):
 
 
 def wilson(successes, n, z=1.96):
-    """The Wilson score interval (95% for z=1.96) of a proportion: unlike p +- z sqrt(p(1-p)/n) it stays inside
-    [0, 1] and is not empty at 0/n or n/n, where accuracies near 100% live."""
+    """The Wilson score interval (95% for z=1.96) of a proportion: unlike p +- z sqrt(p(1-p)/n) it
+    stays inside [0, 1] and is not empty at 0/n or n/n, where accuracies near 100% live."""
     if n == 0:
         return None
     p, z2 = successes / n, z * z
@@ -103,27 +140,19 @@ def numeric(answer):
         return False
 
 
-@torch.no_grad()
-def hf_generate(hf, prompt, n, stop_ids):
-    """transformers' greedy generate on one prompt: the new tokens, ending with the stop token where one came."""
-    device = next(hf.parameters()).device
-    cache = {"cache_implementation": "static"} if device.type == "cuda" else {}   # static cache: CUDA only pays
-    out = hf.generate(torch.tensor([prompt], device=device), max_new_tokens=n, do_sample=False,
-                      eos_token_id=list(stop_ids) or None, pad_token_id=0, **cache)
-    return out[0, len(prompt):].tolist()
-
-
-def run(model, tokenizer, methods, prompts, max_new_tokens=128, original=None, options=None, temperature=0.0, seed=0,
+def run(model, tokenizer, methods, prompts, max_new_tokens=128, original=None, options=None,
+        temperature=0.0, seed=0,
         warmup=1, hf=None, nll_self=False, progress=False, compile=False):
-    """Decode `prompts` (texts, used verbatim, or {"prompt": text, "answer": gold} dicts) with every method, one
-    prompt at a time (speculative methods decode batch 1, so ar does too), methods interleaved. `original`: the model
-    whose NLL judges the outputs (default `model`; nll_self=True says it is a fine-tuned model judging itself, and
-    the metric is then named nll_self); `options`: decode.generate's method options (mask_ids, draft_ids, k_max);
-    `hf`: a transformers model of the same weights for method "hf"; progress: a bar per method on stderr;
-    compile: torch.compile the model's forward (CUDA graphs are used on CUDA in any case).
-    exact_match compares a method with plain greedy decoding run apart (its "reference"): `ar` itself in float32,
-    and in lower precision `ar` padded to the method's query length, the bit-exact reference (decode.py).
-    Returns {"methods": {name: metrics}, ...}, JSON-ready."""
+    """Decode `prompts` (texts, used verbatim, or {"prompt": text, "answer": gold} dicts) with every
+    method, one prompt at a time (speculative methods decode batch 1, so ar does too), methods
+    interleaved. `original`: the model whose NLL judges the outputs (default `model`; nll_self=True
+    says it is a fine-tuned model judging itself, and the metric is then named nll_self); `options`:
+    decode.generate's method options (mask_ids, draft_ids, k_max); `hf`: a transformers model of the
+    same weights for method "hf"; progress: a bar per method on stderr; compile: torch.compile the
+    model's forward (CUDA graphs are used on CUDA in any case). exact_match compares a method with
+    plain greedy decoding run apart (its "reference"): `ar` itself in float32, and in lower
+    precision `ar` padded to the method's query length, the bit-exact reference (decode.py). Returns
+    {"methods": {name: metrics}, ...}, JSON-ready."""
     options, original = options or {}, original or model
     device = model.embed.weight.device
     prompts = [p if isinstance(p, dict) else {"prompt": p} for p in prompts]
@@ -132,22 +161,22 @@ def run(model, tokenizer, methods, prompts, max_new_tokens=128, original=None, o
     answers = [p.get("answer") if numeric(p.get("answer")) else None for p in prompts]
 
     methods = list(dict.fromkeys(methods))
+    parsed = {m: decode.Method.parse(m) for m in methods if m != HF}
     max_len = max(map(len, ids)) + max_new_tokens
-    gens = {m: torch.Generator(device).manual_seed(seed) for m in methods}
-    sampling = decode.Sampling(temperature)
-    # one strategy per method, built once: its buffers, CUDA graphs and compiled kernels serve every prompt
-    strategies = {m: decode.make_strategy(model, m, max_len, sampling, gens[m], compile=compile, **options)
-                  for m in methods if m != HF}
+    strategies = strategies_for(model, parsed, max_len, temperature, seed, options, compile=compile)
 
     def generate(method, prompt, n, stats=None):
         if method == HF:
             return hf_generate(hf, prompt, n, stop_ids)
-        return decode.generate(model, [prompt], n, stop_ids=stop_ids, method=strategies[method], stats=stats)[0]
+        return decode.generate(model, [prompt], n, stop_ids=stop_ids, method=strategies[method],
+                               stats=stats)[0]
 
-    for method in methods:                                  # warm-up (graph capture, compilation), untimed
+    # warm-up (graph capture, compilation), untimed
+    for method in methods:
         for p in ids[:max(warmup, 1)]:
             generate(method, p, max_new_tokens if warmup else 1)
-    # timed prompt by prompt, every method in turn: clock ramps and first-time costs fall on no method alone
+    # timed prompt by prompt, every method in turn: clock ramps and first-time costs fall on no
+    # method alone
     stats, outs = {m: decode.Stats() for m in methods}, {m: [] for m in methods}
     wall, ttft = dict.fromkeys(methods, 0.0), dict.fromkeys(methods, 0.0)
     bars = {m: tqdm(total=len(ids), desc=f"{m:<15}", position=i, file=sys.stderr,
@@ -163,9 +192,9 @@ def run(model, tokenizer, methods, prompts, max_new_tokens=128, original=None, o
             bars[m].update()
     for bar in bars.values():
         bar.close()
-    references, greedy = greedy_references(model, {m: strategies.get(m) for m in methods}, outs, [[p] for p in ids],
-                                           max_new_tokens, stop_ids, temperature, max_len=max_len, compile=compile,
-                                           **options)
+    references, greedy = greedy_references(model, {m: strategies.get(m) for m in methods}, outs,
+                                           [[p] for p in ids], max_new_tokens, stop_ids,
+                                           temperature, max_len=max_len, compile=compile, **options)
     nll_key = "nll_self" if nll_self else "nll"
     results = {}
     for method in methods:
@@ -175,7 +204,7 @@ def run(model, tokenizer, methods, prompts, max_new_tokens=128, original=None, o
         ours = method != HF
         results[method] = {
             "implementation": "nanoMTP" if ours else "transformers",
-            "lossy": ours and decode.parse_method(method)[0] in decode.LOSSY,
+            "lossy": ours and parsed[method].lossy,
             "tokens": tokens,
             "wall_s": wall[method],
             "tok_s": tokens / wall[method],
@@ -190,32 +219,24 @@ def run(model, tokenizer, methods, prompts, max_new_tokens=128, original=None, o
             "accuracy": sum(scored) / len(scored) if scored else None,
             "accuracy_ci95": wilson(sum(scored), len(scored)),
             "scored": len(scored),
-            "k_max": decode.confadapt_k_max(method, options.get("k_max", decode.K_MAX))
-            if ours and decode.parse_method(method)[0] == "confadapt" else None,
+            "k_max": decode.confadapt_k_max(parsed[method], options.get("k_max", decode.K_MAX))
+            if ours and parsed[method].kind == "confadapt" else None,
             "ttft_ms": 1000 * ttft[method] / len(ids),
             "sample": texts[0][:200],
         }
-    if "ar" in results:
-        for r in results.values():
-            r["speedup"] = r["tok_s"] / results["ar"]["tok_s"]
+    add_speedups({m: [r] for m, r in results.items()})
     return {"device": str(device), "dtype": str(model.embed.weight.dtype).replace("torch.", ""),
             "num_prompts": len(ids), "max_new_tokens": max_new_tokens, "temperature": temperature,
             "nll_key": nll_key, "methods": results, "notes": []}
 
 
-def encode_prompt(tokenizer, text):
-    """A prompt that data/prepare.py wrote is already in the chat template (its control tokens are read as such); a
-    plain message (data/chat_prompts.jsonl, the built-in questions) is put into the template here, as user text."""
-    if text.startswith(CHATML_START):
-        return tokenizer.encode(text, specials=True)
-    return tokenizer.encode_chat(text) if tokenizer.has_chat else tokenizer.encode(text)
-
-
-def greedy_references(model, strategies, outs, batches, max_new_tokens, stop_ids, temperature, **build):
+def greedy_references(model, strategies, outs, batches, max_new_tokens, stop_ids, temperature,
+                      **build):
     """For every method (name -> its strategy, None for hf): the name of its plain greedy reference
-    (reference_method), and that reference's outputs on the same prompts, decoded batch by batch as the methods
-    were, or taken from the timed outputs where the reference itself was timed greedily. build: make_strategy's
-    options. Returns ({method: reference name}, {method: reference outputs})."""
+    (reference_method), and that reference's outputs on the same prompts, decoded batch by batch as
+    the methods were, or taken from the timed outputs where the reference itself was timed greedily.
+    build: make_strategy's options. Returns ({method: reference name}, {method: reference outputs}).
+    """
     references = {m: reference_method(m, s, model) for m, s in strategies.items()}
     decoded = {}
     for ref in set(references.values()):
@@ -224,275 +245,92 @@ def greedy_references(model, strategies, outs, batches, max_new_tokens, stop_ids
         else:
             strategy = decode.make_strategy(model, ref, **build)
             decoded[ref] = [out for batch in batches
-                            for out in decode.generate(model, batch, max_new_tokens, stop_ids=stop_ids, method=strategy)]
+                            for out in decode.generate(model, batch, max_new_tokens,
+                                                       stop_ids=stop_ids, method=strategy)]
     return references, {m: decoded[ref] for m, ref in references.items()}
 
 
 def reference_method(method, strategy, model):
-    """The plain greedy decoding a method's output is compared with: `ar` in float32; otherwise `ar@Q`, padded to
-    the method's query length Q, whose forwards round exactly as the method's verification forwards do."""
+    """The plain greedy decoding a method's output is compared with: `ar` in float32; otherwise
+    `ar@Q`, padded to the method's query length Q, whose forwards round exactly as the method's
+    verification forwards do."""
     if strategy is None or model.embed.weight.dtype == torch.float32:
         return "ar"
     return f"ar@{strategy.query_len}" if strategy.query_len > 1 else "ar"
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# reporting
-
-def fmt(x, spec):
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
-
-
-def interval(r):
-    """An accuracy's 95% interval as text, "-" where there is none."""
-    ci = r.get("accuracy_ci95")
-    return f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "-"
-
-
-def table(res):
-    acc = any(r["accuracy"] is not None for r in res["methods"].values())
-    nll = res["nll_key"]
-    width = 5 * ACCEPT_SHOWN + 4        # the rates shown and " ..." after them
-    name_width = max(15, *map(len, res["methods"]))
-    head = f"{'method':<{name_width}} {'tok/s':>8} {'speedup':>8} {'tok/fwd':>8} {'exact':>6} {nll:>8}" + \
-           (f" {'acc':>6} {'acc 95%':>11}" if acc else "") + \
-           f"   {'accept (per depth)':<{width}} {'ttft ms':>8} {'wall s':>7}"
-    lines = [head]
-    for name, r in res["methods"].items():
-        rates = r["acceptance_rate"]
-        accept = " ".join(f"{a:.2f}" for a in rates[:ACCEPT_SHOWN]) + (" ..." if len(rates) > ACCEPT_SHOWN else "")
-        label = "  LOSSY" if r["lossy"] else "" if r["implementation"] == "nanoMTP" else f"  ({r['implementation']})"
-        lines.append(f"{name:<{name_width}} {r['tok_s']:>8.1f} {fmt(r['speedup'], '.2f') + 'x':>8} "
-                     f"{fmt(r['tokens_per_forward'], '.2f'):>8} {r['exact_match']:>6.2f} {fmt(r[nll], '.3f'):>8}" +
-                     (f" {fmt(r['accuracy'], '.3f'):>6} {interval(r):>11}" if acc else "") +
-                     f"   {accept or '-':<{width}} {r['ttft_ms']:>8.1f} {r['wall_s']:>7.2f}" + label)
-    prompts = plural(res["num_prompts"], "prompt")
-    lines.append(f"{prompts}, max_new_tokens={res['max_new_tokens']}, temperature={res['temperature']}, "
-                 f"{res['device']} {res['dtype']}; tok/fwd excludes prefill; exact = output identical to plain "
-                 f"greedy ar" + ("; acc 95% = Wilson interval" if acc else "") +
-                 ("; nll_self = NLL under the fine-tuned model itself, NOT the original" if nll == "nll_self" else ""))
-    hists = [f"{name} {' '.join(map(str, r['accepted_lengths']))}" for name, r in res["methods"].items()
-             if r.get("accepted_lengths")]
-    if hists:   # the acceptance histogram beside the rates: how many steps accepted n = 0, 1, 2, ... drafts
-        lines.append("accepted drafts per step, steps with n = 0, 1, 2, ...: " + " | ".join(hists))
-    return "\n".join(lines + res["notes"])
-
-
-def sweep_method(tau, k_max=None):
-    """The method name of one sweep point: ConfAdapt at tau, with the model's k_max or k_max masks + 1."""
-    return f"confadapt@{tau:g}" + (f":{k_max}" if k_max else "")
-
-
-def write_sweep(res, taus, k_maxes, out):
-    """The ConfAdapt sweep over tau (and k_max) as a markdown table, and where matplotlib exists a PNG of quality
-    against tokens per forward, one curve per k_max. Returns notes for the table's footer."""
-    out, nll = Path(out), res["nll_key"]
-    out.mkdir(parents=True, exist_ok=True)
-    curves = {k: [(f"{t:g}", res["methods"][sweep_method(t, k)]) for t in taus] for k in k_maxes or [None]}
-    ar = res["methods"].get("ar")
-    md = [f"| method | k_max | tau | tok/fwd | tok/s | speedup | exact match | accuracy | acc 95% | {nll} |",
-          "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    rows = ([("ar", "-", "-", ar)] if ar else []) + \
-        [(sweep_method(float(t), k), r["k_max"], t, r) for k, points in curves.items() for t, r in points]
-    md += [f"| {name} | {k} | {t} | {r['tokens_per_forward']:.2f} | {r['tok_s']:.1f} | {fmt(r['speedup'], '.2f')} | "
-           f"{r['exact_match']:.2f} | {fmt(r['accuracy'], '.3f')} | {interval(r)} | {fmt(r[nll], '.3f')} |"
-           for name, k, t, r in rows]
-    (out / "sweep.md").write_text("\n".join(md) + "\n")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return [f"wrote {out / 'sweep.md'} (no matplotlib: no plot)"]
-    keys = [key for key in ("accuracy", "exact_match", nll) if any(r[key] is not None for *_, r in rows)]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.4 * len(keys), 3.8), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        for k, points in curves.items():
-            pts = [(r["tokens_per_forward"], r[key], t, r["accuracy_ci95"]) for t, r in points if r[key] is not None]
-            label = f"k_max {points[0][1]['k_max']}"
-            if key == "accuracy":    # the 95% interval as error bars
-                err = [[y - ci[0] for _, y, _, ci in pts], [ci[1] - y for _, y, _, ci in pts]]
-                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=err, fmt="o-", capsize=3, label=label)
-            else:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
-            for x, y, t, _ in pts:
-                ax.annotate(t, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        if ar and ar[key] is not None:
-            ax.axhline(ar[key], color="grey", linestyle="--", linewidth=1, label="ar")
-        ax.set_xlabel("tokens per forward")
-        ax.set_ylabel(key)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("ConfAdapt (LOSSY): quality against tokens per forward, labels = tau")
-    fig.tight_layout()
-    fig.savefig(out / "sweep.png", dpi=120)
-    plt.close(fig)
-    return [f"wrote {out / 'sweep.md'} and {out / 'sweep.png'}"]
-
-
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # speed against batch size
 
-def run_batches(model, tokenizer, methods, prompts, batch_sizes, max_new_tokens=128, options=None, temperature=0.0,
+def run_batches(model, tokenizer, methods, prompts, batch_sizes, max_new_tokens=128, options=None,
+                temperature=0.0,
                 seed=0, compile=False, progress=False):
-    """tokens/s of every method at every batch size: the prompts (texts or {"prompt": ...} dicts, used verbatim)
-    repeated in order to fill each batch, decoded as one batch (decode.generate with B prompts), after one untimed
-    warm-up call of the same batch (graph capture, compilation, mtp@auto's cost measurement), methods interleaved.
-    Per method and size: tok/s (generated tokens of all rows / wall time, prefill included), speedup over `ar` at
-    the same size, tokens per forward (rows still decoding only), exact match per row against plain greedy (as
-    run() defines it, run at the same batch size) and, for mtp@auto, the step costs its DepthRule measured.
+    """tokens/s of every method at every batch size: the prompts (texts or {"prompt": ...} dicts,
+    used verbatim) repeated in order to fill each batch, decoded as one batch (decode.generate with
+    B prompts), after one untimed warm-up call of the same batch (graph capture, compilation,
+    mtp@auto's cost measurement), methods interleaved. Per method and size: tok/s (generated tokens
+    of all rows / wall time, prefill included), speedup over `ar` at the same size, tokens per
+    forward (rows still decoding only), exact match per row against plain greedy (as run() defines
+    it, run at the same batch size) and, for mtp@auto, the step costs its DepthRule measured.
     Returns {"batch_sizes": [...], "methods": {name: [one dict per size]}, ...}, JSON-ready."""
     options = options or {}
     device = model.embed.weight.device
     ids = [encode_prompt(tokenizer, p["prompt"] if isinstance(p, dict) else p) for p in prompts]
     stop_ids = list(tokenizer.stop_ids)
     max_len = max(map(len, ids)) + max_new_tokens
-    sampling = decode.Sampling(temperature)
+    parsed = {m: decode.Method.parse(m) for m in methods}
     results = {m: [] for m in methods}
-    for B in tqdm(batch_sizes, desc="batch sizes", file=sys.stderr, disable=None if progress else True):
+    for B in tqdm(batch_sizes, desc="batch "
+                  "sizes", file=sys.stderr, disable=None if progress else True):
         batch = (ids * math.ceil(B / len(ids)))[:B]
-        strategies = {m: decode.make_strategy(model, m, max_len, sampling, torch.Generator(device).manual_seed(seed),
-                                              batch_size=B, compile=compile, **options) for m in methods}
+        strategies = strategies_for(model, parsed, max_len, temperature, seed, options, B, compile)
+        generate = partial(decode.generate, model, batch, max_new_tokens, stop_ids=stop_ids)
         for m in methods:                                   # warm-up, untimed
-            decode.generate(model, batch, max_new_tokens, stop_ids=stop_ids, method=strategies[m])
+            generate(method=strategies[m])
         outs, stats, wall = {}, {m: decode.Stats() for m in methods}, {}
         for m in methods:
-            outs[m], wall[m] = timed(device, lambda: decode.generate(model, batch, max_new_tokens, stop_ids=stop_ids,
-                                                                     method=strategies[m], stats=stats[m]))
-        references, greedy = greedy_references(model, strategies, outs, [batch], max_new_tokens, stop_ids,
-                                               temperature, max_len=max_len, batch_size=B, compile=compile, **options)
+            outs[m], wall[m] = timed(device, lambda: generate(method=strategies[m], stats=stats[m]))
+        references, greedy = greedy_references(model, strategies, outs, [batch], max_new_tokens,
+                                               stop_ids, temperature, max_len=max_len, batch_size=B,
+                                               compile=compile, **options)
         rules = {m: getattr(strategies[m], "rule", None) for m in methods}   # mtp@auto's DepthRule
-        del strategies                                      # their caches and graphs before the next, larger size
+        # their caches and graphs before the next, larger size
+        del strategies
         for m in methods:
             tokens = sum(map(len, outs[m]))
             results[m].append({
-                "batch_size": B, "tokens": tokens, "wall_s": wall[m], "tok_s": tokens / wall[m], "speedup": None,
+                "batch_size": B, "tokens": tokens, "wall_s": wall[m], "tok_s": tokens / wall[m],
+                "speedup": None,
                 "tokens_per_forward": stats[m].tokens_per_forward,
                 "acceptance_rate": stats[m].acceptance_rate,
                 "exact_match": sum(o == r for o, r in zip(outs[m], greedy[m])) / B,
                 "reference": references[m],
                 "step_costs": rules[m].costs if rules[m] else None})
-    if "ar" in results:
-        for rows in results.values():
-            for r, ar in zip(rows, results["ar"]):
-                r["speedup"] = r["tok_s"] / ar["tok_s"]
-    notes = [f"{m}: mixes query lengths from step to step, so in {model.embed.weight.dtype} no single ar@Q is its "
-             f"bit-exact reference (exact in float32)" for m in methods
-             if "@auto" in m and model.embed.weight.dtype != torch.float32]
+    add_speedups(results)
+    notes = [f"{m}: mixes query lengths from step to step, so in {model.embed.weight.dtype} no "
+             f"single ar@Q is its bit-exact reference (exact in float32)" for m in methods
+             if parsed[m].auto and model.embed.weight.dtype != torch.float32]
     return {"device": str(device), "dtype": str(model.embed.weight.dtype).replace("torch.", ""),
-            "batch_sizes": list(batch_sizes), "num_prompts": len(ids), "max_new_tokens": max_new_tokens,
+            "batch_sizes": list(batch_sizes), "num_prompts": len(ids),
+            "max_new_tokens": max_new_tokens,
             "temperature": temperature, "methods": results, "notes": notes}
 
 
-def batch_table(res):
-    """One row per batch size: every method's tok/s, speedup over ar and tokens per forward."""
-    methods = list(res["methods"])
-    head = f"{'batch':>5}" + "".join(f"  {m + ' tok/s':>16} {'speedup':>7} {'tok/fwd':>7} {'exact':>5}"
-                                     for m in methods)
-    lines = [head]
-    for i, B in enumerate(res["batch_sizes"]):
-        line = f"{B:>5}"
-        for m in methods:
-            r = res["methods"][m][i]
-            line += (f"  {r['tok_s']:>16.1f} {fmt(r['speedup'], '.2f') + 'x':>7} {r['tokens_per_forward']:>7.2f}"
-                     f" {r['exact_match']:>5.2f}")
-        lines.append(line)
-    lines.append(f"{res['num_prompts']} prompts repeated to fill each batch, max_new_tokens={res['max_new_tokens']}, "
-                 f"temperature={res['temperature']}, {res['device']} {res['dtype']}; tok/s counts every row's "
-                 f"tokens, prefill included; tok/fwd counts rows still decoding; exact = rows identical to plain "
-                 f"greedy ar at the same batch size")
-    return "\n".join(lines + res["notes"])
-
-
-def write_batches(res, out):
-    """Markdown table and, where matplotlib exists, tokens/s and speedup against batch size."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    methods = list(res["methods"])
-    md = ["| batch | " + " | ".join(f"{m} tok/s | {m} speedup" for m in methods) + " |",
-          "| ---: |" + " ---: | ---: |" * len(methods)]
-    for i, B in enumerate(res["batch_sizes"]):
-        md.append(f"| {B} | " + " | ".join(f"{res['methods'][m][i]['tok_s']:.1f} | "
-                                           f"{fmt(res['methods'][m][i]['speedup'], '.2f')}" for m in methods) + " |")
-    (out / "batch_sizes.md").write_text("\n".join(md) + "\n")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return [f"wrote {out / 'batch_sizes.md'} (no matplotlib: no plot)"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for m in methods:
-        rows = res["methods"][m]
-        axes[0].plot(res["batch_sizes"], [r["tok_s"] for r in rows], "o-", label=m)
-        if rows[0]["speedup"] is not None:
-            axes[1].plot(res["batch_sizes"], [r["speedup"] for r in rows], "o-", label=m)
-    for ax, label in zip(axes, ("tokens/s", "speedup over ar")):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(res["batch_sizes"], [str(b) for b in res["batch_sizes"]])
-        ax.set_xlabel("batch size")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"tokens/s against batch size ({res['device']}, {res['dtype']})")
-    fig.tight_layout()
-    fig.savefig(out / "batch_sizes.png", dpi=120)
-    return [f"wrote {out / 'batch_sizes.md'} and {out / 'batch_sizes.png'}"]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# transformers side by side: the same weights in its own implementation
-
-def hf_model(model, source):
-    """A transformers model with `model`'s main weights (no heads, no adapters, no mask tokens), or the reason there
-    is none. Llama is rebuilt from our own tensors (no files or network needed, GGUF sources included); GPT-2 is read
-    from its Hugging Face folder."""
-    try:
-        import transformers
-    except ImportError:
-        return None, "transformers is not installed (pip install transformers)"
-    cfg = model.cfg
-    if cfg.lora_rank and not cfg.lora_gated:
-        return None, "the model carries ungated LoRA adapters, which transformers' Llama does not have"
-    if cfg.arch == "gpt2":
-        folder = Path(str(source))
-        if not (folder / "config.json").is_file() or load.read_json(folder / "config.json").get("format") == "nanomtp":
-            return None, "a GPT-2 model is compared only when loaded from its Hugging Face folder"
-        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
-        return hf.to(device=model.embed.weight.device, dtype=model.embed.weight.dtype).eval(), None
-    vocab = cfg.mask_token_ids[0] if cfg.mask_token_ids else cfg.vocab_size    # mask tokens are never predicted
-    rope = {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_theta}
-    rope = {"rope_parameters": rope} if int(transformers.__version__.split(".")[0]) >= 5 else \
-        {"rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling}
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=cfg.n_embd, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
-        head_dim=cfg.head_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-        tie_word_embeddings=cfg.tie_embeddings, bos_token_id=None, eos_token_id=None, pad_token_id=None, **rope)
-    ours = model.state_dict()
-    state = {theirs: ours[name][:vocab] if name in ("embed.weight", "lm_head.weight") else ours[name]
-             for name, theirs, _ in load.llama_table(cfg)}
-    hf = transformers.LlamaForCausalLM(hf_cfg).to(dtype=model.embed.weight.dtype)
-    result = hf.load_state_dict(state, strict=False)
-    if result.unexpected_keys or set(result.missing_keys) - {"lm_head.weight"}:
-        raise RuntimeError(f"Llama names do not map: {result}")   # a bug in load.llama_table, not bad input
-    if cfg.tie_embeddings:
-        hf.tie_weights()
-    return hf.to(model.embed.weight.device).eval(), None
-
-
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # CLI
 
 def tiny_setup(device, dtype, seed):
-    """A random 2-layer Llama with 3 MTP heads and a mask token, character tokenizer: runs every method, no weights."""
+    """A random 2-layer Llama with 3 MTP heads and a mask token, character tokenizer: runs every
+    method, no weights."""
     torch.manual_seed(seed)
     tokenizer = CharTokenizer()
     mask_id = tokenizer.add_special("<mtp>")
-    cfg = nano.Config(arch="llama", vocab_size=tokenizer.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+    cfg = nano.Config(arch="llama", vocab_size=tokenizer.vocab_size, n_layer=2, n_head=4,
+                      n_kv_head=2, n_embd=64,
                       head_dim=16, intermediate_size=128, max_seq_len=512)
     m = nano.Transformer(cfg)
-    with torch.no_grad():       # larger weights than the default init, so the text is not one token repeated
+    # larger weights than the default init, so the text is not one token repeated
+    with torch.no_grad():
         for w in m.parameters():
             w.normal_(1.0 if w.dim() == 1 else 0.0, 0.2)
     m.add_heads(3, init="last_block")
@@ -501,110 +339,95 @@ def tiny_setup(device, dtype, seed):
 
 
 def prompts_arg(text):
-    return text if text == BUILTIN else decode.existing_file(text)
-
-
-def read_prompts(path):
-    """The rows of a prompts file, each {"prompt": text, "answer": anything}; a malformed line is a ValueError that
-    names file:line."""
-    rows = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not a JSON object ({e.msg})")
-                if not isinstance(row, dict) or "prompt" not in row:
-                    raise ValueError(f'{path}:{n}: expected an object with a "prompt" field')
-                if not isinstance(row["prompt"], str) or not row["prompt"]:
-                    raise ValueError(f'{path}:{n}: "prompt" must be a non-empty string')
-                rows.append(row)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason})")
-    if not rows:
-        raise ValueError(f"{path}: holds no prompts")
-    return rows
+    return text if text == BUILTIN else existing_file(text)
 
 
 def check_prompts_tokenizer(path, tokenizer):
-    """A prompts file that data/prepare.py wrote sits beside its meta.json: the model must share that tokenizer."""
+    """A prompts file that data/prepare.py wrote sits beside its meta.json: the model must share
+    that tokenizer."""
     folder = Path(path).parent
     if (folder / "meta.json").is_file():
         check_tokenizer(load_meta(str(folder)), tokenizer, str(folder))
 
 
 def method_list(text):
-    names = []
-    for m in filter(None, (m.strip() for m in text.split(","))):
-        if m.isdigit() and names and names[-1].startswith("tree@"):   # tree@4,2,2,1: its branch factors go on
-            names[-1] += f",{m}"
-        else:
-            names.append(m)
-    methods = list(dict.fromkeys(names))
-    if not methods:
+    names = [m for m in (m.strip() for m in text.split(",")) if m]
+    if not names:
         raise argparse.ArgumentTypeError("no methods given (e.g. ar,mtp@3)")
-    return [m if m == HF else decode.method_arg(m) for m in methods]
+    for i, m in enumerate(names):
+        old = [m]   # the old tree@4,2,2,1 reads as a list here: name its new form
+        while m.startswith("tree@") and names[i + len(old):][:1] and names[i + len(old)].isdigit():
+            old.append(names[i + len(old)])
+        if m != HF:
+            decode.method_arg(",".join(old))
+    return list(dict.fromkeys(names))
 
 
 def size_list(text):
-    return list(dict.fromkeys(decode.number(int, 1)(b) for b in text.split(",")))
+    return list(dict.fromkeys(number(int, 1)(b) for b in text.split(",")))
 
 
 def tau_list(text):
-    return [decode.number(float, 0, 1, low_open=True)(t) for t in text.split(",")]
+    return [number(float, 0, 1, low_open=True)(t) for t in text.split(",")]
 
 
 def k_max_list(text):
-    return list(dict.fromkeys(decode.number(int, 2, decode.MAX_DRAFTS)(k) for k in text.split(",")))
+    return list(dict.fromkeys(number(int, 2, MAX_DRAFTS)(k) for k in text.split(",")))
 
 
 def main(argv=None):
-    p = decode.Parser(__doc__.split("\n\n")[0])
-    p.add_argument("--methods", type=method_list, default="ar,mtp", help="comma-separated: ar, ar@Q, mtp@D, "
-                   f"mtp@autoD, tree@DxK, tree@b1,b2,..., tree@autoN, static@K, confadapt@TAU[:K], verified@K (D and K "
-                   f"up to {decode.MAX_DRAFTS}, TAU in (0, 1]), hf (transformers)")
-    decode.add_model_args(p, max_new_tokens=128)
-    p.add_argument("--prompts", type=prompts_arg, default=None, help='JSONL file, one {"prompt": text, '
-                   '"answer": gold?} a line, the prompt used verbatim, or "builtin": 16 short chat questions in the '
-                   "model's chat template (default: data/smollm2_heldout.jsonl for smollm2, else builtin)")
-    p.add_argument("--num_prompts", type=decode.number(int, 1), default=8, help="how many prompts to use")
-    p.add_argument("--warmup", type=decode.number(int, 0), default=1, help="prompts decoded untimed before timing")
-    p.add_argument("--json", action="store_true", help="print the results as one JSON object, last line")
-    p.add_argument("--sweep", action="store_true", help="also run confadapt@TAU for every --taus value; write a "
-                   "markdown table (and a PNG where matplotlib exists) to --out")
-    p.add_argument("--taus", type=tau_list, default="0.5,0.6,0.7,0.8,0.9,0.95", help="ConfAdapt thresholds, "
-                   "comma-separated, each in (0, 1], for --sweep")
-    p.add_argument("--k_maxes", type=k_max_list, default=None, help="with --sweep: run the tau sweep once per "
-                   "k_max (ConfAdapt's masks per forward + 1), comma-separated, e.g. 4,8,16 (default: the model's)")
-    p.add_argument("--batch_sizes", type=size_list, default=None, help="comma-separated, e.g. 1,4,16,64: instead "
-                   "of one prompt at a time, decode batches of each size (the prompts repeated to fill them) and "
-                   "report tokens/s against batch size; writes a table (and a PNG where matplotlib exists) to --out")
-    p.add_argument("--out", default="out/bench", help="folder for --sweep's and --batch_sizes' tables and plots")
-    p.add_argument("--tiny", action="store_true", help="a tiny random model with heads and a mask token, no "
-                   "weights: checks that everything runs")
+    p = Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--methods", type=method_list, default="ar,mtp", help=f"comma-separated: ar, "
+                   f"ar@Q, mtp@D, mtp@autoD, tree@DxK, tree@b1-b2-..., tree@autoN, static@K, "
+                   f"confadapt@TAU[:K], verified@K (D and K up to {MAX_DRAFTS}, TAU in (0, 1]), hf "
+                   f"(transformers)")
+    add_model_args(p, max_new_tokens=128)
+    p.add_argument("--prompts", type=prompts_arg, default=None, help='JSONL file, one '
+                   '{"prompt": text, "answer": gold?} a line, the prompt used verbatim, or '
+                   '"builtin": 16 short chat questions in the model\'s chat template (default: '
+                   "data/smollm2_heldout.jsonl for smollm2, else builtin)")
+    p.add_argument("--num_prompts", type=number(int, 1), default=8, help="how many prompts to use")
+    p.add_argument("--warmup", type=number(int, 0), default=1, help="prompts decoded untimed "
+                   "before timing")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object, "
+                   "last line")
+    p.add_argument("--sweep", action="store_true", help="also run confadapt@TAU for every --taus "
+                   "value; write a markdown table (and a PNG where matplotlib exists) to --out")
+    p.add_argument("--taus", type=tau_list, default="0.5,0.6,0.7,0.8,0.9,0.95", help="ConfAdapt "
+                   "thresholds, comma-separated, each in (0, 1], for --sweep")
+    p.add_argument("--k_maxes", type=k_max_list, default=None, help="with --sweep: run the tau "
+                   "sweep once per k_max (ConfAdapt's masks per forward + 1), comma-separated, "
+                   "e.g. 4,8,16 (default: the model's)")
+    p.add_argument("--batch_sizes", type=size_list, default=None, help="comma-separated, e.g. "
+                   "1,4,16,64: instead of one prompt at a time, decode batches of each size (the "
+                   "prompts repeated to fill them) and report tokens/s against batch size; writes "
+                   "a table (and a PNG where matplotlib exists) to --out")
+    p.add_argument("--out", default="out/bench", help="folder for --sweep's and --batch_sizes' "
+                   "tables and plots")
+    p.add_argument("--tiny", action="store_true", help="a tiny random model with heads and a mask "
+                   "token, no weights: checks that everything runs")
     args = p.parse_args(argv)
     if args.k_maxes and not args.sweep:
-        decode.fail("--k_maxes: only with --sweep")
+        fail("--k_maxes: only with --sweep")
     taus = args.taus if args.sweep else []
-    methods = list(dict.fromkeys(args.methods + [sweep_method(t, k) for k in args.k_maxes or [None] for t in taus]))
-    ours = [m for m in methods if m != HF]
+    sweep = [sweep_method(t, k) for k in args.k_maxes or [None] for t in taus]
+    methods = list(dict.fromkeys(args.methods + sweep))
+    ours = [decode.Method.parse(m) for m in methods if m != HF]
     dtype = decode.check_model_args(args, ours)
     if args.batch_sizes:
-        single = [m for m in methods if m == HF or decode.parse_method(m)[0] not in decode.BATCHED]
+        parsed = dict(zip([m for m in methods if m != HF], ours))
+        single = [m for m in methods if m == HF or not parsed[m].batches]
         if single or args.sweep:
-            decode.fail(f"--batch_sizes: only methods that decode batches (ar, ar@Q, mtp@D, mtp@autoD) are "
-                        f"measured against batch size, not {', '.join(single) or '--sweep'}")
-    prompts_file = args.prompts or (HELDOUT if args.init_from == load.BUNDLED and not args.tiny else BUILTIN)
+            fail(f"--batch_sizes: only methods that decode batches (ar, ar@Q, mtp@D, mtp@autoD) "
+                 f"are measured against batch size, not {', '.join(single) or '--sweep'}")
+    shipped = args.init_from == load.BUNDLED and not args.tiny
+    prompts_file = args.prompts or (HELDOUT if shipped else BUILTIN)
     try:
         rows = None if prompts_file == BUILTIN else read_prompts(prompts_file)
         if args.tiny:
             model, original, tokenizer, options = tiny_setup(args.device, dtype, args.seed)
         else:
-            model, original, tokenizer, options = decode.setup(args.init_from, ours, args.device, dtype, args.heads,
-                                                               args.mask, args.draft_vocab)
+            model, original, tokenizer, options = decode.load_args(args, ours, dtype)
         if rows:
             check_prompts_tokenizer(prompts_file, tokenizer)
         else:
@@ -620,13 +443,14 @@ def main(argv=None):
             raise ValueError("nothing left to measure")
         if args.batch_sizes:
             res = run_batches(model, tokenizer, methods, rows[:args.num_prompts], args.batch_sizes,
-                              args.max_new_tokens, options, args.temperature, args.seed, args.compile, progress=True)
+                              args.max_new_tokens, options, args.temperature, args.seed,
+                              args.compile, progress=True)
         else:
-            res = run(model, tokenizer, methods, rows[:args.num_prompts], args.max_new_tokens, original, options,
-                      args.temperature, args.seed, args.warmup, hf, nll_self=original is None, progress=True,
-                      compile=args.compile)
+            res = run(model, tokenizer, methods, rows[:args.num_prompts], args.max_new_tokens,
+                      original, options, args.temperature, args.seed, args.warmup, hf,
+                      nll_self=original is None, progress=True, compile=args.compile)
     except (ValueError, OSError) as e:
-        decode.fail(e)
+        fail(e)
     if args.batch_sizes:
         res["notes"] += write_batches(res, args.out)
         print(batch_table(res))

@@ -1,11 +1,13 @@
 """
-The training losses of both papers, and Paper A's packed training layout with its attention mask.
+The training losses of both papers, and Paper A's packed training layout with its visibility matrix.
 
-Paper B (MTP-D): `mtp_loss` - every MTP head gets cross-entropy against the data plus a KL term that pulls it towards
-the main head's (detached) distribution for the same target token, over the main head's top-N tokens.
+Paper B (MTP-D): `mtp_loss` - every MTP head gets cross-entropy against the data plus a KL term that
+pulls it towards the main head's (detached) distribution for the same target token, over the main
+head's top-N tokens.
 
-Paper A (standalone MTP via mask tokens): `pack_regions` lays out a batch with "MTP regions" of k-1 mask tokens and
-builds the blocked-causal mask; `mask_loss` is the student-forced distillation loss against a frozen teacher.
+Paper A (standalone MTP via mask tokens): `pack_regions` lays out a batch with "MTP regions" of k-1
+mask tokens and builds the blocked-causal visibility; `student_forced_loss` is the distillation loss
+against a frozen teacher.
 
 Nothing here owns an optimizer or a data loader (train.py does).
 """
@@ -17,15 +19,17 @@ import torch
 import torch.nn.functional as F
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Paper B: MTP heads with self-distillation from the main head
 
 def topn_kl(student_logits, teacher_logits, top_n=None, direction="forward"):
-    """KL between teacher and student restricted to the teacher's top_n tokens (both renormalised there).
-    direction "forward" = KL(teacher || student), "reverse" = KL(student || teacher). Mean over positions."""
+    """KL between teacher and student restricted to the teacher's top_n tokens (both renormalised
+    there). direction "forward" = KL(teacher || student), "reverse" = KL(student || teacher). Mean
+    over positions."""
     if top_n is not None and top_n < teacher_logits.size(-1):
         idx = teacher_logits.topk(top_n, dim=-1).indices
-        teacher_logits, student_logits = teacher_logits.gather(-1, idx), student_logits.gather(-1, idx)
+        teacher_logits = teacher_logits.gather(-1, idx)
+        student_logits = student_logits.gather(-1, idx)
     t = F.log_softmax(teacher_logits.float(), -1)
     s = F.log_softmax(student_logits.float(), -1)
     if direction == "reverse":
@@ -38,45 +42,56 @@ def topn_kl(student_logits, teacher_logits, top_n=None, direction="forward"):
 @dataclass
 class MTPLossConfig:
     alpha: float = 1.0          # weight of each head's cross-entropy against the data
-    beta: float = 1.0           # weight of each head's KL to the main head (0 = plain MTP, no self-distillation)
-    top_n: int | None = 10_000  # KL over the main head's top-N logits (Paper B: 10k of a 123k vocabulary)
+    # weight of each head's KL to the main head (0 = plain MTP, no self-distillation)
+    beta: float = 1.0
+    # KL over the main head's top-N logits (Paper B: 10k of a 123k vocabulary)
+    top_n: int | None = 10_000
     kl_direction: str = "forward"
-    main_loss: bool = True      # include the main head's next-token loss (off when the backbone is frozen)
+    # include the main head's next-token loss (off when the backbone is frozen)
+    main_loss: bool = True
 
 
-def mtp_loss(model, idx, loss_mask=None, cfg=MTPLossConfig()):
+def mtp_loss(model, idx, loss_weight=None, cfg=MTPLossConfig()):
     """Loss of the main model and its MTP heads on token ids idx (B, T).
 
-    The head at depth d (1-based) runs module d-1 on (depth d-1's hidden state at i, token i+d) and predicts token
-    i+d+1; the main head at position i+d predicts the same token, so its (detached) distribution there is the
-    distillation target. loss_mask (B, T) marks which tokens count as targets (e.g. answers only).
-    Returns (loss, metrics dict)."""
+    The head at depth d (1-based) runs module d-1 on (depth d-1's hidden state at i, token i+d) and
+    predicts token i+d+1; the main head at position i+d predicts the same token, so its (detached)
+    distribution there is the distillation target. loss_weight (B, T) marks which tokens count as
+    targets (e.g. answers only). Returns (loss, metrics dict)."""
     T = idx.size(1)
-    loss_mask = torch.ones_like(idx, dtype=torch.float) if loss_mask is None else loss_mask.float()
+    if loss_weight is None:
+        loss_weight = torch.ones_like(idx, dtype=torch.float)
+    loss_weight = loss_weight.float()
     train_main = cfg.main_loss and any(p.requires_grad for p in model.blocks.parameters())
     with torch.set_grad_enabled(train_main and torch.is_grad_enabled()):
         x, taps = model.hidden(idx, keep_taps=True)
         main_logits = model.logits(x)
-    h = model.head_input(x, taps)         # outside: a fusion trains with the heads while the backbone stays frozen
+    # outside: a fusion trains with the heads while the backbone stays frozen
+    h = model.head_state(x, taps)
     metrics = {}
     loss = torch.zeros((), device=idx.device)
     if cfg.main_loss:
-        ce = F.cross_entropy(main_logits[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten(), reduction="none")
-        loss = loss + _masked_mean(ce, loss_mask[:, 1:])
+        ce = F.cross_entropy(main_logits[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten(),
+                             reduction="none")
+        loss = loss + _weighted_mean(ce, loss_weight[:, 1:])
         metrics["main_loss"] = loss.item()
     teacher = main_logits.detach()
     pos = model.default_pos(idx)
     for d in range(1, len(model.heads) + 1):
-        n = T - d - 1                                   # positions with a target inside the sequence
+        # positions with a target inside the sequence
+        n = T - d - 1
         if n <= 0:
             break
         h = model.head_forward(d - 1, h[:, :n], idx[:, d:d + n], pos[:, :n])
-        logits = model.logits(h)                        # (B, n, V): predictions of tokens d+1 .. d+n
-        target, m = idx[:, d + 1:d + 1 + n], loss_mask[:, d + 1:d + 1 + n]
-        ce = _masked_mean(F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="none"), m)
+        # (B, n, V): predictions of tokens d+1 .. d+n
+        logits = model.logits(h)
+        target, m = idx[:, d + 1:d + 1 + n], loss_weight[:, d + 1:d + 1 + n]
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="none")
+        ce = _weighted_mean(ce, m)
         head_loss = cfg.alpha * ce
         if cfg.beta:
-            kl = _masked_mean(topn_kl(logits, teacher[:, d:d + n], cfg.top_n, cfg.kl_direction).flatten(), m)
+            kl = topn_kl(logits, teacher[:, d:d + n], cfg.top_n, cfg.kl_direction)
+            kl = _weighted_mean(kl.flatten(), m)
             head_loss = head_loss + cfg.beta * kl
             metrics[f"kl{d}"] = kl.item()
         loss = loss + head_loss
@@ -86,45 +101,50 @@ def mtp_loss(model, idx, loss_mask=None, cfg=MTPLossConfig()):
         # acc: against the data, agree: against the main head
         hits = {"acc": pred == target, "agree": pred == teacher[:, d:d + n].argmax(-1)}
         for key, hit in hits.items():
-            metrics[f"{key}{d}"] = finite * _masked_mean(hit.float().flatten(), m).item()
+            metrics[f"{key}{d}"] = finite * _weighted_mean(hit.float().flatten(), m).item()
     return loss, metrics
 
 
-def _masked_mean(values, mask):
-    mask = mask.flatten().to(values.dtype)
-    return (values.flatten() * mask).sum() / mask.sum().clamp_min(1)
+def _weighted_mean(values, weight):
+    weight = weight.flatten().to(values.dtype)
+    return (values.flatten() * weight).sum() / weight.sum().clamp_min(1)
 
 
 def _finite(*logits):
-    """1.0, or NaN if any logit is NaN or Inf: the argmax of such logits means nothing, and two of
-    them agree (a rate times this is NaN, never a perfect-looking 1.0)."""
+    """1.0, or NaN if any logit is NaN or Inf: the argmax of such logits means nothing, and two
+    of them agree (a rate times this is NaN, never a perfect-looking 1.0)."""
     return 1.0 if all(torch.isfinite(x).all() for x in logits) else math.nan
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Paper A: MTP regions and the blocked-causal mask
+# --------------------------------------------------------------------------------------------------
+# Paper A: MTP regions and the blocked-causal visibility
 
 @dataclass
 class Regions:
-    idx: torch.Tensor        # (L,) token ids: the real tokens with k-1 mask tokens after each region's anchor
-    pos: torch.Tensor        # (L,) positions: a mask takes the position the real token it stands for would have
+    # (L,) token ids: the real tokens with k-1 mask tokens after each region's anchor
+    idx: torch.Tensor
+    # (L,) positions: a mask takes the position the real token it stands for would have
+    pos: torch.Tensor
     span: torch.Tensor       # (L,) region number of each mask token, -1 for real tokens
     anchor: torch.Tensor     # (L,) position of the last real token a query may see
-    slots: torch.Tensor      # (R, k) indices into idx of each region's k prediction slots (anchor, then masks)
+    # (R, k) indices into idx of each region's k prediction slots (anchor, then masks)
+    slots: torch.Tensor
     targets: torch.Tensor    # (R, k) the real tokens those slots predict (ground truth)
 
 
 def pack_regions(tokens, k, n_regions, mask_ids, generator=None):
     """Insert n_regions MTP regions into one sequence of real tokens (N,).
 
-    A region after real token a holds k-1 mask tokens standing for tokens a+1 .. a+k-1; its k slots (token a and
-    the masks) predict tokens a+1 .. a+k. The real tokens continue after the region with their own positions.
-    Anchors are drawn at random (at least k apart, so regions never overlap in what they predict)."""
+    A region after real token a holds k-1 mask tokens standing for tokens a+1 .. a+k-1; its k slots
+    (token a and the masks) predict tokens a+1 .. a+k. The real tokens continue after the region
+    with their own positions. Anchors are drawn at random (at least k apart, so regions never
+    overlap in what they predict)."""
     N = tokens.numel()
     n_regions = min(n_regions, (N - 1) // k)
     if n_regions < 1:
         raise ValueError(f"a sequence of {N} tokens has no room for a region of k={k}")
-    # choose anchors a_1 < a_2 < ... with a_{j+1} - a_j >= k and a_R + k <= N - 1: draw gaps and spread the slack
+    # choose anchors a_1 < a_2 < ... with a_{j+1} - a_j >= k and a_R + k <= N - 1: draw gaps and
+    # spread the slack
     slack = N - 1 - n_regions * k
     cuts = torch.sort(torch.randint(0, slack + 1, (n_regions,), generator=generator)).values
     anchors = cuts + torch.arange(n_regions) * k                         # (R,)
@@ -133,7 +153,8 @@ def pack_regions(tokens, k, n_regions, mask_ids, generator=None):
     pieces, pos, span, anchor, slots = [], [], [], [], []
     start, length = 0, 0
     for r, a in enumerate(anchors.tolist()):
-        real = torch.arange(start, a + 1)                                # real tokens up to and including the anchor
+        # real tokens up to and including the anchor
+        real = torch.arange(start, a + 1)
         pieces += [tokens[start:a + 1], masks]
         pos += [real, torch.arange(a + 1, a + k)]
         span += [torch.full((len(real),), -1), torch.full((k - 1,), r)]
@@ -147,45 +168,51 @@ def pack_regions(tokens, k, n_regions, mask_ids, generator=None):
     span.append(torch.full((N - start,), -1))
     anchor.append(torch.arange(start, N))
     targets = torch.stack([tokens[a + 1:a + k + 1] for a in anchors.tolist()])
-    return Regions(torch.cat(pieces), torch.cat(pos), torch.cat(span), torch.cat(anchor), torch.stack(slots), targets)
+    return Regions(torch.cat(pieces), torch.cat(pos), torch.cat(span), torch.cat(anchor),
+                   torch.stack(slots), targets)
 
 
-def region_mask(span, pos, anchor):
-    """Blocked-causal "may attend" matrix (..., L, L) from a layout's span, pos and anchor (..., L) (as in Regions;
-    one row or a batch): every query sees the real tokens up to its anchor; a mask token also sees the masks of its
-    own region up to itself. Real tokens never see a mask."""
+def region_visible(span, pos, anchor):
+    """Blocked-causal "may attend" matrix (..., L, L) from a layout's span, pos and anchor (..., L)
+    (as in Regions; one row or a batch): every query sees the real tokens up to its anchor; a mask
+    token also sees the masks of its own region up to itself. Real tokens never see a mask."""
     i = torch.arange(span.size(-1), device=span.device)
     sees_real = (span == -1)[..., None, :] & (pos[..., None, :] <= anchor[..., :, None])
-    same_span = (span[..., :, None] == span[..., None, :]) & (span[..., :, None] >= 0) & (i[None, :] <= i[:, None])
+    same_span = ((span[..., :, None] == span[..., None, :]) & (span[..., :, None] >= 0)
+                 & (i[None, :] <= i[:, None]))
     return sees_real | same_span
 
 
 def pack_batch(batch, k, n_regions, mask_ids, generator=None, device=None):
-    """pack_regions for every row of batch (B, N) with the same k and region count: returns idx, pos, mask (B, L, L),
-    slots (B, R, k), targets (B, R, k), on `device` (default: the batch's). Rows get the same layout length because
-    the counts are equal. The layouts are drawn on the CPU (small, sequential); the (B, L, L) mask is built in one
-    batched step where it is used: built row by row on the CPU, it cost seconds per step on a busy host."""
+    """pack_regions for every row of batch (B, N) with the same k and region count: returns idx,
+    pos, visible (B, L, L), slots (B, R, k), targets (B, R, k), on `device` (default: the batch's).
+    Rows get the same layout length because the counts are equal. The layouts are drawn on the CPU
+    (small, sequential); the (B, L, L) matrix is built in one batched step where it is used: built
+    row by row on the CPU, it cost seconds per step on a busy host."""
     device = device or batch.device
     packed = [pack_regions(row, k, n_regions, mask_ids, generator) for row in batch.cpu()]
     stack = lambda name: torch.stack([getattr(p, name) for p in packed]).to(device)
     span, pos, anchor = stack("span"), stack("pos"), stack("anchor")
-    return stack("idx"), pos, region_mask(span, pos, anchor), stack("slots"), stack("targets")
+    return stack("idx"), pos, region_visible(span, pos, anchor), stack("slots"), stack("targets")
 
 
 @dataclass
-class MaskLossConfig:
-    target: str = "hard"           # "hard": teacher argmax (default), "soft": KL(teacher || student), "data": ground truth
-    prefix_loss: float = 0.0       # weight of an extra next-token loss on the real (prefix) positions
+class StudentForcedConfig:
+    # "hard": teacher argmax (default), "soft": KL(teacher || student), "data": ground truth
+    target: str = "hard"
+    # weight of an extra next-token loss on the real (prefix) positions
+    prefix_loss: float = 0.0
 
 
-def mask_loss(student, teacher, idx, pos, attn_mask, slots, targets, cfg=MaskLossConfig(), n_real_vocab=None):
-    """Student-forced distillation (Paper A). The student predicts k tokens per region; its argmax proposals
-    replace the masks; the frozen teacher scores that text with the same layout, which gives, at every slot, the
-    teacher's next token given the prefix and the student's own earlier proposals. The student is trained to match.
-    teacher may be the student itself when its adapters are gated (a proposal is no mask: no adapter runs).
-    Returns (loss, metrics)."""
+def student_forced_loss(student, teacher, idx, pos, visible, slots, targets,
+                        cfg=StudentForcedConfig(), n_real_vocab=None):
+    """Student-forced distillation (Paper A). The student predicts k tokens per region; its argmax
+    proposals replace the masks; the frozen teacher scores that text with the same layout, which
+    gives, at every slot, the teacher's next token given the prefix and the student's own earlier
+    proposals. The student is trained to match. teacher may be the student itself when its adapters
+    are gated (a proposal is no mask: no adapter runs). Returns (loss, metrics)."""
     V = n_real_vocab or student.cfg.vocab_size
-    logits = student(idx, pos, mask=attn_mask)[..., :V]                   # (B, L, V)
+    logits = student(idx, pos, visible=visible)[..., :V]                   # (B, L, V)
     B, R, k = slots.shape
     rows = torch.arange(B, device=idx.device)[:, None, None]
     s = logits[rows, slots]                                                # (B, R, k, V)
@@ -195,20 +222,23 @@ def mask_loss(student, teacher, idx, pos, attn_mask, slots, targets, cfg=MaskLos
         loss = F.cross_entropy(s.flatten(0, 2).float(), targets.flatten())
     else:
         forced = idx.clone()
-        forced[rows, slots[..., 1:]] = proposals[..., :-1]                 # masks -> the student's own proposals
+        # masks -> the student's own proposals
+        forced[rows, slots[..., 1:]] = proposals[..., :-1]
         with torch.no_grad():
-            t = teacher(forced, pos, mask=attn_mask)[..., :V][rows, slots]  # (B, R, k, V)
+            t = teacher(forced, pos, visible=visible)[..., :V][rows, slots]  # (B, R, k, V)
         if cfg.target == "hard":
             loss = F.cross_entropy(s.flatten(0, 2).float(), t.argmax(-1).flatten())
         elif cfg.target == "soft":
             loss = topn_kl(s, t).mean()
         else:
-            raise ValueError(f"unknown mask-loss target {cfg.target!r} (hard, soft or data)")
+            raise ValueError(f"unknown student-forced loss target {cfg.target!r} (hard, soft "
+                             f"or data)")
         agree = (proposals == t.argmax(-1)).float()
         finite = _finite(s, t)
         metrics.update({f"agree{j + 1}": finite * agree[..., j].mean().item() for j in range(k)})
     if cfg.prefix_loss:
-        real = ~torch.isin(idx, torch.tensor(student.cfg.mask_token_ids, dtype=torch.long, device=idx.device))
+        mask_ids = torch.tensor(student.cfg.mask_token_ids, dtype=torch.long, device=idx.device)
+        real = ~torch.isin(idx, mask_ids)
         metrics["prefix_loss"] = _prefix_loss(logits, idx, pos, real)
         loss = loss + cfg.prefix_loss * metrics["prefix_loss"]
         metrics["prefix_loss"] = metrics["prefix_loss"].item()
@@ -217,12 +247,14 @@ def mask_loss(student, teacher, idx, pos, attn_mask, slots, targets, cfg=MaskLos
 
 
 def _prefix_loss(logits, idx, pos, real):
-    """Next-token cross-entropy at real tokens whose successor (position + 1) is the next real token in the row."""
+    """Next-token cross-entropy at real tokens whose successor (position + 1) is the next real token
+    in the row."""
     B = idx.size(0)
     losses = []
     for b in range(B):
         r = real[b].nonzero().squeeze(1)
         cur, nxt = r[:-1], r[1:]
         ok = pos[b, nxt] == pos[b, cur] + 1
-        losses.append(F.cross_entropy(logits[b, cur[ok]].float(), idx[b, nxt[ok]], reduction="none"))
+        losses.append(F.cross_entropy(logits[b, cur[ok]].float(), idx[b, nxt[ok]],
+                                      reduction="none"))
     return torch.cat(losses).mean()

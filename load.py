@@ -25,9 +25,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from files import names, plural, read_json
 from model import Config, Transformer
 from tokenizer import (REQUIRED, NoTokenizer, Tokenizer, gguf_value, has_hf_tokenizer, load_tokenizer,
-                       mask_token_names, names, open_gguf, plural, read_json)
+                       mask_token_names, open_gguf)
 
 BUNDLED = "smollm2"
 
@@ -582,3 +583,83 @@ def attach_mask_adapter(model, tokenizer, path):
         model.embed.weight[-n:] = tensors.pop("mask_embeddings").to(model.embed.weight.dtype)
     model.load_state_dict(tensors, strict=False)    # the adapters; everything else stays the base model's
     return meta
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# decoding setup: a model with what its methods use
+
+SHIPPED = "shipped"   # load_for's heads or adapter: the files shipped for the source
+DRAFT_VOCAB = 8192    # mtp drafts from this many of the heads' most frequent tokens unless told otherwise
+
+
+def load_for(source, heads=None, adapter=None, device="cpu", dtype=torch.float32, draft_vocab=None):
+    """The model to decode with, carrying only what is asked for (a gated adapter costs every forward its
+    low-rank products even where it changes nothing).
+    - heads: MTP heads files to attach (SHIPPED: those shipped for `source`; None: no heads).
+    - adapter: a mask-token adapter file (SHIPPED: the shipped one, where there is one; None: none, and
+      no mask tokens needed).
+    - draft_vocab: how many of the heads' frequency-ordered token ids mtp drafts from (None: DRAFT_VOCAB,
+      or all the file carries if fewer; 0: the full vocabulary).
+    Returns (model, original, tokenizer, generate options). `original` judges output NLL: the model itself
+    where its next-token predictions are the original's (heads, gated adapters leave them alone), the
+    model a mask-token model was fine-tuned from, or None where that one is missing (with a warning)."""
+    model, tokenizer = load(source)
+    original, options = model, {"mask_ids": list(model.cfg.mask_token_ids)}
+    if model.cfg.mask_token_ids:      # a mask-token checkpoint written by train.py
+        train_args = read_json(Path(source) / "config.json").get("train_args", {})
+        if "k_max" in train_args:
+            options["k_max"] = train_args["k_max"]
+        if not model.cfg.lora_gated:   # its training moved the next-token predictions too
+            original = _fine_tuned_from(source, train_args.get("init_from"))
+    if heads is not None:
+        files = heads if heads != SHIPPED else [f for f in DEFAULT_HEADS.get(str(source), []) if f.is_file()]
+        ids = None
+        for f in files:
+            carried = attach_heads(model, f)
+            ids = ids if carried is None else carried   # the last file that carries token frequencies
+        if not model.heads:
+            raise ValueError(f"method mtp needs MTP heads: {source} has none; pass --heads FILE (train.py "
+                             f"--mode heads)")
+        draft_ids = _draft_ids(ids, draft_vocab)
+        if draft_ids is not None:
+            options["draft_ids"] = draft_ids.to(device)
+    if adapter is not None:
+        file = adapter if adapter != SHIPPED else DEFAULT_MASK.get(str(source))
+        if file is not None and (adapter != SHIPPED or file.is_file()):   # a shipped file may be absent
+            meta = attach_mask_adapter(model, tokenizer, file)
+            options["mask_ids"] = list(model.cfg.mask_token_ids)
+            options.pop("k_max", None)       # the adapter's own, or the default
+            if "k_max" in meta:
+                options["k_max"] = meta["k_max"]
+            if not model.cfg.lora_gated:     # ungated adapters change next-token predictions too
+                original = load(source)[0]
+        if not options["mask_ids"]:
+            raise ValueError(f"methods static, confadapt and verified need mask tokens: {source} has none; "
+                             f"pass --adapter FILE (train.py --mode mask_tokens)")
+    if original is not None and original is not model:
+        original = original.to(device=device, dtype=dtype).eval()
+    return model.to(device=device, dtype=dtype).eval(), original, tokenizer, options
+
+
+def _fine_tuned_from(source, start):
+    """The model a fully fine-tuned mask-token checkpoint started from, or None (with a warning)."""
+    if start and (start == BUNDLED or Path(start).exists()):
+        return load(start)[0]
+    print(f"warning: {source} was fine-tuned from {start!r}, which is not here: output NLL will be measured "
+          f"under the fine-tuned model itself and labelled nll_self", file=sys.stderr)
+    return None
+
+
+def _draft_ids(ids, draft_vocab):
+    """The token ids mtp drafts from (None: all), checked against what the heads files carry."""
+    if draft_vocab == 0 or (ids is None and draft_vocab is None):
+        return None
+    if ids is None:
+        raise ValueError(f"--draft_vocab {draft_vocab}: the heads files carry no token frequencies (0 = the "
+                         f"full vocabulary)")
+    if draft_vocab is None:
+        return ids[:DRAFT_VOCAB]
+    if draft_vocab > len(ids):
+        raise ValueError(f"--draft_vocab {draft_vocab}: the heads files carry only {len(ids)} token ids "
+                         f"(allowed: 0 for the full vocabulary, or 1 to {len(ids)})")
+    return ids[:draft_vocab]

@@ -10,10 +10,10 @@ Conventions used everywhere in the project:
   and the KV cache stores a token's keys and values in slot `pos`. A query at position p sees the cache slots 0..p.
   Stale slots beyond p (rejected drafts, mask tokens, padding) are therefore invisible until they are overwritten,
   which is all the "rollback" speculative decoding ever needs.
-- `mask`, when given, is a boolean (B, T, S) "may attend" matrix that replaces the position rule (Paper A's
+- `visible`, when given, is a boolean (B, T, S) "may attend" matrix that replaces the position rule (Paper A's
   blocked-causal training layout needs it). S is T without a cache, the cache length with one.
 - `slots`, when given, (B, T) cache slots that differ from the positions (tree drafts verify candidates in scratch
-  slots beyond the sequence); it always comes with a `mask`, since the position rule assumes slot = position.
+  slots beyond the sequence); it always comes with a `visible`, since the position rule assumes slot = position.
 - The forward pass returns logits for every position and, on request, the state MTP head 1 starts from: the last
   block's output (the residual stream before the final norm), or its learned fusion with lower blocks' outputs.
 """
@@ -154,11 +154,11 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
-def attention_mask(pos, cache=None, mask=None):
-    """The (B, T, S) "may attend" matrix: `mask` when given, else a query sees the keys at or before its position
+def visibility(pos, cache=None, visible=None):
+    """The (B, T, S) "may attend" matrix: `visible` when given, else a query sees the keys at or before its position
     (the cache's slots, or the other inputs when there is no cache). Built once per forward, shared by the layers."""
-    if mask is not None:
-        return mask
+    if visible is not None:
+        return visible
     key_pos = pos if cache is None else torch.arange(cache.k.size(1), device=pos.device)[None, :]
     return key_pos[:, None, :] <= pos[:, :, None]
 
@@ -180,7 +180,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(hd, cfg.norm_eps)
             self.k_norm = RMSNorm(hd, cfg.norm_eps)
 
-    def forward(self, x, slots, rope, cache, mask, gate=None):
+    def forward(self, x, slots, rope, cache, visible, gate=None):
         B, T, _ = x.shape
         hd = self.cfg.head_dim
         q = self.q_proj(x, gate).view(B, T, self.cfg.n_head, hd)
@@ -192,7 +192,7 @@ class Attention(nn.Module):
             cos, sin = rope                                       # (B, 1, T, hd)
             q = apply_rope(q.transpose(1, 2), cos, sin).transpose(1, 2)
             k = apply_rope(k.transpose(1, 2), cos, sin).transpose(1, 2)
-        if mask is None:    # causal over these inputs alone (training): the flash kernel, which takes no mask
+        if visible is None:    # causal over these inputs alone (training): the flash kernel, which takes no matrix
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                                                enable_gqa=self.cfg.n_head != self.cfg.n_kv_head)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, -1), gate)
@@ -203,8 +203,8 @@ class Attention(nn.Module):
         # enable_gqa with a mask falls back to a kernel that copies them, costly over a long cache or a big batch).
         kv, g = self.cfg.n_kv_head, self.cfg.n_head // self.cfg.n_kv_head
         q = q.view(B, T, kv, g, hd).permute(0, 2, 3, 1, 4).reshape(B, kv, g * T, hd)        # (B, kv, g*T, hd)
-        mask = mask[:, None, None].expand(-1, -1, g, -1, -1).reshape(B, 1, g * T, -1)     # (B, 1, g*T, S)
-        y = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        visible = visible[:, None, None].expand(-1, -1, g, -1, -1).reshape(B, 1, g * T, -1)     # (B, 1, g*T, S)
+        y = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=visible)
         y = y.view(B, kv, g, T, hd).permute(0, 3, 1, 2, 4)                                 # (B, T, kv, g, hd)
         return self.o_proj(y.reshape(B, T, -1), gate)
 
@@ -232,8 +232,8 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, slots, rope, cache, mask, gate=None):
-        x = x + self.attn(self.attn_norm(x), slots, rope, cache, mask, gate)
+    def forward(self, x, slots, rope, cache, visible, gate=None):
+        x = x + self.attn(self.attn_norm(x), slots, rope, cache, visible, gate)
         return x + self.mlp(self.mlp_norm(x), gate)
 
 
@@ -248,9 +248,9 @@ class MTPHead(nn.Module):
         self.proj = nn.Linear(2 * cfg.n_embd, cfg.n_embd, bias=False)
         self.block = Block(cfg)
 
-    def forward(self, h_prev, emb, slots, rope, cache, mask):
+    def forward(self, h_prev, emb, slots, rope, cache, visible):
         x = self.proj(torch.cat([self.h_norm(h_prev), self.e_norm(emb)], dim=-1))
-        return self.block(x, slots, rope, cache, mask)
+        return self.block(x, slots, rope, cache, visible)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -302,12 +302,12 @@ class Transformer(nn.Module):
 
     # --- the backbone
 
-    def hidden(self, idx, pos=None, caches=None, mask=None, slots=None, keep_taps=False):
+    def hidden(self, idx, pos=None, caches=None, visible=None, slots=None, keep_taps=False):
         """idx (B, T) token ids -> the last block's output (B, T, n_embd), before the final norm.
         pos (B, T) absolute positions (default 0..T-1); caches: list of KVCache, one per layer, or None;
         slots (B, T): where the cache stores the keys (default: pos). keep_taps: return (output, the outputs of the
-        blocks cfg.head_taps names), the inputs of head_input()."""
-        causal = pos is None and caches is None and mask is None   # a plain training forward: no mask tensor
+        blocks cfg.head_taps names), the inputs of head_state()."""
+        causal = pos is None and caches is None and visible is None   # a plain training forward: no matrix
         if pos is None:
             pos = self.default_pos(idx)
         x = self.embed(idx)
@@ -315,20 +315,20 @@ class Transformer(nn.Module):
             x = x + self.pos_embed(pos)
         rope = self.rope(pos)
         gate = self.lora_gate(idx)
-        mask = None if causal else attention_mask(pos, None if caches is None else caches[0], mask)
+        visible = None if causal else visibility(pos, None if caches is None else caches[0], visible)
         taps = []
         for i, block in enumerate(self.blocks):
-            x = block(x, pos if slots is None else slots, rope, None if caches is None else caches[i], mask, gate)
+            x = block(x, pos if slots is None else slots, rope, None if caches is None else caches[i], visible, gate)
             if keep_taps and i in self.cfg.head_taps:
                 taps.append(x)
         return (x, taps) if keep_taps else x
 
-    def forward(self, idx, pos=None, caches=None, mask=None, return_hidden=False, slots=None):
-        """idx (B, T) token ids -> logits (B, T, vocab) [, head_input (B, T, n_embd)]; arguments as in hidden()."""
-        if not return_hidden:
-            return self.logits(self.hidden(idx, pos, caches, mask, slots))
-        x, taps = self.hidden(idx, pos, caches, mask, slots, keep_taps=True)
-        return self.logits(x), self.head_input(x, taps)
+    def forward(self, idx, pos=None, caches=None, visible=None, return_head_state=False, slots=None):
+        """idx (B, T) token ids -> logits (B, T, vocab) [, head_state (B, T, n_embd)]; arguments as in hidden()."""
+        if not return_head_state:
+            return self.logits(self.hidden(idx, pos, caches, visible, slots))
+        x, taps = self.hidden(idx, pos, caches, visible, slots, keep_taps=True)
+        return self.logits(x), self.head_state(x, taps)
 
     # --- Paper A: mask tokens and (gated) LoRA
 
@@ -373,7 +373,7 @@ class Transformer(nn.Module):
 
     # --- the MTP heads
 
-    def head_input(self, x, taps):
+    def head_state(self, x, taps):
         """The state MTP head 1 starts from, computed here and nowhere else: the last block's output x (DeepSeek-V3),
         or with cfg.head_taps a learned fusion of the tapped blocks' outputs and x (EAGLE-3): lower blocks still carry
         token-level information that the last one has already given up for its own next-token prediction.
@@ -398,12 +398,12 @@ class Transformer(nn.Module):
             self.fuse.weight[:, -C:].copy_(torch.eye(C))
         self.cfg.head_taps = list(taps)
 
-    def head_forward(self, module, h_prev, next_idx, pos, cache=None, mask=None, slots=None):
+    def head_forward(self, module, h_prev, next_idx, pos, cache=None, visible=None, slots=None):
         """Run MTP module `module` (an index into self.heads): h_prev (B, T, C) is the previous depth's hidden
         state at positions pos, next_idx (B, T) the token one step further; slots as in hidden(). Returns this
         depth's hidden state."""
         return self.heads[module](h_prev, self.embed(next_idx), pos if slots is None else slots, self.rope(pos),
-                                  cache, attention_mask(pos, cache, mask))
+                                  cache, visibility(pos, cache, visible))
 
     def make_caches(self, batch_size, max_len=None, n_depths=0, device=None, dtype=None):
         """KV caches for the backbone and, if n_depths > 0, one single-layer cache per draft depth."""

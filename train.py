@@ -4,12 +4,12 @@ Training, one script for every recipe of both papers:
   --mode scratch   a main model and K MTP heads from scratch (Paper B; --beta 0 is plain MTP, --beta 1 MTP-D)
   --mode heads     K MTP heads on a frozen pretrained model, trained on the model's own answers (Paper B)
   --mode extend    looped extension: copy the m trained heads into m new ones, train only the new ones (Paper B)
-  --mode mask      mask-token MTP by student-forced self-distillation from a frozen copy (Paper A), full fine-tuning,
+  --mode mask_tokens mask-token MTP by student-forced self-distillation from a frozen copy (Paper A), full fine-tuning,
                    LoRA, or gated LoRA (adapters only at mask tokens: next-token predictions stay exactly the original)
 
 Checkpoints (--out) hold the model, its tokenizer, the optimizer, the step, and the RNG states of training and of the
 data sampler, written atomically: a resumed run (--resume) continues the same loss curve. --export writes the small
-file that ships: the heads (mode heads/extend) or the mask-token adapter (mode mask) in bf16 safetensors.
+file that ships: the heads (mode heads/extend) or the mask-token adapter (mode mask_tokens) in bf16 safetensors.
 
 Nothing is lost: an existing --out is refused unless it is a checkpoint of train.py and --resume (continue it) or
 --overwrite (replace it) is given; a folder holding any file train.py did not write is never replaced. An existing
@@ -52,11 +52,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import distill
-from bench import encode_prompt, read_prompts
 from data.dataset import TokenData, check_tokenizer
 from decode import generate
+from files import plural
 from load import load, recover_checkpoint, save_checkpoint, save_heads, save_mask_adapter
-from tokenizer import load_tokenizer, mask_token_names, plural
+from prompts import encode_prompt, read_prompts
+from tokenizer import load_tokenizer, mask_token_names
 from model import Config, Transformer
 
 LR_FLOOR = 0.1             # the cosine schedule decays to this fraction of the peak learning rate
@@ -90,7 +91,8 @@ def make_parser():
     p = Parser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--config", help="JSON file of defaults for any of the options below (config/)")
     a = p.add_argument_group("what to train")
-    a.add_argument("--mode", default="scratch", choices=["scratch", "heads", "extend", "mask"], help="the recipe")
+    a.add_argument("--mode", default="scratch", choices=["scratch", "heads", "extend", "mask_tokens"],
+                   help="the recipe")
     a.add_argument("--init_from", default=None, help="starting model: smollm2, a Hugging Face folder (GPT-2, Llama, "
                    "Qwen2/2.5, Qwen3), a .gguf file (llama, qwen2, qwen3), or a checkpoint folder (scratch: none)")
     a.add_argument("--data", default="data/synthmath", help="a folder prepared by data/prepare.py")
@@ -172,7 +174,7 @@ def get_args(argv=None):
         saved = checkpoint_args(pre.out)
         if saved is None:
             raise ValueError(f"--resume: {pre.out} holds no train.py checkpoint to continue")
-        known = {act.dest for act in p._actions} - {"config", "resume", "overwrite"}
+        known = option_names(p) - {"config", "resume", "overwrite"}
         p.set_defaults(**{key: value for key, value in saved.items() if key in known})
     args = p.parse_args(argv)
     check_args(args)
@@ -204,6 +206,11 @@ def first_pass(argv):
     return p, pre
 
 
+def option_names(parser):
+    """Every option's name, from a parse of no arguments (no option is required)."""
+    return set(vars(parser.parse_args([])))
+
+
 def read_config(path, parser):
     try:
         with open(path) as f:
@@ -212,7 +219,7 @@ def read_config(path, parser):
         raise ValueError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(defaults, dict):
         raise ValueError(f"{path}: expected a JSON object of option names and values")
-    unknown = set(defaults) - {act.dest for act in parser._actions}
+    unknown = set(defaults) - option_names(parser)
     if unknown:
         raise ValueError(f"{path}: unknown options {sorted(unknown)}")
     return defaults
@@ -255,7 +262,7 @@ def check_args(args):
         raise ValueError(f"--head_taps {taps}: expected increasing block indices, at least 0 (e.g. 2,15)")
     if args.k_max < 2:
         raise ValueError(f"--k_max {args.k_max}: must be at least 2 (one real token and one mask)")
-    if args.mode == "mask" and args.seq_len < args.k_max:
+    if args.mode == "mask_tokens" and args.seq_len < args.k_max:
         raise ValueError(f"--seq_len {args.seq_len}: mask mode needs at least --k_max {args.k_max} tokens")
     if args.gated and not args.lora_rank:
         raise ValueError("--gated gates LoRA adapters: give --lora_rank too")
@@ -372,12 +379,12 @@ def set_trainable(model, args):
     """Freeze what the recipe keeps fixed: the backbone for heads/extend, the old heads (and the fusion that feeds
     head 1) for extend, everything but the adapters and the embedding for LoRA (whose rows of real tokens
     keep_mask_rows then leaves unchanged)."""
-    model.requires_grad_(args.mode == "scratch" or (args.mode == "mask" and not args.lora_rank))
+    model.requires_grad_(args.mode == "scratch" or (args.mode == "mask_tokens" and not args.lora_rank))
     if args.mode in ("heads", "extend"):
         model.heads[len(model.heads) - args.n_mtp_heads:].requires_grad_(True)
     if args.mode == "heads" and model.fuse is not None:
         model.fuse.requires_grad_(True)
-    if args.mode == "mask" and args.lora_rank:
+    if args.mode == "mask_tokens" and args.lora_rank:
         for name, p in model.named_parameters():
             p.requires_grad_("lora_" in name)
         model.embed.weight.requires_grad_(True)
@@ -424,21 +431,21 @@ class Objective(torch.nn.Module):
         self.model = model
         self.args = args
 
-    def forward(self, idx, loss_mask, teacher, generator, answers_only=False):
-        return loss_fn(self.model, teacher, idx, loss_mask, self.args, generator, answers_only)
+    def forward(self, idx, loss_weight, teacher, generator, answers_only=False):
+        return loss_fn(self.model, teacher, idx, loss_weight, self.args, generator, answers_only)
 
 
-def loss_fn(model, teacher, idx, loss_mask, args, generator, answers_only=False):
+def loss_fn(model, teacher, idx, loss_weight, args, generator, answers_only=False):
     """Loss and metrics of one batch of windows idx (B, T+1) with their loss mask (used with --answers_only, or
     when answers_only is set here)."""
-    if args.mode != "mask":
+    if args.mode != "mask_tokens":
         cfg = distill.MTPLossConfig(args.alpha, args.beta, args.top_n or None, args.kl_direction,
                                     main_loss=args.mode == "scratch")
-        return distill.mtp_loss(model, idx, loss_mask if args.answers_only or answers_only else None, cfg)
+        return distill.mtp_loss(model, idx, loss_weight if args.answers_only or answers_only else None, cfg)
     k = args.k_max if args.k_fixed else int(torch.randint(2, args.k_max + 1, (), generator=generator))
     packed = distill.pack_batch(idx, k, n_regions(args), model.cfg.mask_token_ids, generator)
-    cfg = distill.MaskLossConfig(args.target, args.prefix_loss)
-    loss, metrics = distill.mask_loss(model, teacher or model, *packed, cfg=cfg,
+    cfg = distill.StudentForcedConfig(args.target, args.prefix_loss)
+    loss, metrics = distill.student_forced_loss(model, teacher or model, *packed, cfg=cfg,
                                       n_real_vocab=model.cfg.mask_token_ids[0])
     metrics["k"] = k
     return loss, metrics
@@ -458,11 +465,11 @@ def prompt_answers(model, tokenizer, path, device):
     answers = generate(model, prompts, VAL_ANSWER_TOKENS, stop_ids=tokenizer.stop_ids)
     T = max(len(p) + len(a) for p, a in zip(prompts, answers))
     idx = torch.zeros(len(prompts), T, dtype=torch.long)
-    loss_mask = torch.zeros(len(prompts), T)
+    loss_weight = torch.zeros(len(prompts), T)
     for b, (p, a) in enumerate(zip(prompts, answers)):
         idx[b, :len(p) + len(a)] = torch.tensor(p + a)
-        loss_mask[b, len(p):len(p) + len(a)] = 1
-    return idx.to(device), loss_mask.to(device)
+        loss_weight[b, len(p):len(p) + len(a)] = 1
+    return idx.to(device), loss_weight.to(device)
 
 
 @torch.no_grad()
@@ -474,9 +481,9 @@ def evaluate(objective, teacher, data, args, par, autocast, prompt_batch=None):
     g = torch.Generator().manual_seed(EVAL_SEED)
     totals = {}
     for _ in range(args.eval_batches):
-        idx, loss_mask = data.get_batch("val", args.batch_size * args.grad_accum, args.seq_len, g, args.device,
+        idx, loss_weight = data.get_batch("val", args.batch_size * args.grad_accum, args.seq_len, g, args.device,
                                         shard=(par.rank, par.world_size))
-        for x, m in zip(idx.chunk(args.grad_accum), loss_mask.chunk(args.grad_accum)):
+        for x, m in zip(idx.chunk(args.grad_accum), loss_weight.chunk(args.grad_accum)):
             with autocast:
                 loss, metrics = objective(x, m, teacher, g)
             for key, v in {"loss": loss.item(), **metrics}.items():
@@ -593,7 +600,7 @@ def flops_per_token(model, args):
         return sum(2 * p.numel() for b in blocks for p in b.parameters() if p.dim() >= 2) + attention * len(blocks)
 
     backbone, out_head = forward(model.blocks), 2 * cfg.n_embd * cfg.vocab_size
-    if args.mode == "mask":
+    if args.mode == "mask_tokens":
         student = (2 if args.lora_rank else 3) * (backbone + out_head)
         teacher = 0 if args.target == "data" else backbone + out_head
         mean_k = args.k_max if args.k_fixed else (2 + args.k_max) / 2
@@ -650,7 +657,7 @@ def resume(args, par):
                          f"{par.world_size}; resume with the same number (torchrun --nproc_per_node "
                          f"{state.get('world_size', 1)}): each rank continues its own random stream")
     teacher = None
-    if args.mode == "mask" and not (args.lora_rank and args.gated):
+    if args.mode == "mask_tokens" and not (args.lora_rank and args.gated):
         teacher = load(args.init_from)[0].eval().requires_grad_(False)
     return model, teacher, tokenizer, state
 
@@ -669,7 +676,7 @@ def restore(state, par, model, optimizer, data_rng, loss_rng):
 def export(args, model, data):
     """The small file that ships: the mask-token adapter, or the heads this run trained."""
     os.makedirs(os.path.dirname(os.path.abspath(args.export)), exist_ok=True)
-    if args.mode == "mask":
+    if args.mode == "mask_tokens":
         save_mask_adapter(args.export, model, meta={"k_max": args.k_max})
     else:
         first = len(model.heads) - args.n_mtp_heads if args.mode == "extend" else 0
@@ -788,17 +795,17 @@ def train(args, par):
         t_step = time.time()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
-        idx, loss_mask = data.get_batch("train", args.batch_size * args.grad_accum, args.seq_len, data_rng,
+        idx, loss_weight = data.get_batch("train", args.batch_size * args.grad_accum, args.seq_len, data_rng,
                                         args.device, shard=(par.rank, par.world_size))
         totals = {}
-        for micro, (x, m) in enumerate(zip(idx.chunk(args.grad_accum), loss_mask.chunk(args.grad_accum))):
+        for micro, (x, m) in enumerate(zip(idx.chunk(args.grad_accum), loss_weight.chunk(args.grad_accum))):
             with par.gradient_sync(wrapped, on=micro == args.grad_accum - 1):
                 with autocast:
                     loss, metrics = wrapped(x, m, teacher, loss_rng)
                 (loss / args.grad_accum).backward()
             for key, v in {"loss": loss.item(), **metrics}.items():
                 totals[key] = totals.get(key, 0.0) + v / args.grad_accum
-        if args.mode == "mask" and args.lora_rank:
+        if args.mode == "mask_tokens" and args.lora_rank:
             keep_mask_rows(model)
         if args.grad_clip:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)

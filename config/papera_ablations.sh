@@ -23,7 +23,7 @@ mkdir -p "$RESULTS"
 # H100 run, uncapped, made ~8 s conversion steps, cause not found: this cap is a first guess, unconfirmed)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 # the main run's gated conversion, one option changed each
-CONVERT="--mode mask --init_from $RUNS/teacher --data $DATA --device $DEV --overwrite --k_max 8 --target hard
+CONVERT="--mode mask_tokens --init_from $RUNS/teacher --data $DATA --device $DEV --overwrite --k_max 8 --target hard
   --batch_size $BATCH --seq_len 256 --max_steps $STEPS --warmup 100 --eval_every $EVAL --save_every $STEPS
   --lora_rank 64 --gated --lr 1e-3 --schedule cosine --weight_decay 0"
 ABLATIONS=("soft:--target soft" "data:--target data" "fixedk:--k_fixed" "distinct:--distinct_masks")

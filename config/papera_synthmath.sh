@@ -39,7 +39,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 
 # three conversions and the teacher's accuracy at once: the small model leaves the GPU mostly idle, and nothing
 # timed runs beside them (the teacher bench reports accuracy; speedups come from the benches that follow)
-CONVERT="--mode mask --init_from $RUNS/teacher --data $DATA --device $DEV --overwrite --k_max 8 --target hard
+CONVERT="--mode mask_tokens --init_from $RUNS/teacher --data $DATA --device $DEV --overwrite --k_max 8 --target hard
   --batch_size $BATCH --seq_len 256 --max_steps $CONVERT_STEPS --warmup 100 --eval_every $EVAL
   --save_every $CONVERT_STEPS"
 run convert_gated "$PY" train.py $CONVERT --out "$RUNS/gated" --lora_rank 64 --gated --lr 1e-3 --schedule cosine \

@@ -14,8 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from anywhere: bench.py is one level up
 
-from bench import fmt, interval
-from decode import fail, parse_method
+from cli import fail
+from decode import Method
+from report import fmt, interval
 
 
 def read(path):
@@ -30,12 +31,12 @@ def read(path):
 
 def k_of(method, r):
     """Tokens one forward may emit: 1 for ar, K for static/verified, "<=k_max" for ConfAdapt (adaptive)."""
-    kind, value = parse_method(method)
-    if kind == "ar":
+    parsed = Method.parse(method)
+    if parsed.kind == "ar":
         return "1"
-    if kind == "confadapt":
+    if parsed.kind == "confadapt":
         return f"<={r['k_max']}"
-    return str(value)
+    return str(parsed.k)
 
 
 def rows(name, res, teacher_acc):

@@ -101,7 +101,7 @@ class TokenData:
     def tokens(self, split):
         return np.memmap(self._path(f"{split}.bin"), dtype=self.dtype, mode="r")
 
-    def loss_mask(self, split):
+    def loss_weight(self, split):
         """1 where the token is trained on (answers); None for plain text, where every token is."""
         if not self.meta["has_prompts"]:
             return None
@@ -112,15 +112,15 @@ class TokenData:
         return np.memmap(self._path(f"{split}_index.bin"), dtype=np.int64, mode="r").reshape(-1, 3)
 
     def get_batch(self, split, batch_size, seq_len, generator=None, device="cpu", align=False, shard=(0, 1)):
-        """Random windows of seq_len + 1 tokens -> (idx, loss_mask), each (batch_size, seq_len + 1): idx the token
-        ids (the model reads idx[:, :-1] and predicts idx[:, 1:]), loss_mask[b, t] = 1 (float) when idx[b, t] is an
+        """Random windows of seq_len + 1 tokens -> (idx, loss_weight), each (batch_size, seq_len + 1): idx the token
+        ids (the model reads idx[:, :-1] and predicts idx[:, 1:]), loss_weight[b, t] = 1 (float) when idx[b, t] is an
         answer token, so it counts as a target; all ones for plain text. Windows start anywhere (align=False) or at
         the start of a random example (align=True, so every answer sees its prompt); they run across example
         boundaries. Deterministic for a CPU torch.Generator.
         shard (i, n): draw the starts of n x batch_size windows and read only the i-th batch_size of them. The ranks
         of a multi-process run share one generator seed, so together they read what one process with the whole
         batch would."""
-        data, answers = self.tokens(split), self.loss_mask(split)
+        data, answers = self.tokens(split), self.loss_weight(split)
         index, n_shards = shard
         if len(data) < seq_len + 1:
             raise ValueError(f"{self.folder}/{split}.bin: {len(data)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
@@ -134,9 +134,9 @@ class TokenData:
         ix = ix[index * batch_size:(index + 1) * batch_size]
         idx = torch.from_numpy(np.stack([data[i:i + seq_len + 1].astype(np.int64) for i in ix]))
         if answers is None:
-            loss_mask = torch.ones(batch_size, seq_len + 1)
+            loss_weight = torch.ones(batch_size, seq_len + 1)
         else:
-            loss_mask = torch.from_numpy(np.stack([answers[i:i + seq_len + 1] for i in ix])).float()
+            loss_weight = torch.from_numpy(np.stack([answers[i:i + seq_len + 1] for i in ix])).float()
         if torch.device(device).type == "cuda":
-            return tuple(t.pin_memory().to(device, non_blocking=True) for t in (idx, loss_mask))
-        return idx.to(device), loss_mask.to(device)
+            return tuple(t.pin_memory().to(device, non_blocking=True) for t in (idx, loss_weight))
+        return idx.to(device), loss_weight.to(device)

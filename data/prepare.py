@@ -30,11 +30,13 @@ from tqdm import tqdm
 # `python data/prepare.py` puts data/ on the path; the project's modules (load.py, decode.py, data/) live one level up
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from cli import Parser, fail  # noqa: E402
 from data.dataset import FORMAT, dtype_for, fingerprint  # noqa: E402
 from data.readers import read_jsonl, read_text  # noqa: E402
 from data.synthmath import make_splits  # noqa: E402
 from load import BUNDLED, bundled_gguf, load, recover_checkpoint  # noqa: E402
-from tokenizer import CHATML_END, load_tokenizer, plural  # noqa: E402
+from files import plural  # noqa: E402
+from tokenizer import CHATML_END, load_tokenizer  # noqa: E402
 
 PLAIN_PROMPT = "Question: {question}\nAnswer:\n"   # the prompt format of models without a chat template
 
@@ -331,7 +333,7 @@ def prepare_text(args):
 # command line
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Prepare a dataset into token files for train.py and bench.py.")
+    ap = Parser(description="Prepare a dataset into token files for train.py and bench.py.")
     sub = ap.add_subparsers(dest="source", required=True, metavar="SOURCE")
 
     def common(p, tokenizer_default):
@@ -435,5 +437,4 @@ if __name__ == "__main__":
     try:
         main()
     except (ValueError, OSError) as e:   # bad input: the message names the file and the problem
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)                      # as argparse's usage errors and every other CLI here
+        fail(e)

@@ -1,4 +1,5 @@
-"""Shared test fixtures: the repository on sys.path, a tiny byte-level BPE trained offline, varied sample text."""
+"""Shared test fixtures: the repository on sys.path, a tiny byte-level BPE trained offline, varied sample text,
+the synthetic-math data train.py tests use. The tiny models live in helpers.py."""
 
 import random
 import sys
@@ -8,6 +9,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from data.prepare import main as prepare  # noqa: E402  (the repository is on the path now)
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -102,3 +105,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# the synthetic-math data that train.py tests share, prepared once per module
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "synth"
+    prepare(["synthmath", "--out", str(out), "--n_train", "400", "--n_val", "40", "--n_test", "10"])
+    return out

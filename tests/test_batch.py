@@ -1,5 +1,5 @@
 """
-Speculative decoding of a batch (decode.HeadDrafts with B rows): every row's greedy output equals that row decoded
+Speculative decoding of a batch (draft_heads.HeadDrafts with B rows): every row's greedy output equals that row decoded
 alone with `ar`, whatever the other rows do (prompt lengths, stop points, acceptance); Stats count only rows still
 decoding; sampling keeps each row's distribution; mtp@auto's depth rule; bench.py --batch_sizes. Tiny random models
 on CPU (tests/test_decode.py's).
@@ -9,9 +9,12 @@ import pytest
 import torch
 
 import bench
+import report
 import decode
-from decode import Stats, generate
-from test_decode import assert_exercised, prompt, tiny
+import draft_heads
+import engine
+from decode import Method, Stats, generate
+from helpers import assert_exercised, prompt, tiny
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models run on one thread
@@ -103,7 +106,7 @@ def test_batch_sampling_keeps_each_row():
     assert 0.5 * (exact[0] - exact[1]).abs().sum() > 0.2
     g = torch.Generator().manual_seed(0)
     counts = torch.zeros(2, 25)
-    s = decode.make_strategy(m, "mtp@2", 6, decode.Sampling(1.0), g, batch_size=2)
+    s = decode.make_strategy(m, "mtp@2", 6, engine.Sampling(1.0), g, batch_size=2)
     for _ in range(600):
         for b, (a, c) in enumerate(generate(m, prompts, 2, method=s)):
             counts[b, 5 * a + c] += 1
@@ -115,9 +118,9 @@ def test_batch_sampling_keeps_each_row():
 # mtp@auto: the draft depth of each step chosen by DepthRule
 
 def test_depth_rule_arithmetic():
-    rule = decode.DepthRule(3, [1.0, 1.0, 1.0, 1.0])
-    assert rule.acceptance == [pytest.approx(decode.ACCEPT_PRIOR)] * 3
-    a = decode.ACCEPT_PRIOR
+    rule = draft_heads.DepthRule(3, [1.0, 1.0, 1.0, 1.0])
+    assert rule.acceptance == [pytest.approx(draft_heads.ACCEPT_PRIOR)] * 3
+    a = draft_heads.ACCEPT_PRIOR
     assert rule.expected_tokens() == pytest.approx([1, 1 + a, 1 + a + a * a, 1 + a + a * a + a ** 3])
     assert rule.choose() == 3                              # free verification: draft all the way
     rule.costs = [1.0, 2.0, 3.0, 4.0]                       # verification as dear as plain steps: never draft
@@ -127,7 +130,7 @@ def test_depth_rule_arithmetic():
     rule.costs = [1.0, 1.0 + a, 1.0 + a + a * a, 9.0]       # ties go to the cheaper, shallower step
     assert rule.choose() == 0
     rule.observe(3, [0, 3, 1])      # depth 1 checked in 3 rows, accepted in 2; depth 2: 2 and 1; depth 3: 1 and 1
-    w, decay = decode.PRIOR_WEIGHT, decode.ACCEPT_DECAY
+    w, decay = draft_heads.PRIOR_WEIGHT, draft_heads.ACCEPT_DECAY
     assert rule.checked == pytest.approx([decay * w + 3, decay * w + 2, decay * w + 1])
     assert rule.accepted == pytest.approx([decay * a * w + 2, decay * a * w + 1, decay * a * w + 1])
     rule.observe(1, [1, 1])         # a depth-1 step leaves depths 2 and 3 alone
@@ -137,11 +140,11 @@ def test_depth_rule_arithmetic():
         rule.observe(rule.choose(), [0, 0, 0])
     assert rule.choose() == 0
     with pytest.raises(ValueError, match="costs"):
-        decode.DepthRule(3, [1.0, 1.1])
+        draft_heads.DepthRule(3, [1.0, 1.1])
 
 
 def adaptive(m, costs, batch_size, max_len=60):
-    return decode.HeadDrafts(m, max_len, 3, adaptive=True, costs=costs, batch_size=batch_size)
+    return draft_heads.HeadDrafts(m, max_len, 3, adaptive=True, costs=costs, batch_size=batch_size)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -178,23 +181,23 @@ def test_auto_switches_depth():
 
 def test_auto_learns_from_live_rows_only(monkeypatch):
     """Without decay the rule's counts are exactly Stats' (which count rows still decoding) plus the prior."""
-    monkeypatch.setattr(decode, "ACCEPT_DECAY", 1.0)
+    monkeypatch.setattr(draft_heads, "ACCEPT_DECAY", 1.0)
     m = tiny(2, heads=2, residual=0.01)
     prompts = [prompt(i, n) for i, n in enumerate(LENGTHS)]
     first = generate(m, prompts[:1], 30)[0]
     stop = [first[next(i for i in range(1, 30) if first[i] not in first[:i])]]
     s, stats = adaptive(m, [1.0] * 4, len(prompts)), Stats()
     generate(m, prompts, 30, method=s, stop_ids=stop, stats=stats)
-    w = decode.PRIOR_WEIGHT
+    w = draft_heads.PRIOR_WEIGHT
     assert s.rule.checked == pytest.approx([w + p for p in stats.proposed])
-    assert s.rule.accepted == pytest.approx([decode.ACCEPT_PRIOR * w + a for a in stats.accepted])
+    assert s.rule.accepted == pytest.approx([draft_heads.ACCEPT_PRIOR * w + a for a in stats.accepted])
 
 
 def test_parse_auto():
-    assert decode.parse_method("mtp@auto") == ("mtp", 3)
-    assert decode.parse_method("mtp@auto5") == ("mtp", 5)
+    assert Method.parse("mtp@auto") == Method("mtp", 3, auto=True)
+    assert Method.parse("mtp@auto5") == Method("mtp", 5, auto=True)
     with pytest.raises(ValueError, match="D must be"):
-        decode.parse_method("mtp@auto0")
+        Method.parse("mtp@auto0")
     m = tiny(2, heads=2, residual=0.01)
     assert decode.make_strategy(m, "mtp@auto2", 40).rule is not None
     assert decode.make_strategy(m, "mtp@2", 40).rule is None
@@ -216,9 +219,9 @@ def test_bench_batches(tmp_path):
     alone = [decode.generate(m, [tokenizer.encode(p, specials=True)], 12, stop_ids=tokenizer.stop_ids)[0]
              for p in prompts]
     assert ar[0]["tokens"] == len(alone[0]) and ar[1]["tokens"] == sum(map(len, alone)) + len(alone[0])
-    lines = bench.batch_table(res).splitlines()
+    lines = report.batch_table(res).splitlines()
     assert lines[0].split()[:3] == ["batch", "ar", "tok/s"] and lines[2].split()[0] == "4"
-    assert bench.write_batches(res, tmp_path)[0].startswith(f"wrote {tmp_path / 'batch_sizes.md'}")
+    assert report.write_batches(res, tmp_path)[0].startswith(f"wrote {tmp_path / 'batch_sizes.md'}")
     assert (tmp_path / "batch_sizes.md").read_text().count("\n") == 4    # header, rule, two sizes
 
 

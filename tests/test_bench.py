@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import bench
+import hf_compare
+import report
 import decode
 import load
 import model as nano
@@ -66,11 +68,11 @@ def test_bench_runs_every_method(tiny):
 def test_hf_agrees_with_ar(tiny):
     pytest.importorskip("transformers")
     m, _, tokenizer, options = tiny
-    hf, why = bench.hf_model(m, "tiny")
+    hf, why = hf_compare.hf_model(m, "tiny")
     assert why is None
     res = bench.run(m, tokenizer, ["ar", "hf"], PROMPTS[:3], 16, options=options, warmup=0, hf=hf)["methods"]
     assert res["hf"]["exact_match"] == 1.0 and res["hf"]["implementation"] == "transformers"
-    assert res["hf"]["tokens_per_forward"] is None and "(transformers)" in bench.table(
+    assert res["hf"]["tokens_per_forward"] is None and "(transformers)" in report.table(
         {**bench.run(m, tokenizer, ["hf"], PROMPTS[:1], 4, warmup=0, hf=hf), "notes": []})
 
 
@@ -88,7 +90,7 @@ def test_hf_same_logits_untied_scaled_rope():
             w.normal_(1.0 if w.dim() == 1 else 0.0, 0.3)
     m.add_mask_tokens(1)
     m.eval()
-    hf, why = bench.hf_model(m, "tiny")
+    hf, why = hf_compare.hf_model(m, "tiny")
     ids = torch.randint(0, 50, (1, 200))
     with torch.no_grad():
         ours, theirs = m(ids)[..., :50], hf(ids).logits
@@ -98,7 +100,7 @@ def test_hf_same_logits_untied_scaled_rope():
 
 def test_hf_skipped_without_transformers(tiny, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "transformers", None)   # import transformers -> ImportError
-    hf, why = bench.hf_model(tiny[0], "tiny")
+    hf, why = hf_compare.hf_model(tiny[0], "tiny")
     assert hf is None and "transformers is not installed" in why
 
 
@@ -109,7 +111,7 @@ def test_table_columns_stay_put():
            "nll_key": "nll", "notes": [], "methods": {
                "confadapt@0.9": {**row, "acceptance_rate": [0.5] * 15},
                "mtp@2": {**row, "acceptance_rate": [0.5] * 2}, "ar": {**row, "acceptance_rate": []}}}
-    lines = bench.table(res).splitlines()[:4]
+    lines = report.table(res).splitlines()[:4]
     assert len({len(line) for line in lines}) == 1, lines   # every column ends where the header's does
     assert " ..." in lines[1]
 
@@ -143,15 +145,15 @@ def checkpoint(tmp_path_factory):
 
 def test_setup_attaches_only_what_methods_use(checkpoint):
     heads = [checkpoint / "heads.safetensors"]
-    m = decode.setup(checkpoint / "model", ["ar"], heads=heads)[0]
+    m = load.load_for(checkpoint / "model")[0]
     assert len(m.heads) == 0
-    m, original, _, options = decode.setup(checkpoint / "model", ["ar", "mtp@2"], heads=heads)
+    m, original, _, options = load.load_for(checkpoint / "model", heads=heads)
     assert len(m.heads) == 1 and original is m
 
 
 def test_draft_vocab(checkpoint):
     def draft_ids(n, file="heads.safetensors"):
-        return decode.setup(checkpoint / "model", ["mtp@2"], heads=[checkpoint / file], draft_vocab=n)[3].get(
+        return load.load_for(checkpoint / "model", heads=[checkpoint / file], draft_vocab=n)[3].get(
             "draft_ids")
     assert draft_ids(None).tolist() == list(range(29, -1, -1))   # the default is capped by what the file lists
     assert draft_ids(0) is None                                   # 0: the full vocabulary
@@ -165,7 +167,7 @@ def test_draft_vocab(checkpoint):
 
 def test_fine_tuned_without_its_original_is_labelled(tmp_path, capsys):
     tiny_checkpoint(tmp_path / "ft", mask_tokens=1, train_args={"init_from": str(tmp_path / "gone"), "k_max": 4})
-    m, original, _, options = decode.setup(tmp_path / "ft", ["static@2"])
+    m, original, _, options = load.load_for(tmp_path / "ft", adapter=load.SHIPPED)
     assert original is None and options["k_max"] == 4
     assert "warning:" in capsys.readouterr().err
     res = bench.main(["--init_from", str(tmp_path / "ft"), "--methods", "ar,static@2", "--num_prompts", "1",
@@ -175,7 +177,7 @@ def test_fine_tuned_without_its_original_is_labelled(tmp_path, capsys):
     assert "nll" not in res["methods"]["ar"] and res["methods"]["ar"]["nll_self"] is not None
     tiny_checkpoint(tmp_path / "orig")       # with its original present, that one judges
     tiny_checkpoint(tmp_path / "ft2", mask_tokens=1, train_args={"init_from": str(tmp_path / "orig")})
-    m, original, _, _ = decode.setup(tmp_path / "ft2", ["static@2"])
+    m, original, _, _ = load.load_for(tmp_path / "ft2", adapter=load.SHIPPED)
     assert original is not None and original is not m and original.cfg.mask_token_ids == []
 
 

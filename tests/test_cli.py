@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import bench
+import cli
 import decode
 import load
 import model as nano
@@ -27,6 +28,13 @@ DECODE_BAD = [
     (["--method", "mtp@100"], "D must be an integer from 1 to 16"),
     (["--method", "static@1"], "K must be an integer from 2 to 16"),
     (["--method", "beam@3"], "unknown method 'beam@3'"),
+    (["--method", "beam"], "mtp@autoD"),
+    (["--method", "mtp@"], "method 'mtp@': D must be an integer from 1 to 16"),
+    (["--method", "ar@"], "method 'ar@': Q must be an integer from 1 to 64"),
+    (["--method", "mtp@\u0663"], "D must be an integer from 1 to 16"),
+    (["--method", "tree@4,2,2,1"], "separated by '-': tree@4-2-2-1"),
+    (["--init_from", ""], "argument --init_from: expected smollm2"),
+    (["--heads", str(ROOT)], "is a directory, not a file"),
     (["--temperature", "-1"], "argument --temperature: must be at least 0, got -1"),
     (["--temperature", "1", "--top_k", "0"], "argument --top_k: must be at least 1, got 0"),
     (["--temperature", "1", "--top_p", "1.5"], "argument --top_p: must be in (0, 1], got 1.5"),
@@ -38,7 +46,7 @@ DECODE_BAD = [
     (["--device", "tpu"], "argument --device: unknown device 'tpu'"),
     (["--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
     (["--method", "mtp", "--heads", "no/such.safetensors"], "argument --heads: no/such.safetensors: no such file"),
-    (["--mask", str(ROOT / "README.md")], "--mask: no method here uses it (methods: ar)"),
+    (["--adapter", str(ROOT / "README.md")], "--adapter: no method here uses it (methods: ar)"),
     (["--draft_vocab", "5"], "--draft_vocab: no method here uses it"),
     (["--init_from", "no/such/folder"], "no/such/folder: no such file or folder"),
     (["--bogus"], "unrecognized arguments: --bogus"),
@@ -53,6 +61,9 @@ BENCH_BAD = [
     (["--num_prompts", "0"], "argument --num_prompts: must be at least 1, got 0"),
     (["--warmup", "-1"], "argument --warmup: must be at least 0, got -1"),
     (["--prompts", "no/such.jsonl"], "argument --prompts: no/such.jsonl: no such file"),
+    (["--prompts", str(ROOT / "data")], "is a directory, not a file"),
+    (["--methods", "ar,tree@4,2,2,1"], "separated by '-': tree@4-2-2-1"),
+    (["--init_from", ""], "argument --init_from: expected smollm2"),
     (["--methods", "ar", "--heads", str(ROOT / "README.md")], "--heads: no method here uses it (methods: ar)"),
     (["--temperature", "nan"], "argument --temperature: must be at least 0, got nan"),
 ]
@@ -99,9 +110,9 @@ class Letters:
 
 
 def test_render():
-    text, legend = decode.render(Letters(), [0, 1, 2, 3], [0, 1, 2, 0], lossy=False, colour=False)
+    text, legend = cli.render(Letters(), [0, 1, 2, 3], [0, 1, 2, 0], lossy=False, colour=False)
     assert text == "a[1:b][2:c]d" and legend == "legend: plain = main model; [d:text] = accepted draft at depth d"
-    text, legend = decode.render(Letters(), [0, 1, 2], [0, 1, 6], lossy=True, colour=True)
+    text, legend = cli.render(Letters(), [0, 1, 2], [0, 1, 6], lossy=True, colour=True)
     assert text == "a\033[32mb\033[0m\033[34mc\033[0m" and "kept mask prediction" in legend
 
 
@@ -148,5 +159,5 @@ def test_render_keeps_split_characters_whole():
         def decode(self, ids):
             return bytes(ids).decode("utf-8", errors="replace")
     e_acute = list("é".encode())
-    text, _ = decode.render(Bytes(), [104, *e_acute, 104], [0, 1, 2, 0], lossy=False, colour=False)
+    text, _ = cli.render(Bytes(), [104, *e_acute, 104], [0, 1, 2, 0], lossy=False, colour=False)
     assert text == "h[2:é]h"

@@ -122,27 +122,27 @@ def test_prepare_synthmath_byte_identical_and_overwrite(tmp_path):
     check_tokenizer(meta, tokenizer, tmp_path / "a")
     # the token files hold exactly prompt + solution + eos, the loss mask covers solution + eos
     data = TokenData(tmp_path / "a")
-    toks, loss_mask, index = data.tokens("test"), data.loss_mask("test"), data.index("test")
+    toks, loss_weight, index = data.tokens("test"), data.loss_weight("test"), data.index("test")
     s, n_prompt, n = index[0]
     assert tokenizer.decode(toks[s:s + n_prompt]) == prompts[0]["prompt"]
     answer = tokenizer.decode(toks[s + n_prompt:s + n - 1])
     assert toks[s + n - 1] == tokenizer.eos_id and score(answer, prompts[0]["answer"]) and answer.startswith(
         tuple("0123456789"))
-    assert loss_mask[s:s + n_prompt].sum() == 0 and loss_mask[s + n_prompt:s + n].all()
+    assert loss_weight[s:s + n_prompt].sum() == 0 and loss_weight[s + n_prompt:s + n].all()
     assert index[-1, 0] + index[-1, 2] == len(toks)
 
 
 def test_get_batch_shapes_alignment_determinism(tmp_path):
     run("synthmath", "--n_train", 200, "--n_val", 10, "--n_test", 10, "--out", tmp_path / "d")
     data = TokenData(tmp_path / "d")
-    toks, loss_mask = np.asarray(data.tokens("train")), np.asarray(data.loss_mask("train"))
+    toks, loss_weight = np.asarray(data.tokens("train")), np.asarray(data.loss_weight("train"))
     for align in (False, True):
         g = torch.Generator().manual_seed(0)
         idx, m = data.get_batch("train", 8, 64, generator=g, align=align)
         assert idx.shape == m.shape == (8, 65) and idx.dtype == torch.int64 and m.dtype == torch.float32
         for row in range(8):   # find the window again: the loss mask is the answer mask of the same tokens
             s = toks.tobytes().find(idx[row].numpy().astype(toks.dtype).tobytes()) // toks.itemsize
-            assert (toks[s:s + 65] == idx[row].numpy()).all() and (loss_mask[s:s + 65] == m[row].numpy()).all()
+            assert (toks[s:s + 65] == idx[row].numpy()).all() and (loss_weight[s:s + 65] == m[row].numpy()).all()
         if align:
             assert (m[:, 1] == 0).all()   # an example's first target is a prompt token
         g2 = torch.Generator().manual_seed(0)
@@ -247,7 +247,7 @@ def test_prepare_jsonl_and_text(tmp_path):
     (tmp_path / "t.txt").write_text("abcdefghij" * 100)
     run("text", "--file", tmp_path / "t.txt", "--val_frac", 0.1, "--out", tmp_path / "t")
     data = TokenData(tmp_path / "t")
-    assert len(data.tokens("train")) == 901 and len(data.tokens("val")) == 100 and data.loss_mask("train") is None
+    assert len(data.tokens("train")) == 901 and len(data.tokens("val")) == 100 and data.loss_weight("train") is None
     _, m = data.get_batch("val", 2, 16, generator=torch.Generator().manual_seed(0))
     assert m.shape == (2, 17) and bool((m == 1).all())
     (tmp_path / "u.txt").write_text("caf\u00e9")

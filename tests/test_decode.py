@@ -15,71 +15,18 @@ import pytest
 import torch
 
 import decode   # the repository is on sys.path through conftest.py
-import model
-from decode import Sampling, Stats, generate
-
-V = 60
-
+import draft_heads
+import draft_mask
+import engine
+from decode import Method, Stats, generate
+from engine import Sampling
+from helpers import MODELS, V, assert_exercised, case, head_start, prompt, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models run on one thread
 
 
-def tiny(seed, arch="llama", vocab=V, heads=0, std=0.4, residual=None, **kw):
-    """A tiny random model with all parameters drawn with a large std (so outputs are not degenerate).
-    residual=r (e.g. 0.01) makes it bigram-like: unit norms, residual branches scaled by r, heads that read only the
-    next token's embedding, untied embeddings, so head drafts agree with the main model often."""
-    torch.manual_seed(seed)
-    cfg = dict(arch=arch, vocab_size=vocab, n_layer=2, n_head=4, n_kv_head=2 if arch == "llama" else 4, n_embd=32,
-               head_dim=8, intermediate_size=64, max_seq_len=256, bias=arch == "gpt2",
-               tie_embeddings=residual is None)   # tied + bigram-like would just repeat the last token
-    cfg.update(kw)
-    m = model.Transformer(model.Config(**cfg))
-    if heads:
-        m.add_heads(heads, init="random")
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            p.normal_(0.0, std)
-            if residual is not None:
-                if "norm" in name and name.endswith("weight"):
-                    p.fill_(1.0)
-                if name.endswith(("o_proj.weight", "down_proj.weight")):
-                    p.mul_(residual)
-        if residual is not None:
-            for h in m.heads:
-                h.proj.weight.zero_()
-                h.proj.weight[:, cfg["n_embd"]:] = torch.eye(cfg["n_embd"])   # take norm(emb(next token))
-    return m.eval()
-
-
-def prompt(seed, n, vocab=V):
-    g = torch.Generator().manual_seed(1000 + seed)
-    return torch.randint(0, vocab - 4, (n,), generator=g).tolist()   # the last ids stay free for mask tokens
-
-
-def assert_exercised(stats, depths=1):
-    """Some drafts accepted and some rejected at each of the first `depths` depths."""
-    assert len(stats.proposed) >= depths, stats
-    for d in range(depths):
-        assert 0 < stats.accepted[d] < stats.proposed[d], f"depth {d + 1}: {stats}"
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # lossless: speculative greedy == plain greedy
-
-# (model seed, residual) pairs: fully random models (drafts mostly rejected) and bigram-like ones (mostly accepted)
-MODELS = [(0, None), (1, 0.005), (2, 0.01), (3, 0.02)]
-_cache = {}
-
-
-def case(seed, residual, arch="llama"):
-    """A model with two heads, two prompts (lengths from 1 to 20) and their greedy ar outputs; built once."""
-    key = (seed, residual, arch)
-    if key not in _cache:
-        m = tiny(seed, arch=arch, heads=2, residual=residual)
-        prompts = [prompt(seed, 1 + 3 * seed), prompt(seed + 50, 20 - seed)]
-        _cache[key] = m, [(p, generate(m, [p], 24, method="ar")) for p in prompts]
-    return _cache[key]
-
 
 @pytest.mark.parametrize("method, opts", [
     ("mtp@1", {}), ("mtp@2", {}), ("mtp@4", {}),
@@ -93,7 +40,7 @@ def test_mtp_greedy_equals_ar(method, opts):
         m, cases = case(seed, residual)
         for p, ref in cases:
             assert generate(m, [p], 24, method=method, stats=stats, **opts) == ref, (seed, len(p), method)
-    assert_exercised(stats, depths=min(2, decode.parse_method(method)[1]))
+    assert_exercised(stats, depths=min(2, Method.parse(method).k))
 
 
 def test_mtp_greedy_equals_ar_gpt2():
@@ -112,9 +59,9 @@ def with_mask_oracle(m, mask_ids, ref, wrong=lambda pos: pos % 3 == 0):
     plain = m.forward
     masks = torch.tensor(mask_ids)
 
-    def forward(idx, pos=None, caches=None, mask=None, return_hidden=False):
-        out = plain(idx, pos, caches, mask, return_hidden)
-        logits = out[0] if return_hidden else out
+    def forward(idx, pos=None, caches=None, visible=None, return_head_state=False):
+        out = plain(idx, pos, caches, visible, return_head_state)
+        logits = out[0] if return_head_state else out
         pos = m.default_pos(idx) if pos is None else pos
         for b, t in torch.isin(idx, masks).nonzero().tolist():
             target = int(pos[b, t]) + 1        # a mask at position p stands for the token at p, predicts p + 1
@@ -142,13 +89,13 @@ def test_verified_greedy_equals_ar(k, mask_ids):
 def test_stop_token_inside_accepted_run(monkeypatch):
     """A stop id that the drafts carry past: the output ends at it, as ar's does."""
     chunks = []
-    step = decode.HeadDrafts.step
+    step = draft_heads.HeadDrafts.step
 
     def recording_step(self, live):
-        new, accepted = step(self, live)
-        chunks.append(new[0])   # batch 1: the one row
-        return new, accepted
-    monkeypatch.setattr(decode.HeadDrafts, "step", recording_step)
+        rows = step(self, live)
+        chunks.append(rows[0].tokens)   # batch 1: the one row
+        return rows
+    monkeypatch.setattr(draft_heads.HeadDrafts, "step", recording_step)
     inside = 0
     for seed in (1, 5):
         m = tiny(seed, heads=2, residual=0.01)
@@ -231,24 +178,24 @@ def test_verify_sampling_distribution():
     assert 0.5 * (p[0] - q[0]).abs().sum() > 0.2         # drafts far from the target: bugs will show
 
     # depth 1: the first token (sampling noise at these sizes: TV ~0.005-0.01)
-    assert tv(first_two(decode.verify, p_logits[1:], q[1:], 8000).sum(1), p[1]) < 0.02
+    assert tv(first_two(engine.verify, p_logits[1:], q[1:], 8000).sum(1), p[1]) < 0.02
     assert tv(first_two(always_accept, p_logits[1:], q[1:], 1000).sum(1), p[1]) > 0.2            # power
     assert tv(first_two(resample_from_target, p_logits[1:], q[1:], 2000).sum(1), p[1]) > 0.04     # power
     # depth 2: joint of the first two tokens (36 cells: noise ~0.02)
     joint = torch.outer(p[0], p[1]).flatten()
-    assert tv(first_two(decode.verify, p_logits, q, 8000).flatten(), joint) < 0.035
+    assert tv(first_two(engine.verify, p_logits, q, 8000).flatten(), joint) < 0.035
     assert tv(first_two(always_accept, p_logits, q, 1000).flatten(), joint) > 0.3
 
 
 def test_verify_greedy():
     target = torch.tensor([[0.0, 5, 1], [3, 0, 1], [0, 0, 9], [2, 1, 0]])   # argmax 1, 0, 2, 0
     for drafts, want in (([1, 0, 2], (3, 0)), ([1, 2, 2], (1, 0)), ([0, 0, 2], (0, 1))):
-        assert decode.verify(torch.tensor(drafts), None, target, Sampling()) == want
+        assert engine.verify(torch.tensor(drafts), None, target, Sampling()) == want
 
 
 def e2e_tv(monkeypatch, verify, n):
     """TV between mtp@2's sampled 2-token outputs and the exact distribution of plain sampling."""
-    monkeypatch.setattr(decode, "verify", verify)
+    monkeypatch.setattr(draft_heads, "verify", verify)
     m = tiny(7, vocab=5, heads=2, std=0.5, n_layer=1, n_embd=16, head_dim=8, n_head=2, n_kv_head=1,
              intermediate_size=32, max_seq_len=16)
     p = [1, 3, 2]
@@ -265,7 +212,7 @@ def e2e_tv(monkeypatch, verify, n):
 
 
 def test_mtp_sampling_end_to_end(monkeypatch):
-    assert e2e_tv(monkeypatch, decode.verify, 1000) < 0.12     # 25 cells, 1000 samples: noise ~0.05-0.07
+    assert e2e_tv(monkeypatch, engine.verify, 1000) < 0.12     # 25 cells, 1000 samples: noise ~0.05-0.07
     assert e2e_tv(monkeypatch, always_accept, 300) > 0.2       # the test has power
 
 
@@ -285,7 +232,7 @@ def crafted(confidences, k=5):
 def test_confadapt_emit():
     def emit(tau, conf):
         stub = SimpleNamespace(tau=tau, sampling=Sampling(), generator=None)
-        return decode.MaskDrafts.emit(stub, crafted(conf))
+        return draft_mask.MaskDrafts.emit(stub, crafted(conf))
     assert emit(0.9, [0.99, 0.95, 0.5, 0.99, 0.99]) == [0, 1]          # stops at the first unsure position
     assert emit(0.9, [0.5, 0.99, 0.99, 0.99, 0.99]) == [0]             # always at least one token
     assert emit(0.9, [0.99] * 5) == [0, 1, 2, 3, 4]
@@ -352,18 +299,6 @@ def test_stats_definitions():
     assert verified.steps < verified.forwards - 1     # forwards with nothing to verify are not steps
 
 
-class FakeTokenizer:
-    """Characters as ids: enough for bench.run."""
-    stop_ids = [0]
-
-    def encode(self, text, specials=False):
-        return [1 + ord(c) % (V - 5) for c in text]
-
-    def decode(self, ids):
-        return "".join(chr(ord("a") + i % 26) for i in ids)
-
-    def chat_prompt(self, q):
-        return q
 def test_batched_ar_counts_only_rows_still_decoding():
     m = tiny(0)
     prompts = [prompt(s, 4 + s) for s in range(3)]
@@ -395,10 +330,13 @@ def test_trace_matches_stats(method):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_head_drafts_keep_the_main_hidden_states(arch):
-    """The accepted tokens' hidden states that the heads read are the main model's own: equal to a cache-free forward
-    over the final text (a wrong write leaves the output identical but starves the heads)."""
+def test_head_drafts_keep_the_main_head_state(arch):
+    """The accepted tokens' head states that the heads read are the main model's own, fused: equal to a cache-free
+    forward over the final text (a wrong write leaves the output identical but starves the heads)."""
     m = tiny(2, arch=arch, heads=2, residual=0.01)
+    m.add_fusion([0])      # a fusion that is not "take the last", so head_state differs from hidden()
+    with torch.no_grad():
+        m.fuse.weight.add_(0.3 * torch.randn_like(m.fuse.weight) / m.cfg.n_embd ** 0.5)
     p = prompt(2, 7)
     strategy = decode.make_strategy(m, "mtp@3", len(p) + 30)
     stats = Stats()
@@ -407,12 +345,13 @@ def test_head_drafts_keep_the_main_hidden_states(arch):
     final = int(strategy.newest[0])                      # positions before it hold accepted tokens
     text = torch.tensor([p + out])[:, :final]
     with torch.no_grad():
-        expected = m.hidden(text)
-    torch.testing.assert_close(strategy.hidden[:, :final], expected, rtol=1e-4, atol=1e-5)
+        expected = head_start(m, text)
+        assert not torch.allclose(expected, m.hidden(text), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(strategy.head_state[:, :final], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_graphed_steps_are_idempotent(monkeypatch):
-    """A CUDA graph is captured after warm-up runs of its step on the same state (decode.Graph), so every graphed
+    """A CUDA graph is captured after warm-up runs of its step on the same state (engine.Graph), so every graphed
     step must leave the same state however often it runs; counters advance outside it. Simulated on the CPU: every
     step here runs three times per call, and the outputs must not change."""
     m, cases = case(2, 0.01)
@@ -423,7 +362,7 @@ def test_graphed_steps_are_idempotent(monkeypatch):
         graph.fn()
         graph.fn()
         return graph.fn()
-    monkeypatch.setattr(decode.Graph, "__call__", thrice)
+    monkeypatch.setattr(engine.Graph, "__call__", thrice)
     for meth in ("ar", "ar@4", "mtp@1", "mtp@3", "mtp@auto3", "verified@3"):
         for p, ref in cases:
             assert generate(m, [p], 24, method=meth, mask_ids=[V - 1]) == ref, meth

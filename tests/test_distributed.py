@@ -55,7 +55,7 @@ def worker(rank, data, tmp, port):
         both, two, _ = scenarios(data, tmp)["ddp"]
         train.main([*both, *two, "--out", f"{tmp}/split2", "--max_steps", "3"])
         train.main(["--out", f"{tmp}/split2", "--resume", "--max_steps", "6", "--parallel", "fsdp"])
-        mask = ["--data", data, *TINY, "--mode", "mask", "--init_from", f"{tmp}/base",
+        mask = ["--data", data, *TINY, "--mode", "mask_tokens", "--init_from", f"{tmp}/base",
                 "--lora_rank", "4", "--gated", "--k_max", "4", "--batch_size", "2",
                 "--parallel", "fsdp", "--lr", "0.1"]
         train.main([*mask, "--max_steps", "2", "--out", f"{tmp}/mask2"])

@@ -17,44 +17,13 @@ from safetensors.torch import save_file
 import distill
 import load
 import train
-from decode import Sampling, Stats, generate, make_strategy
-from test_decode import MODELS, assert_exercised, prompt, tiny
-import test_train
-from test_train import SMALL, read_log, run_cli
-from test_tree import strategy_steps, top
+from decode import Stats, generate, make_strategy
+from engine import Sampling
+from helpers import (MODELS, SMALL, TAPS, assert_exercised, fused, head_start, prompt, read_log, reading,
+                     run_cli, strategy_steps, tiny, top)
 from tokenizer import CharTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models run on one thread
-
-TAPS = [0, 1]   # of three blocks: the first, the middle, and (always) the last
-synth = test_train.synth   # the synthetic-math data fixture (pytest finds fixtures by module-level name)
-
-
-def reading(seed, residual=None):
-    """A three-block model with two heads whose input projections read the state they get (a bigram-like model's
-    heads otherwise read only the next token, and no fusion would matter)."""
-    m = tiny(seed, heads=2, residual=residual, n_layer=3)
-    C = m.cfg.n_embd
-    with torch.no_grad():
-        for h in m.heads:
-            h.proj.weight[:, :C] += 0.3 * torch.randn(C, C) / C ** 0.5
-    return m
-
-
-def fused(seed, residual=None, noise=0.3):
-    """reading(seed, residual) with a fusion of TAPS whose weight moved away from "take the last" by `noise`."""
-    m = reading(seed, residual)
-    m.add_fusion(TAPS)
-    with torch.no_grad():
-        m.fuse.weight.add_(noise * torch.randn_like(m.fuse.weight) / m.cfg.n_embd ** 0.5)
-    return m
-
-
-def head_start(m, t):
-    """The state head 1 starts from, recomputed here without caches: blocks' outputs -> fuse."""
-    x, taps = m.hidden(t, keep_taps=True)
-    assert len(taps) == len(m.cfg.head_taps)
-    return m.fuse(torch.cat(taps + [x], dim=-1))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -75,6 +44,8 @@ def test_fresh_fusion_changes_nothing():
         out = generate(plain, p, 20, method=method, stats=sa)
         assert generate(fusion, p, 20, method=method, stats=sb) == out, method
         assert sa.accepted_lengths == sb.accepted_lengths and sum(sa.accepted) > 0, method
+
+
 
 
 @pytest.mark.parametrize("taps", [[], [2], [1, 0], [0, 0], [-1], [0.5]])
@@ -123,14 +94,14 @@ def test_drafts_read_the_fused_state():
         s.step([True])
     assert checked == 8 and int(s.newest[0]) > len(p) + 8   # some drafts accepted on the way
     final = int(s.newest[0])
-    torch.testing.assert_close(s.hidden[:, :final], head_start(m, s.tokens[:, :final]), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(s.head_state[:, :final], head_start(m, s.tokens[:, :final]), atol=1e-5, rtol=1e-4)
     for tree in strategy_steps(m, "tree@2x2", p, 6):
         tree.draft()
         L = int(tree.newest)
         t = tree.tokens[:, :L + 1]
         h1 = m.head_forward(0, head_start(m, t[:, :L]), t[:, 1:L + 1], m.default_pos(t[:, :L]))
         assert tree.nodes.tolist()[1:3] == top(m, h1, 2), L
-        torch.testing.assert_close(tree.hidden[:, :L], head_start(m, t[:, :L]), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(tree.head_state[:, :L], head_start(m, t[:, :L]), atol=1e-5, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------------------------

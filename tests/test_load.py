@@ -353,8 +353,8 @@ def test_checkpoint_with_heads_and_new_token(tmp_path, tiny_bpe):
         assert n == n2 and torch.equal(p, p2)
     idx = torch.randint(V, (1, T))
     with torch.no_grad():
-        _, h = model(idx, return_hidden=True)
-        _, h2 = again(idx, return_hidden=True)
+        _, h = model(idx, return_head_state=True)
+        _, h2 = again(idx, return_head_state=True)
         pos = model.default_pos(idx)
         assert torch.equal(model.head_forward(1, h, idx, pos), again.head_forward(1, h2, idx, pos))
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import bench
+import report
 import decode
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +39,7 @@ def test_accuracy_interval_in_results_and_table():
     assert r["scored"] == 2                 # the non-numeric answer is not scored
     assert r["accuracy_ci95"] == bench.wilson(round(r["accuracy"] * 2), 2)
     lo, hi = r["accuracy_ci95"]
-    assert f"{lo:.3f}-{hi:.3f}" in bench.table(res) and "acc 95%" in bench.table(res)
+    assert f"{lo:.3f}-{hi:.3f}" in report.table(res) and "acc 95%" in report.table(res)
 
 
 def test_confadapt_k_max_override():
@@ -49,7 +50,7 @@ def test_confadapt_k_max_override():
     assert strategy.k == 3 and strategy.query_len == 5 and strategy.tau == 0.9
     for bad in ("confadapt@0.9:1", "confadapt@0.9:17", "confadapt@0.9:x"):
         with pytest.raises(ValueError, match="K \\(k_max\\)"):
-            decode.parse_method(bad)
+            decode.Method.parse(bad)
 
 
 def test_k_max_sweep(tmp_path, capsys):
@@ -90,7 +91,7 @@ def test_papera_table(tmp_path):
     md = (tmp_path / "papera_table.md").read_text()
     assert "Teacher (ar): accuracy 0.800" in md
     rows = {line.split(" | ")[1]: line.split(" | ") for line in md.splitlines() if line.startswith("| gated")}
-    assert rows["confadapt@0.9 (LOSSY)"][2:] == ["<=8", "3.40", "0.760", bench.interval(gated["methods"]
+    assert rows["confadapt@0.9 (LOSSY)"][2:] == ["<=8", "3.40", "0.760", report.interval(gated["methods"]
                                                  ["confadapt@0.9"]), "3.00x", "1.00", "+5.0% |"]
     assert rows["static@3 (LOSSY)"][2] == "3" and rows["static@3 (LOSSY)"][-1] == "+25.0% |"
     assert rows["ar"][-1] == "+0.0% |"

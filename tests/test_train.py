@@ -15,6 +15,7 @@ import decode  # noqa: E402
 import distill  # noqa: E402
 import load  # noqa: E402
 import train  # noqa: E402
+from helpers import SMALL, read_log, run_cli  # noqa: E402
 from model import Config, LoRALinear, Transformer  # noqa: E402
 
 
@@ -89,7 +90,7 @@ def test_mtp_loss_distills_each_depth_from_the_main_head_at_the_right_position()
     idx = torch.randint(0, 40, (2, 16))
     main_hidden = m.hidden(idx).detach()
 
-    def head_forward(module, h_prev, next_idx, pos, cache=None, mask=None):
+    def head_forward(module, h_prev, next_idx, pos, cache=None, visible=None):
         d, n = module + 1, h_prev.size(1)
         return main_hidden[:, d:d + n]
 
@@ -105,7 +106,7 @@ def test_mtp_loss_targets_are_shifted_by_depth():
     m = tiny(heads=1)
     idx = torch.randint(0, 40, (1, 12))
 
-    def head_forward(module, h_prev, next_idx, pos, cache=None, mask=None):
+    def head_forward(module, h_prev, next_idx, pos, cache=None, visible=None):
         return next_idx   # carry the ids of token i+1 through as the "hidden state"
 
     m.head_forward = head_forward
@@ -125,9 +126,9 @@ def test_mtp_loss_targets_are_shifted_by_depth():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Paper A layout and mask
+# Paper A layout and visible
 
-def test_region_mask_matches_a_hand_written_case():
+def test_region_visible_matches_a_hand_written_case():
     tokens = torch.arange(100, 108)                              # 8 real tokens at positions 0..7
     r = distill.pack_regions(tokens, k=3, n_regions=1, mask_ids=[99], generator=torch.Generator().manual_seed(0))
     a = int(r.anchor[r.slots[0, 0]])                            # the region follows real token a
@@ -135,7 +136,7 @@ def test_region_mask_matches_a_hand_written_case():
     assert r.idx.tolist() == tokens[:a + 1].tolist() + [99, 99] + tokens[a + 1:].tolist()
     assert r.pos.tolist() == list(range(a + 1)) + [a + 1, a + 2] + list(range(a + 1, 8))
     assert r.targets.tolist() == [tokens[a + 1:a + 4].tolist()]
-    mask = distill.region_mask(r.span, r.pos, r.anchor)
+    visible = distill.region_visible(r.span, r.pos, r.anchor)
     L = len(r.idx)
     m1, m2 = a + 1, a + 2                                        # indices of the two masks
     expected = torch.zeros(L, L, dtype=torch.bool)
@@ -145,9 +146,9 @@ def test_region_mask_matches_a_hand_written_case():
                 expected[q, k] = q in (m1, m2) and k <= q
             else:                                                # a real key: seen if at or before the anchor
                 expected[q, k] = r.pos[k] <= r.anchor[q]
-    assert torch.equal(mask, expected)
-    assert not mask[a + 3:, m1:m2 + 1].any()                     # real tokens never see a mask
-    assert mask[m2, :a + 1].all() and not mask[m1, m2]
+    assert torch.equal(visible, expected)
+    assert not visible[a + 3:, m1:m2 + 1].any()                     # real tokens never see a mask
+    assert visible[m2, :a + 1].all() and not visible[m1, m2]
 
 
 def test_pack_regions_keeps_every_real_token_once_with_its_position():
@@ -165,15 +166,15 @@ def test_pack_regions_keeps_every_real_token_once_with_its_position():
             assert torch.equal(r.pos[slots[1:]], torch.arange(anchor + 1, anchor + k))
 
 
-def test_pack_batch_builds_each_rows_own_mask():
+def test_pack_batch_builds_each_rows_own_visibility():
     batch = torch.randint(0, 30, (3, 40))
-    idx, pos, mask, slots, targets = distill.pack_batch(batch, 4, 3, [30], torch.Generator().manual_seed(0))
+    idx, pos, visible, slots, targets = distill.pack_batch(batch, 4, 3, [30], torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(0)
     rows = [distill.pack_regions(row, 4, 3, [30], g) for row in batch]       # the same draws, row by row
     for b, r in enumerate(rows):
         assert torch.equal(idx[b], r.idx) and torch.equal(pos[b], r.pos) and torch.equal(slots[b], r.slots)
-        assert torch.equal(mask[b], distill.region_mask(r.span, r.pos, r.anchor))
-    assert not torch.equal(mask[0], mask[1])                     # the rows' layouts differ
+        assert torch.equal(visible[b], distill.region_visible(r.span, r.pos, r.anchor))
+    assert not torch.equal(visible[0], visible[1])                     # the rows' layouts differ
 
 
 def test_mask_loss_zero_when_student_equals_teacher_and_teacher_gets_no_gradient():
@@ -188,15 +189,15 @@ def test_mask_loss_zero_when_student_equals_teacher_and_teacher_gets_no_gradient
     # student and teacher that agree exactly: both predict from the position alone, so the student's predictions
     # on the masked text equal the teacher's on the student-forced text -> zero loss, hard and soft
     class ByPosition(torch.nn.Module):
-        def forward(self, idx, pos, mask=None):
+        def forward(self, idx, pos, visible=None):
             return torch.nn.functional.one_hot((pos * 7) % 30, 31).float() * 60
 
     agree = ByPosition()
     for target in ("hard", "soft"):
-        loss, metrics = distill.mask_loss(agree, agree, *packed, cfg=distill.MaskLossConfig(target), n_real_vocab=30)
+        loss, metrics = distill.student_forced_loss(agree, agree, *packed, cfg=distill.StudentForcedConfig(target), n_real_vocab=30)
         assert abs(loss.item()) < 1e-6, target
     assert metrics["agree1"] == metrics["agree4"] == 1.0
-    loss, metrics = distill.mask_loss(student, teacher.requires_grad_(False), *packed, n_real_vocab=30)
+    loss, metrics = distill.student_forced_loss(student, teacher.requires_grad_(False), *packed, n_real_vocab=30)
     loss.backward()
     assert loss.item() > 0 and all(p.grad is None for p in teacher.parameters())
     assert student.embed.weight.grad is not None
@@ -238,23 +239,6 @@ def test_mask_tokens_are_never_predicted():
 
 # ---------------------------------------------------------------------------------------------------------------
 # train.py: extension, resume, shipped files
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    from data.prepare import main as prepare
-    out = tmp_path_factory.mktemp("data") / "synth"
-    prepare(["synthmath", "--out", str(out), "--n_train", "400", "--n_val", "40", "--n_test", "10"])
-    return out
-
-
-SMALL = ["--n_layer", "2", "--n_embd", "32", "--n_head", "4", "--n_kv_head", "2", "--batch_size", "4",
-         "--seq_len", "48", "--eval_every", "1000", "--eval_batches", "1", "--device", "cpu"]
-
-
-def read_log(out):
-    """The step records of the training log beside checkpoint folder out."""
-    return [r for r in map(json.loads, open(f"{out}.log.jsonl")) if "loss" in r]
-
 
 def test_extension_copies_heads_and_freezes_the_rest(synth, tmp_path):
     base = tmp_path / "base"
@@ -304,7 +288,7 @@ def test_mask_mode_gated_lora_exports_and_reattaches(synth, tmp_path):
     train.main(["--mode", "scratch", "--data", str(synth), "--out", str(base), "--n_mtp_heads", "0",
                 "--max_steps", "1", *SMALL])
     export = tmp_path / "mask.safetensors"
-    train.main(["--mode", "mask", "--init_from", str(base), "--data", str(synth), "--out", str(tmp_path / "mask"),
+    train.main(["--mode", "mask_tokens", "--init_from", str(base), "--data", str(synth), "--out", str(tmp_path / "mask"),
                 "--lora_rank", "4", "--gated", "--k_max", "4", "--export", str(export), "--max_steps", "2", *SMALL])
     trained = load.load(tmp_path / "mask")[0]
     model, tok = load.load(base)
@@ -336,7 +320,7 @@ def test_mask_mode_resume_restores_the_loss_rng(synth, tmp_path):
     base = tmp_path / "base"
     train.main(["--mode", "scratch", "--data", str(synth), "--out", str(base), "--n_mtp_heads", "0",
                 "--max_steps", "1", *SMALL])
-    common = ["--mode", "mask", "--init_from", str(base), "--data", str(synth), "--lora_rank", "4", "--gated",
+    common = ["--mode", "mask_tokens", "--init_from", str(base), "--data", str(synth), "--lora_rank", "4", "--gated",
               "--k_max", "6", "--save_every", "3", *SMALL]
     train.main([*common, "--out", str(tmp_path / "straight"), "--max_steps", "6"])
     train.main([*common, "--out", str(tmp_path / "split"), "--max_steps", "3"])
@@ -349,12 +333,6 @@ def test_mask_mode_resume_restores_the_loss_rng(synth, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------
 # train.py: nothing lost, every bad input one line
-
-def run_cli(argv, capsys):
-    """train.py's command line in process: (exit status, stderr)."""
-    status = train.cli([str(a) for a in argv])
-    return status, capsys.readouterr().err
-
 
 def test_out_folder_of_user_files_is_kept(synth, tmp_path, capsys):
     out = tmp_path / "mine"
@@ -422,7 +400,7 @@ def test_finished_run_is_not_silently_replaced(synth, tmp_path, capsys):
     (["--mode", "heads", "--init_from", "x", "--head_taps", "2,1"], "--head_taps [2, 1]: expected increasing block"),
     (["--mode", "heads", "--init_from", "x", "--head_taps", "-1"], "--head_taps [-1]: expected increasing block"),
     (["--mode", "heads", "--init_from", "x", "--head_taps", "2;5"], "argument --head_taps: expected block indices"),
-    (["--mode", "mask", "--init_from", "x", "--k_max", "1"], "--k_max 1: must be at least 2"),
+    (["--mode", "mask_tokens", "--init_from", "x", "--k_max", "1"], "--k_max 1: must be at least 2"),
     (["--gated"], "--gated gates LoRA adapters"),
     (["--val_prompts", "data/chat_prompts_val.jsonl"], "--val_prompts scores MTP heads"),
     (["--device", "tpu"], "--device tpu: expected cpu, cuda or cuda:N"),
@@ -468,7 +446,7 @@ def test_val_prompts_agreement_is_measured_on_the_models_own_answers(synth, tmp_
             p = tokenizer.encode(row["prompt"])
             a = decode.generate(model, [p], train.VAL_ANSWER_TOKENS, stop_ids=tokenizer.stop_ids)[0]
             ids = torch.tensor([p + a])
-            main, h = model(ids, return_hidden=True)
+            main, h = model(ids, return_head_state=True)
             for i in range(len(p) - 2, len(ids[0]) - 2):         # the head at i sees token i+1, predicts token i+2
                 pos = torch.tensor([[i]])
                 draft = model.logits(model.head_forward(0, h[:, i:i + 1], ids[:, i + 1:i + 2], pos)).argmax(-1)

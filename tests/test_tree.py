@@ -1,5 +1,5 @@
 """
-Tree drafts (decode.TreeDrafts) on tiny random models, CPU: greedy output identical to `ar` over seeds, shapes, depths
+Tree drafts (draft_tree.TreeDrafts) on tiny random models, CPU: greedy output identical to `ar` over seeds, shapes, depths
 and both architectures; a tree of ones is exactly the chain; the drafted tree equals the heads' top candidates
 recomputed without caches (depths 1 and 2, where drafting is exact); after every step the main cache and hidden
 states hold the accepted path at slot = position; trees accept off-chain candidates and beat the chain in tokens per
@@ -11,9 +11,13 @@ import pytest
 import torch
 
 import bench
+import report
 import decode
-from decode import Stats, TreeDrafts, generate, make_strategy, parse_method
-from test_decode import MODELS, assert_exercised, case, prompt, tiny
+import draft_tree
+import engine
+from decode import Method, Stats, generate, make_strategy
+from draft_tree import TreeDrafts
+from helpers import MODELS, assert_exercised, case, prompt, strategy_steps, tiny, top
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models run on one thread
@@ -23,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models 
 # lossless: tree greedy == plain greedy
 
 @pytest.mark.parametrize("method, opts", [
-    ("tree@1x3", {}), ("tree@3x4", {}), ("tree@4,2,2,1", {}), ("tree@2,5", {}),
+    ("tree@1x3", {}), ("tree@3x4", {}), ("tree@4-2-2-1", {}), ("tree@2-5", {}),
     ("tree@3x3", {"schedule": [1, 0, 1]}),                    # heads in another order, one of them looped
     ("tree@2x4", {"draft_ids": torch.arange(40)}),            # candidates from a sub-vocabulary
     ("tree@auto4", {}), ("tree@auto16", {}), ("tree@auto52", {}),   # dynamic trees, up to every proposed node
@@ -65,7 +69,7 @@ def test_tree_full_context(arch):
     for seed, n in ((1, 1), (2, 9), (3, 17)):
         m = tiny(seed, arch=arch, heads=2, residual=0.01, max_seq_len=32)
         p = prompt(seed, n)
-        for method in ("tree@4,2,2,1", "tree@auto16"):
+        for method in ("tree@4-2-2-1", "tree@auto16"):
             assert generate(m, [p], 32 - n, method=method) == generate(m, [p], 32 - n), (seed, method)
 
 
@@ -82,27 +86,14 @@ def test_tree_stop_token():
 # ----------------------------------------------------------------------------------------------------------------
 # the mechanism: drafting, the cache after a step, off-chain acceptance
 
-def strategy_steps(m, method, p, steps):
-    """A tree strategy after prefill(p), and a generator yielding it before each of `steps` steps."""
-    s = make_strategy(m, method, len(p) + 4 * steps + 8)
-    s.prefill(p)
-    for _ in range(steps):
-        yield s
-        s.step()
-
-
-def top(m, h, k):
-    return m.logits(h[0, -1]).topk(k).indices.tolist()
-
-
 @torch.no_grad()
 def test_tree_drafts_equal_recompute():
     """The drafted tree holds the heads' top candidates computed from scratch (no caches) wherever drafting is exact:
     levels 1 and 2, and level 3 below the chain's level-1 node (whose window states read that node's token).
-    tree@2,3,2: node 0 the root, level 1 nodes 1-2, level 2 nodes 3-8 (3 per parent), level 3 nodes 9-20."""
+    tree@2-3-2: node 0 the root, level 1 nodes 1-2, level 2 nodes 3-8 (3 per parent), level 3 nodes 9-20."""
     m = tiny(2, heads=2)   # heads that read the previous depth's state (a bigram-like model's read only the token)
     checked = 0
-    for s in strategy_steps(m, "tree@2,3,2", prompt(2, 7), 12):
+    for s in strategy_steps(m, "tree@2-3-2", prompt(2, 7), 12):
         s.draft()
         L = int(s.newest)
         t, nodes = s.tokens[:, :L + 1], s.nodes.tolist()
@@ -126,8 +117,8 @@ def test_auto_tree_drafts_and_structure():
     from scratch; with a smaller N, the chosen nodes form a tree whose parents, levels, ancestors and per-level
     ancestors (`up`) agree with each other."""
     m = tiny(2, heads=2)
-    k, checked = decode.AUTO_TOPK, 0
-    for s in strategy_steps(m, f"tree@auto{decode.AUTO_PROPOSED}", prompt(2, 7), 6):
+    k, checked = draft_tree.AUTO_TOPK, 0
+    for s in strategy_steps(m, f"tree@auto{draft_tree.AUTO_PROPOSED}", prompt(2, 7), 6):
         s.draft()
         L = int(s.newest)
         t, nodes, parents, levels = (s.tokens[:, :L + 1], s.nodes.tolist(), s.parents.tolist(), s.levels.tolist())
@@ -162,7 +153,7 @@ def test_tree_cache_equals_recompute(arch):
         L = int(s.newest)
         caches, _ = m.make_caches(1, s.cache_len)
         h = m.hidden(s.tokens[:, :L], None, caches)
-        torch.testing.assert_close(s.hidden[:, :L], h, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(s.head_state[:, :L], h, atol=1e-5, rtol=1e-5)
         for ours, fresh in zip(s.caches, caches):
             torch.testing.assert_close(ours.k[:, :L], fresh.k[:, :L], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(ours.v[:, :L], fresh.v[:, :L], atol=1e-5, rtol=1e-5)
@@ -176,12 +167,12 @@ def test_tree_accepts_off_chain_and_beats_the_chain(monkeypatch):
     forward than the chain of the same depth."""
     off_chain, step = [0], TreeDrafts.step
 
-    def recording_step(self):
+    def recording_step(self, live):
         self.draft()                                   # idempotent: the step drafts the same tree again
         top1 = int(self.nodes[1])                      # the chain's depth-1 draft
-        new, accepted = step(self)
-        off_chain[0] += accepted[1] > 0 and new[0] != top1
-        return new, accepted
+        (row,) = step(self, live)
+        off_chain[0] += row.accepted > 0 and row.tokens[0] != top1
+        return [row]
     monkeypatch.setattr(TreeDrafts, "step", recording_step)
     chain, tree, auto = Stats(), Stats(), Stats()
     for seed, residual in MODELS[1:]:
@@ -196,11 +187,11 @@ def test_tree_accepts_off_chain_and_beats_the_chain(monkeypatch):
 
 
 def test_tree_step_is_idempotent(monkeypatch):
-    """A CUDA graph's capture runs the step function several times on the same state (decode.Graph): running it
+    """A CUDA graph's capture runs the step function several times on the same state (engine.Graph): running it
     three times per step must change nothing, prompts of one token (the window clamped at 0) included."""
     runs = {}
     for repeats in (1, 3):
-        monkeypatch.setattr(decode.Graph, "__call__", lambda self: [self.fn() for _ in range(repeats)][-1])
+        monkeypatch.setattr(engine.Graph, "__call__", lambda self: [self.fn() for _ in range(repeats)][-1])
         m = tiny(2, heads=2, residual=0.01)
         stats = Stats()
         runs[repeats] = [generate(m, [prompt(s, n)], 24, method=method, stats=stats)
@@ -214,21 +205,21 @@ def test_tree_step_is_idempotent(monkeypatch):
 # names, errors, stats, bench
 
 def test_tree_names():
-    assert parse_method("tree@3x4") == ("tree", (4, 2, 1))
-    assert parse_method("tree@4x4") == ("tree", (4, 2, 1, 1))
-    assert parse_method("tree@4,2,2,1") == ("tree", (4, 2, 2, 1))
-    assert parse_method("tree@1x63") == ("tree", (63,))
-    assert parse_method("tree")[0] == "tree"
-    assert parse_method("tree@auto16") == ("tree", 16)
-    for bad in ("tree@3x", "tree@x4", "tree@0x4", "tree@3x0", "tree@4,0", "tree@a", "tree@17x1", "tree@3x4x2"):
+    assert Method.parse("tree@3x4") == Method("tree", branches=(4, 2, 1))
+    assert Method.parse("tree@4x4") == Method("tree", branches=(4, 2, 1, 1))
+    assert Method.parse("tree@4-2-2-1") == Method("tree", branches=(4, 2, 2, 1))
+    assert Method.parse("tree@1x63") == Method("tree", branches=(63,))
+    assert Method.parse("tree").kind == "tree"
+    assert Method.parse("tree@auto16") == Method("tree", budget=16)
+    for bad in ("tree@3x", "tree@x4", "tree@0x4", "tree@3x0", "tree@4-0", "tree@a", "tree@17x1", "tree@3x4x2"):
         with pytest.raises(ValueError, match="expected tree@DxK"):
-            parse_method(bad)
-    for bad in ("tree@auto", "tree@auto3", f"tree@auto{decode.AUTO_PROPOSED + 1}", "tree@autox", "tree@auto-5"):
+            Method.parse(bad)
+    for bad in ("tree@auto", "tree@auto3", f"tree@auto{draft_tree.AUTO_PROPOSED + 1}", "tree@autox", "tree@auto-5"):
         with pytest.raises(ValueError, match="node budget"):
-            parse_method(bad)
-    for big in ("tree@3x8", "tree@1x64", "tree@8,8"):   # 104, 64 and 72 nodes: more than one forward holds
+            Method.parse(bad)
+    for big in ("tree@3x8", "tree@1x64", "tree@8-8"):   # 104, 64 and 72 nodes: more than one forward holds
         with pytest.raises(ValueError, match="MAX_QUERY"):
-            parse_method(big)
+            Method.parse(big)
     m = tiny(0, heads=2)
     assert make_strategy(m, "tree@3x4", 40).query_len == 1 + 4 + 8 + 8
     assert make_strategy(m, "tree@auto16", 40).query_len == 1 + 16
@@ -256,7 +247,7 @@ def test_accepted_lengths_histogram():
         hist = stats.accepted_lengths
         assert len(hist) == 4 and sum(hist) == stats.steps
         assert sum(n * c for n, c in enumerate(hist)) == sum(stats.accepted) == len(out) - 1 - stats.steps
-        assert stats.reached == [sum(hist[d + 1:]) for d in range(3)]
+        assert stats.accepted == [sum(hist[d + 1:]) for d in range(3)]
 
 
 def test_bench_reports_trees():
@@ -269,6 +260,6 @@ def test_bench_reports_trees():
         hist = methods[name]["accepted_lengths"]
         assert len(hist) == depth + 1 and sum(hist) > 0
     assert methods["ar"]["accepted_lengths"] == []
-    assert bench.method_list("ar,tree@4,2,2,1,mtp@3,tree@3x4") == ["ar", "tree@4,2,2,1", "mtp@3", "tree@3x4"]
-    footer = [line for line in bench.table(res).splitlines() if line.startswith("accepted drafts per step")]
+    assert bench.method_list("ar,tree@4-2-2-1,mtp@3,tree@3x4") == ["ar", "tree@4-2-2-1", "mtp@3", "tree@3x4"]
+    footer = [line for line in report.table(res).splitlines() if line.startswith("accepted drafts per step")]
     assert len(footer) == 1 and "tree@2x3" in footer[0] and "mtp@2" in footer[0] and " ar " not in footer[0]
