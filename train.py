@@ -55,7 +55,8 @@ import distill
 from data.dataset import TokenData, check_tokenizer
 from decode import generate
 from files import plural
-from load import load, recover_checkpoint, save_checkpoint, save_heads, save_mask_adapter
+from artefacts import recover_checkpoint, save_checkpoint, save_heads, save_mask_adapter
+from load import load
 from prompts import encode_prompt, read_prompts
 from tokenizer import load_tokenizer, mask_token_names
 from model import Config, Transformer

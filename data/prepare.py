@@ -34,7 +34,8 @@ from cli import Parser, fail  # noqa: E402
 from data.dataset import FORMAT, dtype_for, fingerprint  # noqa: E402
 from data.readers import read_jsonl, read_text  # noqa: E402
 from data.synthmath import make_splits  # noqa: E402
-from load import BUNDLED, bundled_gguf, load, recover_checkpoint  # noqa: E402
+from artefacts import recover_checkpoint  # noqa: E402
+from load import BUNDLED, bundled_gguf, load  # noqa: E402
 from files import plural  # noqa: E402
 from tokenizer import CHATML_END, load_tokenizer  # noqa: E402
 

@@ -5,6 +5,7 @@ The tiny random models every decoding test builds, defined once (CPU, float32, n
 - `prompt`, `case`, `MODELS`: prompts and (model, greedy reference) pairs, built once per key.
 - `reading`, `fused`, `head_start`: models whose heads read a fused head state (EAGLE-3 taps).
 - `assert_exercised`: drafts were both accepted and rejected.
+- `with_mask_oracle`: mask-token drafts that are right except where told, so verified@K accepts.
 - `strategy_steps`, `top`: a strategy stepped by hand; `SMALL`, `read_log`, `run_cli`: train.py runs.
 """
 
@@ -127,3 +128,25 @@ def run_cli(argv, capsys):
     """train.py's command line in process: (exit status, stderr)."""
     status = train.cli([str(a) for a in argv])
     return status, capsys.readouterr().err
+
+
+def with_mask_oracle(m, mask_ids, ref, wrong=lambda pos: pos % 3 == 0):
+    """Make the mask positions of m predict the reference text `ref` (prompt + greedy output) except where
+    wrong(pos): random models' mask drafts are almost never right, and the acceptance path needs testing too.
+    Only rows holding a mask token change, so the model's next-token predictions (the verifier) are untouched."""
+    plain = m.forward
+    masks = torch.tensor(mask_ids)
+
+    def forward(idx, pos=None, caches=None, visible=None, return_head_state=False):
+        out = plain(idx, pos, caches, visible, return_head_state)
+        logits = out[0] if return_head_state else out
+        pos = m.default_pos(idx) if pos is None else pos
+        for b, t in torch.isin(idx, masks).nonzero().tolist():
+            target = int(pos[b, t]) + 1        # a mask at position p stands for the token at p, predicts p + 1
+            if target < len(ref) and not wrong(target):
+                logits[b, t] = -10.0
+                logits[b, t, ref[target]] = 10.0
+        return out
+
+    m.forward = forward
+    return m

@@ -13,6 +13,7 @@ import bench
 import hf_compare
 import report
 import decode
+import artefacts
 import load
 import model as nano
 from tokenizer import CharTokenizer
@@ -128,7 +129,7 @@ def tiny_checkpoint(folder, mask_tokens=0, train_args=None):
     if mask_tokens:
         ids = m.add_mask_tokens(mask_tokens)
         assert [tokenizer.add_special("<mtp>")] == ids
-    load.save_checkpoint(folder, m, tokenizer, extra={"train_args": train_args} if train_args else None)
+    artefacts.save_checkpoint(folder, m, tokenizer, extra={"train_args": train_args} if train_args else None)
     return m
 
 
@@ -138,8 +139,8 @@ def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("setup")
     m = tiny_checkpoint(root / "model")
     m.add_heads(1, init="random")
-    load.save_heads(root / "heads.safetensors", m, draft_vocab=torch.arange(30).flip(0))
-    load.save_heads(root / "heads_plain.safetensors", m)
+    artefacts.save_heads(root / "heads.safetensors", m, draft_vocab=torch.arange(30).flip(0))
+    artefacts.save_heads(root / "heads_plain.safetensors", m)
     return root
 
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import artefacts
 import bench
 import cli
 import decode
-import load
 import model as nano
 from tokenizer import CharTokenizer
 
@@ -124,13 +124,13 @@ def checkpoint(tmp_path_factory):
     cfg = nano.Config(arch="llama", vocab_size=CharTokenizer().vocab_size, n_layer=1, n_head=2, n_kv_head=1,
                       n_embd=32, head_dim=16, intermediate_size=64, max_seq_len=128)
     m = nano.Transformer(cfg)
-    load.save_checkpoint(root / "model", m, CharTokenizer())
+    artefacts.save_checkpoint(root / "model", m, CharTokenizer())
     m.add_heads(2, init="random")
-    load.save_heads(root / "heads.safetensors", m)
+    artefacts.save_heads(root / "heads.safetensors", m)
     tokenizer, masked = CharTokenizer(), nano.Transformer(cfg)
     masked.add_mask_tokens(1)
     tokenizer.add_special("<mtp>")
-    load.save_checkpoint(root / "masked", masked, tokenizer, extra={"train_args": {"init_from": str(root / "model")}})
+    artefacts.save_checkpoint(root / "masked", masked, tokenizer, extra={"train_args": {"init_from": str(root / "model")}})
     return root
 
 

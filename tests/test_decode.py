@@ -20,7 +20,7 @@ import draft_mask
 import engine
 from decode import Method, Stats, generate
 from engine import Sampling
-from helpers import MODELS, V, assert_exercised, case, head_start, prompt, tiny
+from helpers import MODELS, V, assert_exercised, case, head_start, prompt, tiny, with_mask_oracle
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models run on one thread
 
@@ -50,28 +50,6 @@ def test_mtp_greedy_equals_ar_gpt2():
         for p, ref in cases:
             assert generate(m, [p], 24, method="mtp@3", stats=stats) == ref, seed
     assert_exercised(stats, depths=1)
-
-
-def with_mask_oracle(m, mask_ids, ref, wrong=lambda pos: pos % 3 == 0):
-    """Make the mask positions of m predict the reference text `ref` (prompt + greedy output) except where
-    wrong(pos): random models' mask drafts are almost never right, and the acceptance path needs testing too.
-    Only rows holding a mask token change, so the model's next-token predictions (the verifier) are untouched."""
-    plain = m.forward
-    masks = torch.tensor(mask_ids)
-
-    def forward(idx, pos=None, caches=None, visible=None, return_head_state=False):
-        out = plain(idx, pos, caches, visible, return_head_state)
-        logits = out[0] if return_head_state else out
-        pos = m.default_pos(idx) if pos is None else pos
-        for b, t in torch.isin(idx, masks).nonzero().tolist():
-            target = int(pos[b, t]) + 1        # a mask at position p stands for the token at p, predicts p + 1
-            if target < len(ref) and not wrong(target):
-                logits[b, t] = -10.0
-                logits[b, t, ref[target]] = 10.0
-        return out
-
-    m.forward = forward
-    return m
 
 
 @pytest.mark.parametrize("k, mask_ids", [(2, [V - 1]), (4, [V - 1]), (4, [V - 1, V - 2, V - 3])])

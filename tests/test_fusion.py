@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import distill
+import artefacts
 import load
 import train
 from decode import Stats, generate, make_strategy
@@ -159,15 +160,15 @@ def same_weights(a, b):
 def test_heads_file_round_trip(tmp_path):
     base, m = base_and_fused()
     path, ext = tmp_path / "heads.safetensors", tmp_path / "ext.safetensors"
-    load.save_heads(path, m, draft_vocab=torch.arange(10))
+    artefacts.save_heads(path, m, draft_vocab=torch.arange(10))
     m.add_heads(1, init="random")                    # an extension's file never carries the fusion
     m.heads[2].load_state_dict({k: v.bfloat16().float() for k, v in m.heads[2].state_dict().items()})
-    load.save_heads(ext, m, first=2)
+    artefacts.save_heads(ext, m, first=2)
     with safe_open(str(ext), "pt") as f:
         assert "fuse.weight" not in f.keys() and "head_taps" not in f.metadata()
     again = copy.deepcopy(base)
-    assert load.attach_heads(again, path).tolist() == list(range(10))
-    load.attach_heads(again, ext)
+    assert artefacts.attach_heads(again, path).tolist() == list(range(10))
+    artefacts.attach_heads(again, ext)
     assert again.cfg.head_taps == TAPS and len(again.heads) == 3
     assert same_weights(m, again)
     p = [prompt(3, 8)]
@@ -191,7 +192,7 @@ def rewrite_meta(path, **changes):
 def test_refused_fused_heads_file_changes_nothing(tmp_path, case, message):
     base, m = base_and_fused()
     path = tmp_path / "heads.safetensors"
-    load.save_heads(path, m)
+    artefacts.save_heads(path, m)
     if case == "tap too deep":
         rewrite_meta(path, head_taps=[0, 2])
     if case == "taps and weight disagree":
@@ -200,13 +201,13 @@ def test_refused_fused_heads_file_changes_nothing(tmp_path, case, message):
     if case == "model has heads":
         model.add_heads(1)
     with pytest.raises(ValueError, match=str(path) + ": .*" + message):
-        load.attach_heads(model, path)
+        artefacts.attach_heads(model, path)
     assert model.fuse is None and model.cfg.head_taps == [] and len(model.heads) == (case == "model has heads")
 
 
 def test_checkpoint_round_trip(tmp_path):
     _, m = base_and_fused()
-    load.save_checkpoint(tmp_path / "ckpt", m, CharTokenizer())
+    artefacts.save_checkpoint(tmp_path / "ckpt", m, CharTokenizer())
     again, _ = load.load(tmp_path / "ckpt")
     assert again.cfg.head_taps == TAPS and same_weights(m, again)
 
@@ -237,7 +238,7 @@ def test_train_heads_with_taps_resumes_and_exports(synth, tmp_path, capsys):
     C = trained.cfg.n_embd
     assert trained.cfg.head_taps == TAPS and not torch.equal(trained.fuse.weight[:, -C:], torch.eye(C))
     model = load.load(base)[0]
-    load.attach_heads(model, export)
+    artefacts.attach_heads(model, export)
     assert model.cfg.head_taps == TAPS and len(model.heads) == 1
     assert torch.equal(model.fuse.weight, trained.fuse.weight.bfloat16().float())
     capsys.readouterr()

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
+import artefacts
 import load
 from model import Config, Transformer, rope_inv_freq
 from tokenizer import CharTokenizer, NoTokenizer, Tokenizer
@@ -328,7 +329,7 @@ def test_folder_without_tokenizer_loads_and_fails_only_on_text(tmp_path, tiny_bp
 def test_checkpoint_round_trip(tmp_path, tiny_bpe, sample_texts):
     hf_llama(tmp_path / "hf", tiny_bpe, tie_word_embeddings=True)
     model, tokenizer = load.load(tmp_path / "hf")
-    load.save_checkpoint(tmp_path / "ckpt", model, tokenizer, extra={"step": 7})
+    artefacts.save_checkpoint(tmp_path / "ckpt", model, tokenizer, extra={"step": 7})
     again, tokenizer2 = load.load(tmp_path / "ckpt")
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["step"] == 7
     assert again.cfg == model.cfg and again.lm_head.weight is again.embed.weight
@@ -345,7 +346,7 @@ def test_checkpoint_with_heads_and_new_token(tmp_path, tiny_bpe):
     model.add_heads(2)
     randomize(model.heads, seed=1)
     mtp = tokenizer.add_special("<mtp>")
-    load.save_checkpoint(tmp_path / "ckpt", model, tokenizer)
+    artefacts.save_checkpoint(tmp_path / "ckpt", model, tokenizer)
     again, tokenizer2 = load.load(tmp_path / "ckpt")
     assert again.cfg.n_mtp_heads == 2 and tokenizer2.special["<mtp>"] == mtp == 700
     assert tokenizer2.encode("a<mtp>", specials=True) == tokenizer.encode("a<mtp>", specials=True)
@@ -363,7 +364,7 @@ def test_checkpoint_damaged(tmp_path, tiny_bpe):
     hf_llama(tmp_path / "hf", tiny_bpe)
     model, tokenizer = load.load(tmp_path / "hf")
     ckpt = tmp_path / "ckpt"
-    load.save_checkpoint(ckpt, model, tokenizer)
+    artefacts.save_checkpoint(ckpt, model, tokenizer)
     weights = ckpt / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(ValueError, match=r"ckpt/model\.safetensors: cannot read weights"):
@@ -371,7 +372,7 @@ def test_checkpoint_damaged(tmp_path, tiny_bpe):
     weights.unlink()
     with pytest.raises(FileNotFoundError, match=r"ckpt/model\.safetensors: missing"):
         load.load(ckpt)
-    load.save_checkpoint(ckpt, model, tokenizer)
+    artefacts.save_checkpoint(ckpt, model, tokenizer)
     (ckpt / Tokenizer.FILE).unlink()
     with pytest.raises(FileNotFoundError, match=r"ckpt: no tokenizer \(expected tokenizer_chars\.json, "
                                                 r"tokenizer\.nanomtp\.json or tokenizer\.json"):
@@ -382,7 +383,7 @@ def test_checkpoint_write_is_atomic(tmp_path, tiny_bpe, monkeypatch):
     hf_llama(tmp_path / "hf", tiny_bpe)
     model, tokenizer = load.load(tmp_path / "hf")
     ckpt = tmp_path / "ckpt"
-    load.save_checkpoint(ckpt, model, tokenizer, extra={"step": 1})
+    artefacts.save_checkpoint(ckpt, model, tokenizer, extra={"step": 1})
     idx = torch.randint(V, (1, T))
     with torch.no_grad():
         before = model(idx)
@@ -390,9 +391,9 @@ def test_checkpoint_write_is_atomic(tmp_path, tiny_bpe, monkeypatch):
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
-    monkeypatch.setattr(load, "save_file", crash)
+    monkeypatch.setattr(artefacts, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
-        load.save_checkpoint(ckpt, model, tokenizer, extra={"step": 2})
+        artefacts.save_checkpoint(ckpt, model, tokenizer, extra={"step": 2})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "hf"]     # no temporary folder left behind
     kept, _ = load.load(ckpt)
     with torch.no_grad():
@@ -400,7 +401,7 @@ def test_checkpoint_write_is_atomic(tmp_path, tiny_bpe, monkeypatch):
     assert json.loads((ckpt / "config.json").read_text())["step"] == 1
 
     monkeypatch.undo()
-    load.save_checkpoint(ckpt, model, tokenizer, extra={"step": 2})           # and a good save replaces it
+    artefacts.save_checkpoint(ckpt, model, tokenizer, extra={"step": 2})           # and a good save replaces it
     new, _ = load.load(ckpt)
     assert torch.equal(new.embed.weight, model.embed.weight)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "hf"]
@@ -410,7 +411,7 @@ def test_crash_between_the_swap_renames_loses_no_checkpoint(tmp_path, tiny_bpe, 
     hf_llama(tmp_path / "hf", tiny_bpe)
     model, tokenizer = load.load(tmp_path / "hf")
     ckpt = tmp_path / "ckpt"
-    load.save_checkpoint(ckpt, model, tokenizer, extra={"step": 1})
+    artefacts.save_checkpoint(ckpt, model, tokenizer, extra={"step": 1})
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         model.embed.weight.add_(1.0)
@@ -422,13 +423,13 @@ def test_crash_between_the_swap_renames_loses_no_checkpoint(tmp_path, tiny_bpe, 
         return rename(self, target)
     monkeypatch.setattr(Path, "rename", killed_before_second_rename)
     with pytest.raises(KeyboardInterrupt):
-        load.save_checkpoint(ckpt, model, tokenizer, extra={"step": 2})
+        artefacts.save_checkpoint(ckpt, model, tokenizer, extra={"step": 2})
     monkeypatch.undo()
     assert not ckpt.exists()                                          # the crash point itself
     again, _ = load.load(ckpt)                                        # recovered from .ckpt.old
     assert all(torch.equal(v, saved[k]) for k, v in again.state_dict().items())
     assert json.loads((ckpt / "config.json").read_text())["step"] == 1
-    load.save_checkpoint(ckpt, model, tokenizer, extra={"step": 2})   # and the next save goes through
+    artefacts.save_checkpoint(ckpt, model, tokenizer, extra={"step": 2})   # and the next save goes through
     assert json.loads((ckpt / "config.json").read_text())["step"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "hf"]
 
@@ -449,7 +450,7 @@ def write_mask_adapter(path, rank=4, n_masks=1):
     if rank:
         model.add_lora(rank, gated=True)
     randomize(model, seed=1)
-    load.save_mask_adapter(path, model, meta={"k_max": 4})
+    artefacts.save_mask_adapter(path, model, meta={"k_max": 4})
     return model
 
 
@@ -470,7 +471,7 @@ def assert_unchanged(model, tokenizer):
 def test_mask_adapter_attaches(tmp_path):
     trained = write_mask_adapter(tmp_path / "mask.safetensors")
     model, tokenizer = tiny_base()
-    meta = load.attach_mask_adapter(model, tokenizer, tmp_path / "mask.safetensors")
+    meta = artefacts.attach_mask_adapter(model, tokenizer, tmp_path / "mask.safetensors")
     assert meta["k_max"] == 4 and model.cfg.mask_token_ids == [97] == [tokenizer.special["<mtp>"]]
     want = {k: v.bfloat16().float() for k, v in trained.state_dict().items() if "lora_" in k}
     got = model.state_dict()
@@ -507,7 +508,7 @@ def test_refused_mask_adapter_changes_nothing(tmp_path, case, message):
     if case == "tokenizer taken":
         tokenizer.add_special("<other>")
     with pytest.raises(ValueError, match=re.escape(str(path)) + ": " + message):
-        load.attach_mask_adapter(model, tokenizer, path)
+        artefacts.attach_mask_adapter(model, tokenizer, path)
     if case == "tokenizer taken":
         assert tokenizer.vocab_size == 98 and model.cfg.vocab_size == 97
     else:
@@ -519,7 +520,7 @@ def test_refused_heads_file_changes_nothing(tmp_path, case):
     path = tmp_path / "heads.safetensors"
     source, _ = tiny_base()
     source.add_heads(2)
-    load.save_heads(path, source)
+    artefacts.save_heads(path, source)
     edit = {"NaN": lambda t: t["heads.1.proj.weight"].view(-1)[0:1].fill_(float("nan")),
             "unexpected tensor": lambda t: t.update({"heads.2.proj.weight": torch.zeros(32, 64)})}[case]
     rewrite(path, edit)
@@ -527,7 +528,7 @@ def test_refused_heads_file_changes_nothing(tmp_path, case):
     with pytest.raises(ValueError, match=re.escape(str(path)) + ": " + {
             "NaN": r"weights hold NaN or Inf \(heads\.1\.proj\.weight\): a damaged heads file",
             "unexpected tensor": r"heads do not fit the model \(unexpected: heads\.2\.proj\.weight"}[case]):
-        load.attach_heads(model, path)
+        artefacts.attach_heads(model, path)
     assert len(model.heads) == model.cfg.n_mtp_heads == 0
 
 

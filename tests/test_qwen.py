@@ -11,12 +11,13 @@ import torch
 import transformers
 from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+import artefacts
 import load
 import train
 from conftest import SAMPLE_TEXTS, SPECIALS, corpus, finish_gguf, gguf_with_tokenizer
 from data.prepare import main as prepare
 from decode import Stats, generate
-from test_decode import V as DECODE_V, assert_exercised, prompt, tiny, with_mask_oracle
+from helpers import V as DECODE_V, assert_exercised, prompt, tiny, with_mask_oracle
 from test_load import V, assert_same_logits, edit_config, randomize
 from test_tokenizer import NUMERALS
 from tokenizer import CharTokenizer, NoTokenizer, Tokenizer, load_tokenizer
@@ -120,7 +121,7 @@ def test_qwen_sharded_weights_only_and_checkpoint(tmp_path, qwen_bpe):
     assert_same_logits(hf, model, offset=10)
     qwen_bpe.save(str(tmp_path / "hf" / "tokenizer.json"))
     model, tokenizer = load.load(tmp_path / "hf")
-    load.save_checkpoint(tmp_path / "ckpt", model, tokenizer)
+    artefacts.save_checkpoint(tmp_path / "ckpt", model, tokenizer)
     again, tokenizer2 = load.load(tmp_path / "ckpt")   # the new Config fields and the NFC flag survive
     assert again.cfg == model.cfg and tokenizer2.nfc
     assert_same_logits(hf, again, offset=10)
@@ -320,7 +321,7 @@ def test_qwen_heads_training_step(qwen_run, tmp_path):
     moved = [not torch.equal(a, b) for a, b in zip(start.heads.parameters(), trained.heads.parameters())]
     assert any(moved) and all(torch.isfinite(p).all() for p in trained.heads.parameters())
     assert "q_norm.weight" in " ".join(n for n, _ in trained.heads.named_parameters())
-    load.attach_heads(base, export)
+    artefacts.attach_heads(base, export)
     p = load_tokenizer(qwen_run / "hf").encode("def f(x):\n    return x")
     ref = generate(base, [p], 16, method="ar")
     assert generate(base, [p], 16, method="mtp@2") == ref == generate(base, [p], 16, method="tree@2x2")
@@ -328,11 +329,11 @@ def test_qwen_heads_training_step(qwen_run, tmp_path):
 
 def test_qwen_mask_training_step(qwen_run, tmp_path):
     export = tmp_path / "mask.safetensors"
-    train.main(["--mode", "mask", "--init_from", str(qwen_run / "hf"), "--data", str(qwen_run / "data"),
+    train.main(["--mode", "mask_tokens", "--init_from", str(qwen_run / "hf"), "--data", str(qwen_run / "data"),
                 "--lora_rank", "4", "--gated", "--k_max", "3", "--out", str(tmp_path / "run"), "--export",
                 str(export), *RUN])
     model, tokenizer = load.load(qwen_run / "hf")
-    load.attach_mask_adapter(model, tokenizer, export)
+    artefacts.attach_mask_adapter(model, tokenizer, export)
     assert model.cfg.mask_token_ids == [V] and tokenizer.special["<mtp>"] == V
     p = tokenizer.encode("The number 12345 and")
     assert generate(model, [p], 16, method="verified@3", mask_ids=model.cfg.mask_token_ids) == \

@@ -22,6 +22,7 @@ import torch
 import bench
 import decode
 import distill
+import artefacts
 import load
 import train
 from model import Config, Transformer
@@ -133,7 +134,7 @@ def test_agreement_and_accuracy_are_nan_on_non_finite_logits():
     packed = distill.pack_batch(torch.randint(0, 40, (2, 33)), 3, 2, ids)
     with torch.no_grad():
         student.lm_head.weight.fill_(float("nan"))
-    _, metrics = distill.mask_loss(student, teacher, *packed, n_real_vocab=40)
+    _, metrics = distill.student_forced_loss(student, teacher, *packed, n_real_vocab=40)
     shown = {k: v for k, v in metrics.items() if k.startswith(("agree", "acc"))}
     assert shown and all(torch.tensor(v).isnan() for v in shown.values()), metrics
 
@@ -143,7 +144,7 @@ def test_model_weights_with_nan_or_inf_are_refused_naming_the_tensor(bad, tmp_pa
     m = tiny()
     with torch.no_grad():
         m.blocks[1].mlp.up_proj.weight[3, 5] = bad
-    load.save_checkpoint(tmp_path / "ckpt", m, CharTokenizer())
+    artefacts.save_checkpoint(tmp_path / "ckpt", m, CharTokenizer())
     named = r"model\.safetensors: tensor blocks\.1\.mlp\.up_proj\.weight holds NaN or Inf"
     with pytest.raises(ValueError, match=named):
         load.load(tmp_path / "ckpt")
@@ -260,7 +261,7 @@ def test_training_console_shows_tokens_per_second_and_mfu(synth, tmp_path, capsy
 def test_a_long_prefill_says_what_is_happening(tmp_path, capsys):
     tokenizer = CharTokenizer()
     model = tiny(vocab=tokenizer.vocab_size, max_seq_len=4096)
-    load.save_checkpoint(tmp_path / "ckpt", model, tokenizer)
+    artefacts.save_checkpoint(tmp_path / "ckpt", model, tokenizer)
     common = ["--init_from", str(tmp_path / "ckpt"), "--device", "cpu", "--raw",
               "--max_new_tokens", "1"]
     decode.main([*common, "--prompt", "a" * decode.LONG_PREFILL])
@@ -380,7 +381,7 @@ def test_parallel_average_is_over_the_ranks_that_report_each_key(monkeypatch):
 
 def save_tiny(folder, seed):
     m = tiny(vocab=CharTokenizer().vocab_size, seed=seed)
-    load.save_checkpoint(folder, m, CharTokenizer())
+    artefacts.save_checkpoint(folder, m, CharTokenizer())
     return m
 
 
@@ -399,7 +400,7 @@ def test_a_failed_save_after_a_crashed_swap_keeps_the_only_checkpoint(tmp_path):
         def save(self, where):
             raise OSError("disk full")
     with pytest.raises(OSError, match="disk full"):
-        load.save_checkpoint(folder, tiny(vocab=first.cfg.vocab_size, seed=2), Broken())
+        artefacts.save_checkpoint(folder, tiny(vocab=first.cfg.vocab_size, seed=2), Broken())
     assert same_weights(load.load(folder)[0], first)
 
 
@@ -426,7 +427,7 @@ def test_train_owns_exactly_the_files_a_checkpoint_holds(tokenizer, tmp_path, ti
         tiny_bpe.save(str(tmp_path / "hf" / "tokenizer.json"))
         (tmp_path / "hf" / "tokenizer_config.json").write_text('{"eos_token": "<|im_end|>"}')
         tok = Tokenizer.from_hf(tmp_path / "hf")
-    load.save_checkpoint(tmp_path / "ckpt", tiny(vocab=max(40, tok.vocab_size)), tok,
+    artefacts.save_checkpoint(tmp_path / "ckpt", tiny(vocab=max(40, tok.vocab_size)), tok,
                          train_state={"step": 0})
     written = os.listdir(tmp_path / "ckpt")
     assert "train_state.pt" in written, written

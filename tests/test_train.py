@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import artefacts  # noqa: E402
 import decode  # noqa: E402
 import distill  # noqa: E402
 import load  # noqa: E402
@@ -262,12 +263,12 @@ def test_extension_copies_heads_and_freezes_the_rest(synth, tmp_path):
     assert all(torch.equal(v, after.heads[0].state_dict()[k]) for k, v in frozen_before.items())
     # the exported file holds only the new heads and attaches after the one it extends
     fresh = load.load(base)[0]
-    load.attach_heads(fresh, export)
+    artefacts.attach_heads(fresh, export)
     assert len(fresh.heads) == 3
     headless = load.load(base)[0]
     headless.heads = torch.nn.ModuleList()
     with pytest.raises(ValueError, match="order"):                # head 0 must be there before heads 1, 2
-        load.attach_heads(headless, export)
+        artefacts.attach_heads(headless, export)
 
 
 def test_resume_continues_the_same_loss_curve(synth, tmp_path):
@@ -293,7 +294,7 @@ def test_mask_mode_gated_lora_exports_and_reattaches(synth, tmp_path):
     trained = load.load(tmp_path / "mask")[0]
     model, tok = load.load(base)
     plain = model(torch.tensor([[5, 6, 7]]))
-    load.attach_mask_adapter(model, tok, export)
+    artefacts.attach_mask_adapter(model, tok, export)
     assert model.cfg.mask_token_ids == trained.cfg.mask_token_ids and tok.special["<mtp>"] == model.cfg.vocab_size - 1
     idx = torch.tensor([[5, 6, 7] + [model.cfg.mask_token_ids[0]] * 3])
     assert torch.allclose(model(idx), trained(idx), atol=1e-2)   # bf16 file: close, not equal
@@ -303,16 +304,16 @@ def test_mask_mode_gated_lora_exports_and_reattaches(synth, tmp_path):
 def test_bad_heads_files_give_clear_errors(tmp_path):
     m = tiny(heads=1)
     path = tmp_path / "heads.safetensors"
-    load.save_heads(path, m)
+    artefacts.save_heads(path, m)
     other = tiny(vocab=41)
     with pytest.raises(ValueError, match=f"{path}.*another model"):
-        load.attach_heads(other, path)
+        artefacts.attach_heads(other, path)
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(ValueError, match=str(bad)):
-        load.attach_heads(tiny(), bad)
+        artefacts.attach_heads(tiny(), bad)
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
-        load.attach_heads(tiny(), tmp_path / "missing.safetensors")
+        artefacts.attach_heads(tiny(), tmp_path / "missing.safetensors")
 
 
 def test_mask_mode_resume_restores_the_loss_rng(synth, tmp_path):
