@@ -37,19 +37,26 @@ def topn_kl(student_logits, teacher_logits, top_n=None, direction="forward"):
 
 @dataclass
 class MTPLossConfig:
-    alpha: float = 1.0          # weight of each head's cross-entropy against the data
-    beta: float = 1.0           # weight of each head's KL to the main head (0 = plain MTP, no self-distillation)
+    alpha: float | list = 1.0   # weight of each head's CE against the data (a list: one per depth)
+    beta: float | list = 1.0    # weight of each head's KL to the main head (0: plain MTP)
     top_n: int | None = 10_000  # KL over the main head's top-N logits (Paper B: 10k of a 123k vocabulary)
     kl_direction: str = "forward"
     main_loss: bool = True      # include the main head's next-token loss (off when the backbone is frozen)
+    detach_main: bool = True    # Paper B's stop-gradient on the KL target (False: KL trains it too)
+
+
+def at_depth(weight, d):
+    """Depth d's (1-based) value of a weight: a list holds one per depth, a number serves all."""
+    return weight[d - 1] if isinstance(weight, list) else weight
 
 
 def mtp_loss(model, idx, loss_mask=None, cfg=MTPLossConfig()):
     """Loss of the main model and its MTP heads on token ids idx (B, T).
 
     The head at depth d (1-based) runs module d-1 on (depth d-1's hidden state at i, token i+d) and predicts token
-    i+d+1; the main head at position i+d predicts the same token, so its (detached) distribution there is the
-    distillation target. loss_mask (B, T) marks which tokens count as targets (e.g. answers only).
+    i+d+1; the main head at position i+d predicts the same token, so its distribution there is the
+    distillation target (detached, unless cfg.detach_main is False). loss_mask (B, T) marks which
+    tokens count as targets (e.g. answers only).
     Returns (loss, metrics dict)."""
     T = idx.size(1)
     loss_mask = torch.ones_like(idx, dtype=torch.float) if loss_mask is None else loss_mask.float()
@@ -64,7 +71,7 @@ def mtp_loss(model, idx, loss_mask=None, cfg=MTPLossConfig()):
         ce = F.cross_entropy(main_logits[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten(), reduction="none")
         loss = loss + _masked_mean(ce, loss_mask[:, 1:])
         metrics["main_loss"] = loss.item()
-    teacher = main_logits.detach()
+    teacher = main_logits.detach() if cfg.detach_main else main_logits
     pos = model.default_pos(idx)
     for d in range(1, len(model.heads) + 1):
         n = T - d - 1                                   # positions with a target inside the sequence
@@ -74,10 +81,11 @@ def mtp_loss(model, idx, loss_mask=None, cfg=MTPLossConfig()):
         logits = model.logits(h)                        # (B, n, V): predictions of tokens d+1 .. d+n
         target, m = idx[:, d + 1:d + 1 + n], loss_mask[:, d + 1:d + 1 + n]
         ce = _masked_mean(F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="none"), m)
-        head_loss = cfg.alpha * ce
-        if cfg.beta:
+        alpha, beta = at_depth(cfg.alpha, d), at_depth(cfg.beta, d)
+        head_loss = alpha * ce
+        if beta:
             kl = _masked_mean(topn_kl(logits, teacher[:, d:d + n], cfg.top_n, cfg.kl_direction).flatten(), m)
-            head_loss = head_loss + cfg.beta * kl
+            head_loss = head_loss + beta * kl
             metrics[f"kl{d}"] = kl.item()
         loss = loss + head_loss
         pred = logits.argmax(-1)
@@ -178,11 +186,14 @@ class MaskLossConfig:
     prefix_loss: float = 0.0       # weight of an extra next-token loss on the real (prefix) positions
 
 
-def mask_loss(student, teacher, idx, pos, attn_mask, slots, targets, cfg=MaskLossConfig(), n_real_vocab=None):
+def mask_loss(student, teacher, idx, pos, attn_mask, slots, targets, cfg=MaskLossConfig(),
+              n_real_vocab=None, loss_mask=None):
     """Student-forced distillation (Paper A). The student predicts k tokens per region; its argmax proposals
     replace the masks; the frozen teacher scores that text with the same layout, which gives, at every slot, the
     teacher's next token given the prefix and the student's own earlier proposals. The student is trained to match.
     teacher may be the student itself when its adapters are gated (a proposal is no mask: no adapter runs).
+    loss_mask (B, N), over the real tokens by position, marks the targets that count (e.g. answers
+    only): a slot counts if the token at its position + 1 does, a prefix-loss target if it does.
     Returns (loss, metrics)."""
     V = n_real_vocab or student.cfg.vocab_size
     logits = student(idx, pos, mask=attn_mask)[..., :V]                   # (B, L, V)
@@ -190,18 +201,24 @@ def mask_loss(student, teacher, idx, pos, attn_mask, slots, targets, cfg=MaskLos
     rows = torch.arange(B, device=idx.device)[:, None, None]
     s = logits[rows, slots]                                                # (B, R, k, V)
     proposals = s.argmax(-1)
+    if loss_mask is None:           # every position counts; the layout is longer than the sequence
+        loss_mask = torch.ones(B, idx.size(1), device=idx.device)
+    weight = loss_mask.float().gather(1, pos.gather(1, slots.flatten(1)) + 1)   # (B, R * k)
+    per_slot = lambda losses: _masked_mean(losses, weight)
     metrics = {}
     if cfg.target == "data":
-        loss = F.cross_entropy(s.flatten(0, 2).float(), targets.flatten())
+        ce = F.cross_entropy(s.flatten(0, 2).float(), targets.flatten(), reduction="none")
+        loss = per_slot(ce)
     else:
         forced = idx.clone()
         forced[rows, slots[..., 1:]] = proposals[..., :-1]                 # masks -> the student's own proposals
         with torch.no_grad():
             t = teacher(forced, pos, mask=attn_mask)[..., :V][rows, slots]  # (B, R, k, V)
         if cfg.target == "hard":
-            loss = F.cross_entropy(s.flatten(0, 2).float(), t.argmax(-1).flatten())
+            ce = F.cross_entropy(s.flatten(0, 2).float(), t.argmax(-1).flatten(), reduction="none")
+            loss = per_slot(ce)
         elif cfg.target == "soft":
-            loss = topn_kl(s, t).mean()
+            loss = per_slot(topn_kl(s, t))
         else:
             raise ValueError(f"unknown mask-loss target {cfg.target!r} (hard, soft or data)")
         agree = (proposals == t.argmax(-1)).float()
@@ -209,20 +226,22 @@ def mask_loss(student, teacher, idx, pos, attn_mask, slots, targets, cfg=MaskLos
         metrics.update({f"agree{j + 1}": finite * agree[..., j].mean().item() for j in range(k)})
     if cfg.prefix_loss:
         real = ~torch.isin(idx, torch.tensor(student.cfg.mask_token_ids, dtype=torch.long, device=idx.device))
-        metrics["prefix_loss"] = _prefix_loss(logits, idx, pos, real)
+        metrics["prefix_loss"] = _prefix_loss(logits, idx, pos, real, loss_mask.float())
         loss = loss + cfg.prefix_loss * metrics["prefix_loss"]
         metrics["prefix_loss"] = metrics["prefix_loss"].item()
     metrics["acc"] = _finite(s) * (proposals == targets).float().mean().item()
     return loss, metrics
 
 
-def _prefix_loss(logits, idx, pos, real):
-    """Next-token cross-entropy at real tokens whose successor (position + 1) is the next real token in the row."""
+def _prefix_loss(logits, idx, pos, real, loss_mask):
+    """Next-token cross-entropy at real tokens whose successor (position + 1) is the next real token
+    in the row, over the successors that loss_mask (B, N) counts."""
     B = idx.size(0)
-    losses = []
+    losses, weights = [], []
     for b in range(B):
         r = real[b].nonzero().squeeze(1)
         cur, nxt = r[:-1], r[1:]
         ok = pos[b, nxt] == pos[b, cur] + 1
         losses.append(F.cross_entropy(logits[b, cur[ok]].float(), idx[b, nxt[ok]], reduction="none"))
-    return torch.cat(losses).mean()
+        weights.append(loss_mask[b, pos[b, nxt[ok]]])
+    return _masked_mean(torch.cat(losses), torch.cat(weights))
