@@ -41,23 +41,28 @@ def topn_kl(student_logits, teacher_logits, top_n=None, direction="forward"):
 
 @dataclass
 class MTPLossConfig:
-    alpha: float = 1.0          # weight of each head's cross-entropy against the data
-    # weight of each head's KL to the main head (0 = plain MTP, no self-distillation)
-    beta: float = 1.0
+    alpha: float | list = 1.0   # weight of each head's CE against the data (a list: one per depth)
+    beta: float | list = 1.0    # weight of each head's KL to the main head (0: plain MTP)
     # KL over the main head's top-N logits (Paper B: 10k of a 123k vocabulary)
     top_n: int | None = 10_000
     kl_direction: str = "forward"
     # include the main head's next-token loss (off when the backbone is frozen)
     main_loss: bool = True
+    detach_main: bool = True    # Paper B's stop-gradient on the KL target (False: KL trains it too)
+
+
+def at_depth(weight, d):
+    """Depth d's (1-based) value of a weight: a list holds one per depth, a number serves all."""
+    return weight[d - 1] if isinstance(weight, list) else weight
 
 
 def mtp_loss(model, idx, loss_weight=None, cfg=MTPLossConfig()):
     """Loss of the main model and its MTP heads on token ids idx (B, T).
 
     The head at depth d (1-based) runs module d-1 on (depth d-1's hidden state at i, token i+d) and
-    predicts token i+d+1; the main head at position i+d predicts the same token, so its (detached)
-    distribution there is the distillation target. loss_weight (B, T) marks which tokens count as
-    targets (e.g. answers only). Returns (loss, metrics dict)."""
+    predicts token i+d+1; the main head at position i+d predicts the same token, so its distribution
+    there is the distillation target (detached, unless cfg.detach_main is False). loss_weight (B, T)
+    marks which tokens count as targets (e.g. answers only). Returns (loss, metrics dict)."""
     T = idx.size(1)
     if loss_weight is None:
         loss_weight = torch.ones_like(idx, dtype=torch.float)
@@ -75,7 +80,7 @@ def mtp_loss(model, idx, loss_weight=None, cfg=MTPLossConfig()):
                              reduction="none")
         loss = loss + _weighted_mean(ce, loss_weight[:, 1:])
         metrics["main_loss"] = loss.item()
-    teacher = main_logits.detach()
+    teacher = main_logits.detach() if cfg.detach_main else main_logits
     pos = model.default_pos(idx)
     for d in range(1, len(model.heads) + 1):
         # positions with a target inside the sequence
@@ -88,11 +93,12 @@ def mtp_loss(model, idx, loss_weight=None, cfg=MTPLossConfig()):
         target, m = idx[:, d + 1:d + 1 + n], loss_weight[:, d + 1:d + 1 + n]
         ce = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="none")
         ce = _weighted_mean(ce, m)
-        head_loss = cfg.alpha * ce
-        if cfg.beta:
+        alpha, beta = at_depth(cfg.alpha, d), at_depth(cfg.beta, d)
+        head_loss = alpha * ce
+        if beta:
             kl = topn_kl(logits, teacher[:, d:d + n], cfg.top_n, cfg.kl_direction)
             kl = _weighted_mean(kl.flatten(), m)
-            head_loss = head_loss + cfg.beta * kl
+            head_loss = head_loss + beta * kl
             metrics[f"kl{d}"] = kl.item()
         loss = loss + head_loss
         pred = logits.argmax(-1)
@@ -205,21 +211,28 @@ class StudentForcedConfig:
 
 
 def student_forced_loss(student, teacher, idx, pos, visible, slots, targets,
-                        cfg=StudentForcedConfig(), n_real_vocab=None):
+                        cfg=StudentForcedConfig(), n_real_vocab=None, loss_weight=None):
     """Student-forced distillation (Paper A). The student predicts k tokens per region; its argmax
     proposals replace the masks; the frozen teacher scores that text with the same layout, which
     gives, at every slot, the teacher's next token given the prefix and the student's own earlier
     proposals. The student is trained to match. teacher may be the student itself when its adapters
-    are gated (a proposal is no mask: no adapter runs). Returns (loss, metrics)."""
+    are gated (a proposal is no mask: no adapter runs). loss_weight (B, N), over the real tokens by
+    position, marks the targets that count (e.g. answers only): a slot counts if the token at its
+    position + 1 does, a prefix-loss target if it does. Returns (loss, metrics)."""
     V = n_real_vocab or student.cfg.vocab_size
     logits = student(idx, pos, visible=visible)[..., :V]                   # (B, L, V)
     B, R, k = slots.shape
     rows = torch.arange(B, device=idx.device)[:, None, None]
     s = logits[rows, slots]                                                # (B, R, k, V)
     proposals = s.argmax(-1)
+    if loss_weight is None:         # every position counts; the layout is longer than the sequence
+        loss_weight = torch.ones(B, idx.size(1), device=idx.device)
+    weight = loss_weight.float().gather(1, pos.gather(1, slots.flatten(1)) + 1)   # (B, R * k)
+    per_slot = lambda losses: _weighted_mean(losses, weight)
     metrics = {}
     if cfg.target == "data":
-        loss = F.cross_entropy(s.flatten(0, 2).float(), targets.flatten())
+        ce = F.cross_entropy(s.flatten(0, 2).float(), targets.flatten(), reduction="none")
+        loss = per_slot(ce)
     else:
         forced = idx.clone()
         # masks -> the student's own proposals
@@ -227,9 +240,10 @@ def student_forced_loss(student, teacher, idx, pos, visible, slots, targets,
         with torch.no_grad():
             t = teacher(forced, pos, visible=visible)[..., :V][rows, slots]  # (B, R, k, V)
         if cfg.target == "hard":
-            loss = F.cross_entropy(s.flatten(0, 2).float(), t.argmax(-1).flatten())
+            ce = F.cross_entropy(s.flatten(0, 2).float(), t.argmax(-1).flatten(), reduction="none")
+            loss = per_slot(ce)
         elif cfg.target == "soft":
-            loss = topn_kl(s, t).mean()
+            loss = per_slot(topn_kl(s, t))
         else:
             raise ValueError(f"unknown student-forced loss target {cfg.target!r} (hard, soft "
                              f"or data)")
@@ -239,22 +253,23 @@ def student_forced_loss(student, teacher, idx, pos, visible, slots, targets,
     if cfg.prefix_loss:
         mask_ids = torch.tensor(student.cfg.mask_token_ids, dtype=torch.long, device=idx.device)
         real = ~torch.isin(idx, mask_ids)
-        metrics["prefix_loss"] = _prefix_loss(logits, idx, pos, real)
+        metrics["prefix_loss"] = _prefix_loss(logits, idx, pos, real, loss_weight.float())
         loss = loss + cfg.prefix_loss * metrics["prefix_loss"]
         metrics["prefix_loss"] = metrics["prefix_loss"].item()
     metrics["acc"] = _finite(s) * (proposals == targets).float().mean().item()
     return loss, metrics
 
 
-def _prefix_loss(logits, idx, pos, real):
+def _prefix_loss(logits, idx, pos, real, loss_weight):
     """Next-token cross-entropy at real tokens whose successor (position + 1) is the next real token
-    in the row."""
+    in the row, over the successors that loss_weight (B, N) counts."""
     B = idx.size(0)
-    losses = []
+    losses, weights = [], []
     for b in range(B):
         r = real[b].nonzero().squeeze(1)
         cur, nxt = r[:-1], r[1:]
         ok = pos[b, nxt] == pos[b, cur] + 1
         losses.append(F.cross_entropy(logits[b, cur[ok]].float(), idx[b, nxt[ok]],
                                       reduction="none"))
-    return torch.cat(losses).mean()
+        weights.append(loss_weight[b, pos[b, nxt[ok]]])
+    return _weighted_mean(torch.cat(losses), torch.cat(weights))

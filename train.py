@@ -70,10 +70,10 @@ PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312}   # dense bf16, by a subst
 RUN_OPTIONS = ("mode", "init_from", "answers_only", "arch", "n_layer", "n_head", "n_kv_head", "n_embd", "n_mtp_heads",
                "head_init", "head_taps", "alpha", "beta", "top_n", "kl_direction", "k_max", "k_fixed", "target",
                "prefix_loss", "distinct_masks", "lora_rank", "gated", "batch_size", "seq_len", "lr", "warmup",
-               "schedule", "weight_decay", "grad_clip", "seed", "grad_accum")
+               "schedule", "weight_decay", "grad_clip", "seed", "grad_accum", "main_kl_grad")
 AT_LEAST_ONE = ("n_layer", "n_head", "n_kv_head", "n_embd", "batch_size", "grad_accum", "seq_len", "eval_every",
                 "eval_batches", "save_every")
-NOT_NEGATIVE = ("n_mtp_heads", "alpha", "beta", "top_n", "prefix_loss", "lora_rank", "max_steps", "warmup",
+NOT_NEGATIVE = ("n_mtp_heads", "top_n", "prefix_loss", "lora_rank", "max_steps", "warmup",
                 "weight_decay", "grad_clip")
 
 
@@ -117,10 +117,15 @@ def make_parser():
     h.add_argument("--head_taps", type=block_list, default=[],
                    help="--mode heads only: blocks (e.g. 2,15) whose outputs head 1 reads besides the last one's, "
                    "through a learned fusion trained with the heads (EAGLE-3); none: the last block's output alone")
-    h.add_argument("--alpha", type=float, default=1.0, help="weight of each head's cross-entropy")
-    h.add_argument("--beta", type=float, default=1.0, help="weight of each head's KL to the main head (0: plain MTP)")
+    h.add_argument("--alpha", type=depth_weights, default=1.0,
+                   help="weight of each head's cross-entropy; a comma list (1,0.5,0.5): per depth")
+    h.add_argument("--beta", type=depth_weights, default=1.0,
+                   help="weight of each head's KL to the main head (0: plain MTP; or per depth)")
     h.add_argument("--top_n", type=int, default=10000, help="KL over the main head's top-N logits (0: all)")
     h.add_argument("--kl_direction", default="forward", choices=["forward", "reverse"], help="forward: KL(main||head)")
+    h.add_argument("--main_kl_grad", action="store_true",
+                   help="--mode scratch only: the KL's gradient also reaches the main head "
+                   "(Paper B's ablation; by default its target is detached)")
     k = p.add_argument_group("mask tokens (Paper A)")
     k.add_argument("--k_max", type=int, default=16, help="largest k (tokens per forward) trained")
     k.add_argument("--k_fixed", action="store_true", help="always k_max instead of a random k in [2, k_max]")
@@ -164,6 +169,16 @@ def block_list(text):
         return [int(t) for t in text.split(",")] if text else []
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected block indices separated by commas, e.g. 2,15 (got {text!r})")
+
+
+def depth_weights(text):
+    """One weight for every depth ("0.5") or one per depth ("1,0.5,0.5"): a float or a list."""
+    try:
+        weights = [float(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or numbers separated by commas, "
+                                         f"e.g. 1,0.5 (got {text!r})")
+    return weights[0] if len(weights) == 1 else weights
 
 
 def get_args(argv=None):
@@ -241,6 +256,13 @@ def check_args(args):
     for key, value in vars(args).items():     # float() takes "inf" and "nan", JSON Infinity and NaN
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"--{key} {value}: must be a finite number")
+    for key in ("alpha", "beta"):     # a number, or one per depth (command line or config)
+        value = getattr(args, key)
+        weights = value if isinstance(value, list) else [value]
+        if not all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights):
+            raise ValueError(f"--{key} {value}: expected finite numbers")
+        if min(weights) < 0:
+            raise ValueError(f"--{key} {value}: must not be negative")
     for key in ("lr", "peak_tflops"):
         if getattr(args, key) is not None and not getattr(args, key) > 0:
             raise ValueError(f"--{key} {getattr(args, key)}: must be positive")
@@ -271,6 +293,9 @@ def check_args(args):
         raise ValueError(f"--device {args.device}: expected cpu, cuda or cuda:N")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device here (use --device cpu)")
+    if args.main_kl_grad and args.mode != "scratch":
+        raise ValueError(f"--main_kl_grad: only --mode scratch trains the main head; drop it for "
+                         f"--mode {args.mode}")
     if args.val_prompts and args.mode not in ("heads", "extend"):
         raise ValueError(f"--val_prompts scores MTP heads on a frozen model: --mode heads or extend, not {args.mode}")
     if args.val_prompts and not os.path.isfile(args.val_prompts):
@@ -439,15 +464,18 @@ class Objective(torch.nn.Module):
 def loss_fn(model, teacher, idx, loss_weight, args, generator, answers_only=False):
     """Loss and metrics of one batch of windows idx (B, T+1) with their loss mask (used with --answers_only, or
     when answers_only is set here)."""
+    loss_weight = loss_weight if args.answers_only or answers_only else None
     if args.mode != "mask_tokens":
         cfg = distill.MTPLossConfig(args.alpha, args.beta, args.top_n or None, args.kl_direction,
-                                    main_loss=args.mode == "scratch")
-        return distill.mtp_loss(model, idx, loss_weight if args.answers_only or answers_only else None, cfg)
+                                    main_loss=args.mode == "scratch",
+                                    detach_main=not args.main_kl_grad)
+        return distill.mtp_loss(model, idx, loss_weight, cfg)
     k = args.k_max if args.k_fixed else int(torch.randint(2, args.k_max + 1, (), generator=generator))
     packed = distill.pack_batch(idx, k, n_regions(args), model.cfg.mask_token_ids, generator)
     cfg = distill.StudentForcedConfig(args.target, args.prefix_loss)
     loss, metrics = distill.student_forced_loss(model, teacher or model, *packed, cfg=cfg,
-                                      n_real_vocab=model.cfg.mask_token_ids[0])
+                                                n_real_vocab=model.cfg.mask_token_ids[0],
+                                                loss_weight=loss_weight)
     metrics["k"] = k
     return loss, metrics
 
@@ -755,6 +783,12 @@ def train(args, par):
         state = None
     set_trainable(model, args)
     check_tokenizer(data.meta, tokenizer, args.data)
+    for key in ("alpha", "beta"):     # extend's depth count is known only now: the heads it adds to
+        weights = getattr(args, key)
+        if isinstance(weights, list) and len(weights) != len(model.heads):
+            shown = ",".join(f"{w:g}" for w in weights)
+            raise ValueError(f"--{key} {shown}: {len(weights)} weights for "
+                             f"{plural(len(model.heads), 'MTP head')}: one per depth, or one")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     fused = "" if model.fuse is None else f" (head 1 reads blocks {model.cfg.head_taps} and the last, fused)"
     log(f"mode {args.mode}: {count(model.num_params())} parameters, {count(trainable)} trained, "

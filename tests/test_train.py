@@ -66,6 +66,77 @@ def test_mtp_loss_kl_sends_no_gradient_into_main_head():
     assert any(not torch.equal(a, b) for a, b in zip(heads_ce, heads_kl))   # but the heads feel it
 
 
+def main_head_grad(m, idx, argv):
+    """The gradient reaching the main head's logits from train.loss_fn's loss under the options
+    argv, and its metrics: the first call of the shared output head gives the main head's logits."""
+    args = train.make_parser().parse_args(["--top_n", "0", *argv])
+    output_head, seen = m.logits, {}
+
+    def recording_logits(*a, **kw):
+        logits = output_head(*a, **kw)
+        if "main" not in seen:
+            logits.retain_grad()
+            seen["main"] = logits
+        return logits
+
+    m.zero_grad()
+    m.logits = recording_logits
+    loss, metrics = train.loss_fn(m, None, idx, None, args, None)
+    loss.backward()
+    m.logits = output_head
+    return seen["main"].grad.clone(), metrics
+
+
+def test_main_kl_grad_sends_the_kl_gradient_into_the_main_head():
+    """--main_kl_grad (Paper B's ablation) leaves the KL target attached: adding the KL term then
+    changes the gradient at the main head's logits, which the default (detached) never does."""
+    m = tiny(heads=2)
+    idx = torch.randint(0, 40, (2, 24))
+    ce_only, _ = main_head_grad(m, idx, ["--beta", "0"])
+    detached, metrics = main_head_grad(m, idx, ["--beta", "1"])
+    attached, _ = main_head_grad(m, idx, ["--beta", "1", "--main_kl_grad"])
+    assert metrics["kl1"] > 0 and metrics["kl2"] > 0
+    assert torch.equal(ce_only, detached)
+    assert not torch.allclose(ce_only, attached, atol=1e-7)
+
+
+def test_mtp_loss_weights_each_depth_by_its_own_alpha_and_beta():
+    """Per-depth lists: the loss is the main loss plus alpha_d * CE_d + beta_d * KL_d at each depth
+    d (an index off by one, or one weight for every depth, gives another sum)."""
+    m = tiny(heads=3)
+    idx = torch.randint(0, 40, (2, 24))
+    alpha, beta = [0.5, 0.0, 2.0], [0.0, 1.0, 3.0]
+    loss, metrics = distill.mtp_loss(m, idx, cfg=distill.MTPLossConfig(alpha, beta, top_n=None))
+    expected = metrics["main_loss"] + sum(a * metrics[f"ce{d}"] + b * metrics.get(f"kl{d}", 0.0)
+                                          for d, a, b in zip((1, 2, 3), alpha, beta))
+    assert "kl1" not in metrics and metrics["kl3"] > 0
+    assert abs(loss.item() - expected) < 1e-5
+
+
+def test_a_zero_weight_at_a_depth_sends_no_gradient_from_its_loss():
+    """Gradients are linear in the per-depth weights, G(w) = G_main + sum_d w_d G_d: with depth 2's
+    weights zero, G(1,0,1) + G(0,1,0) = G(1,1,1) + G(0,0,0), so nothing of G_2 is left in G(1,0,1)
+    (heads 1 and 2 still learn from depth 3 through their outputs). At the last depth nothing is
+    downstream: its head gets no gradient at all."""
+    m = tiny(heads=3)
+    idx = torch.randint(0, 40, (2, 24))
+
+    def grads(alpha, beta):
+        m.zero_grad()
+        distill.mtp_loss(m, idx, cfg=distill.MTPLossConfig(alpha, beta, top_n=None))[0].backward()
+        return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in m.parameters()]
+
+    without = grads([1.0, 0.0, 1.0], [1.0, 0.0, 1.0])
+    depth2 = grads([0.0, 1.0, 0.0], [0.0, 1.0, 0.0])
+    full, main = grads(1.0, 1.0), grads(0.0, 0.0)
+    assert any(not torch.allclose(a, b) for a, b in zip(depth2, main))
+    assert all(torch.allclose(a + b, c + d, atol=1e-6)
+               for a, b, c, d in zip(without, depth2, full, main))
+    grads([1.0, 1.0, 0.0], [1.0, 1.0, 0.0])
+    assert all(p.grad is None or not p.grad.any() for p in m.heads[2].parameters())
+    assert all(p.grad is not None and p.grad.any() for p in m.heads[1].parameters() if p.dim() > 1)
+
+
 def test_topn_kl_is_zero_for_equal_distributions_and_positive_otherwise():
     a = torch.randn(5, 30)
     assert distill.topn_kl(a, a, top_n=10).abs().max() < 1e-6
@@ -202,6 +273,52 @@ def test_mask_loss_zero_when_student_equals_teacher_and_teacher_gets_no_gradient
     loss.backward()
     assert loss.item() > 0 and all(p.grad is None for p in teacher.parameters())
     assert student.embed.weight.grad is not None
+
+
+def test_student_forced_loss_counts_only_the_slots_whose_targets_the_loss_weight_marks():
+    """Tokens equal to their positions make every target name its position: the loss must be the
+    mean over the slots whose target position the loss weight marks (not the slot's own), plus the
+    prefix loss over the marked successors."""
+    student = tiny(vocab=60)
+    ids = student.add_mask_tokens(1)
+    batch = torch.arange(40).repeat(2, 1)
+    loss_weight = (torch.rand(2, 40, generator=torch.Generator().manual_seed(1)) < 0.5).float()
+    packed = distill.pack_batch(batch, 4, 5, ids, torch.Generator().manual_seed(0))
+    idx, pos, visible, slots, targets = packed
+    cfg = distill.StudentForcedConfig("data", prefix_loss=0.5)
+    loss, _ = distill.student_forced_loss(student, student, *packed, cfg, 60, loss_weight)
+    logits = student(idx, pos, visible=visible)[..., :60]
+    s = logits[torch.arange(2)[:, None, None], slots]
+    ce = torch.nn.functional.cross_entropy(s.flatten(0, 2), targets.flatten(), reduction="none")
+    w = loss_weight.gather(1, targets.flatten(1)).flatten()
+    real = [(idx[b] < 60).nonzero()[:, 0] for b in range(2)]  # next-token loss: real -> next real
+    nxt = [(b, i, j) for b in range(2) for i, j in zip(real[b][:-1], real[b][1:])
+           if pos[b, j] == pos[b, i] + 1]
+    prefix = torch.stack([torch.nn.functional.cross_entropy(logits[b, i], idx[b, j])
+                          for b, i, j in nxt])
+    prefix_w = torch.stack([loss_weight[b, pos[b, j]] for b, i, j in nxt])
+    expected = (ce * w).sum() / w.sum() + 0.5 * (prefix * prefix_w).sum() / prefix_w.sum()
+    assert 0 < w.sum() < w.numel() and torch.allclose(loss, expected, atol=1e-5)
+
+
+def test_answers_only_restricts_the_mask_tokens_loss_to_answers():
+    """--answers_only in --mode mask_tokens: a batch without answer tokens trains nothing (it used to be
+    ignored, the loss the same with the loss weights all ones or all zeros)."""
+    student = tiny(vocab=30)
+    student.add_mask_tokens(1)
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    idx = torch.randint(0, 30, (2, 40))
+    base = ["--mode", "mask_tokens", "--k_max", "4", "--k_fixed", "--seq_len", "39", "--target", "hard"]
+
+    def loss(argv, loss_weight):
+        args = train.make_parser().parse_args([*base, *argv])
+        g = torch.Generator().manual_seed(0)
+        return train.loss_fn(student, teacher, idx, loss_weight, args, g)[0]
+
+    ones, zeros = torch.ones(2, 40), torch.zeros(2, 40)
+    assert loss(["--answers_only"], zeros).item() == 0
+    assert torch.equal(loss(["--answers_only"], ones), loss([], zeros))
+    assert loss([], zeros).item() > 0
 
 
 def test_gated_lora_leaves_next_token_logits_unchanged():
@@ -407,6 +524,9 @@ def test_finished_run_is_not_silently_replaced(synth, tmp_path, capsys):
     (["--device", "tpu"], "--device tpu: expected cpu, cuda or cuda:N"),
     (["--dtype", "int8"], "argument --dtype: invalid choice"),
     (["--lr", "fast"], "argument --lr: invalid float value"),
+    (["--alpha", "1,x"], "argument --alpha: expected a number or numbers separated by commas"),
+    (["--beta", "1,-1"], "--beta [1.0, -1.0]: must not be negative"),
+    (["--mode", "heads", "--init_from", "x", "--main_kl_grad"], "--main_kl_grad: only --mode"),
     (["--resume"], "holds no train.py checkpoint"),
     (["--config", "missing.json"], "missing.json"),
 ])
@@ -415,6 +535,22 @@ def test_bad_options_are_one_line_errors(argv, message, synth, tmp_path, capsys,
     status, err = run_cli(["--data", synth, "--out", tmp_path / "run", *SMALL, *argv], capsys)
     assert status == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_per_depth_weights_are_checked_saved_and_resumed(synth, tmp_path, capsys):
+    out = tmp_path / "run"
+    run = ["--data", synth, "--out", out, "--n_mtp_heads", "2", *SMALL]
+    status, err = run_cli([*run, "--alpha", "1,0.5,0.5", "--max_steps", "1"], capsys)
+    assert status == 2 and "--alpha 1,0.5,0.5: 3 weights for 2 MTP heads" in err
+    assert err.count("\n") == 1
+    assert run_cli([*run, "--alpha", "1,0.5", "--beta", "0,1", "--max_steps", "1"], capsys)[0] == 0
+    saved = json.load(open(out / "config.json"))["train_args"]
+    assert saved["alpha"] == [1.0, 0.5] and saved["beta"] == [0.0, 1.0]
+    resume = ["--out", out, "--resume", "--max_steps", "2"]
+    status, err = run_cli([*resume, "--alpha", "1,0.25"], capsys)
+    assert status == 2 and "has --alpha [1.0, 0.5], not [1.0, 0.25]" in err
+    assert run_cli(resume, capsys)[0] == 0
+    assert [r["step"] for r in read_log(out)] == [1, 2]
 
 
 def test_bad_config_files_and_max_steps_zero(synth, tmp_path, capsys):
