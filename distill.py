@@ -189,6 +189,11 @@ def region_visible(span, pos, anchor):
     return sees_real | same_span
 
 
+def regions_per_sequence(seq_len, k_max):
+    """Paper A's layout: N / (2 k_max) MTP regions in a sequence of N tokens, at least one."""
+    return max(1, (seq_len + 1) // (2 * k_max))
+
+
 def pack_batch(batch, k, n_regions, mask_ids, generator=None, device=None):
     """pack_regions for every row of batch (B, N) with the same k and region count: returns idx,
     pos, visible (B, L, L), slots (B, R, k), targets (B, R, k), on `device` (default: the batch's).

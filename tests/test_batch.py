@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import bench
-import report
 import decode
 import draft_heads
 import engine
+import report
 from decode import Method, Stats, generate
 from helpers import assert_exercised, prompt, tiny
 

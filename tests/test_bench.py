@@ -9,13 +9,13 @@ import json
 import pytest
 import torch
 
-import bench
-import hf_compare
-import report
-import decode
 import artefacts
+import bench
+import decode
+import hf_compare
 import load
 import model as nano
+import report
 from tokenizer import CharTokenizer
 from data.dataset import FORMAT, fingerprint
 

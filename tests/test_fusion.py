@@ -14,9 +14,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import distill
 import artefacts
+import distill
 import load
+import parallel
 import train
 from decode import Stats, generate, make_strategy
 from engine import Sampling
@@ -129,9 +130,9 @@ def test_flops_count_the_fusion():
     for model in (m, plain):
         train.set_trainable(model, args)
     fuse = 2 * m.fuse.weight.numel()                # forward FLOPs per token
-    assert train.flops_per_token(m, args) - train.flops_per_token(plain, args) == 2 * fuse   # + weight gradients
+    assert parallel.flops_per_token(m, args) - parallel.flops_per_token(plain, args) == 2 * fuse   # + weight gradients
     m.fuse.requires_grad_(False)
-    assert train.flops_per_token(m, args) - train.flops_per_token(plain, args) == fuse
+    assert parallel.flops_per_token(m, args) - parallel.flops_per_token(plain, args) == fuse
 
 
 # ----------------------------------------------------------------------------------------------------------------

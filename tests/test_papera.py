@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import bench
-import report
 import decode
+import report
 
 ROOT = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("papera_table", ROOT / "config" / "papera_table.py")

@@ -19,12 +19,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import artefacts
 import bench
 import decode
 import distill
-import artefacts
 import load
+import parallel
 import train
+import train_options
 from model import Config, Transformer
 from tokenizer import CharTokenizer, Tokenizer
 
@@ -111,7 +113,7 @@ def test_a_run_whose_loss_turns_non_finite_stops_keeping_the_last_good_checkpoin
     last = err.splitlines()[-1]                   # after the progress bar
     assert status == 2 and err.count("error: ") == 1, err
     assert last.startswith("error: step 3: the loss is nan") and f"{out} keeps step 2" in last
-    assert train.checkpoint_args(out)["step"] == 2
+    assert train_options.checkpoint_args(out)["step"] == 2
     model, _ = load.load(out)                     # finite weights: they load
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert max(steps_of(out)) == 2                # the non-finite step is not logged as a result
@@ -163,7 +165,7 @@ def test_resume_finishes_an_interrupted_checkpoint_swap(synth, tmp_path, capsys)
     assert run_cli(["--data", synth, "--out", out, *SMALL, "--max_steps", "2"], capsys)[0] == 0
     out.rename(tmp_path / ".run.old")             # a crash between the swap's two renames
     assert run_cli(["--out", out, "--resume", "--max_steps", "3"], capsys)[0] == 0
-    assert steps_of(out) == [1, 2, 3] and train.checkpoint_args(out)["step"] == 3
+    assert steps_of(out) == [1, 2, 3] and train_options.checkpoint_args(out)["step"] == 3
 
 
 def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(
@@ -181,7 +183,7 @@ def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(
     assert status == 0 and second == [2], err
     assert err.count("error: ") == 1, err
     assert f"in use by another train.py run (pid {os.getpid()}" in err, err
-    assert steps_of(out) == [1, 2] and train.checkpoint_args(out)["step"] == 2
+    assert steps_of(out) == [1, 2] and train_options.checkpoint_args(out)["step"] == 2
     monkeypatch.setattr(train, "save", real)
     lock = tmp_path / "run.lock"
     assert not lock.exists()                      # released and removed at the end
@@ -193,7 +195,7 @@ def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(
         held.flush()
         status, err = run_cli(["--out", out, "--resume", "--max_steps", "4"], capsys)
     assert status == 2 and "(pid 12345" in err and err.count("\n") == 1, err
-    assert train.checkpoint_args(out)["step"] == 3
+    assert train_options.checkpoint_args(out)["step"] == 3
 
 
 def test_resume_below_the_checkpoint_step_says_so(synth, tmp_path, capsys, monkeypatch):
@@ -208,7 +210,7 @@ def test_resume_below_the_checkpoint_step_says_so(synth, tmp_path, capsys, monke
     monkeypatch.setattr(train, "loss_fn", killed)
     run_cli(["--data", synth, "--out", out, *SMALL, "--max_steps", "100", "--save_every", "2"],
             capsys)
-    assert train.checkpoint_args(out)["step"] == 2
+    assert train_options.checkpoint_args(out)["step"] == 2
     status, err = run_cli(["--out", out, "--resume", "--max_steps", "1"], capsys)
     assert status == 2 and "--max_steps 1: below step 2 of the checkpoint" in err, err
     assert "finished" not in err
@@ -369,13 +371,13 @@ def test_tokens_per_forward_counts_no_prefill_token_beyond_the_output(method, k,
 def test_parallel_average_is_over_the_ranks_that_report_each_key(monkeypatch):
     """Item 3: mask mode's agree{j} exist only on ranks whose k reached j: their mean is over
     those ranks."""
-    par = train.Parallel.__new__(train.Parallel)
+    par = parallel.Parallel.__new__(parallel.Parallel)
     par.world_size = 3
     reports = [{"loss": 1.0, "agree3": 0.5}, {"loss": 2.0}, {"loss": 6.0, "agree3": 0.25}]
 
     def all_gather_object(every, _):
         every[:] = reports
-    monkeypatch.setattr(train.dist, "all_gather_object", all_gather_object)
+    monkeypatch.setattr(parallel.dist, "all_gather_object", all_gather_object)
     assert par.average(reports[0]) == {"loss": 3.0, "agree3": 0.375}
 
 
@@ -431,10 +433,10 @@ def test_train_owns_exactly_the_files_a_checkpoint_holds(tokenizer, tmp_path, ti
                          train_state={"step": 0})
     written = os.listdir(tmp_path / "ckpt")
     assert "train_state.pt" in written, written
-    assert all(train.written_by_checkpoint(n) for n in written), written
+    assert all(train_options.written_by_checkpoint(n) for n in written), written
     users = ["tokens.txt", "tok.json", "token_ids.npy", "notes.txt", "model.pt", "config.yaml",
              "train_state.pt.bak", "model.safetensors.old"]
-    assert not [n for n in users if train.written_by_checkpoint(n)]
+    assert not [n for n in users if train_options.written_by_checkpoint(n)]
 
 
 def test_mask_regions_never_overlap_in_what_they_predict():

@@ -16,6 +16,7 @@ import decode  # noqa: E402
 import distill  # noqa: E402
 import load  # noqa: E402
 import train  # noqa: E402
+import train_options  # noqa: E402
 from helpers import SMALL, read_log, run_cli  # noqa: E402
 from model import Config, LoRALinear, Transformer  # noqa: E402
 
@@ -69,7 +70,7 @@ def test_mtp_loss_kl_sends_no_gradient_into_main_head():
 def main_head_grad(m, idx, argv):
     """The gradient reaching the main head's logits from train.loss_fn's loss under the options
     argv, and its metrics: the first call of the shared output head gives the main head's logits."""
-    args = train.make_parser().parse_args(["--top_n", "0", *argv])
+    args = train_options.make_parser().parse_args(["--top_n", "0", *argv])
     output_head, seen = m.logits, {}
 
     def recording_logits(*a, **kw):
@@ -311,7 +312,7 @@ def test_answers_only_restricts_the_mask_tokens_loss_to_answers():
     base = ["--mode", "mask_tokens", "--k_max", "4", "--k_fixed", "--seq_len", "39", "--target", "hard"]
 
     def loss(argv, loss_weight):
-        args = train.make_parser().parse_args([*base, *argv])
+        args = train_options.make_parser().parse_args([*base, *argv])
         g = torch.Generator().manual_seed(0)
         return train.loss_fn(student, teacher, idx, loss_weight, args, g)[0]
 
@@ -362,7 +363,7 @@ def test_extension_copies_heads_and_freezes_the_rest(synth, tmp_path):
     base = tmp_path / "base"
     train.main(["--mode", "scratch", "--data", str(synth), "--out", str(base), "--n_mtp_heads", "1",
                 "--max_steps", "2", *SMALL])
-    args = train.get_args(["--mode", "extend", "--init_from", str(base), "--data", str(synth), "--n_mtp_heads", "2",
+    args = train_options.get_args(["--mode", "extend", "--init_from", str(base), "--data", str(synth), "--n_mtp_heads", "2",
                            *SMALL])
     model, _, _ = train.build(args, None)
     train.set_trainable(model, args)

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import bench
-import report
 import decode
 import draft_tree
 import engine
+import report
 from decode import Method, Stats, generate, make_strategy
 from draft_tree import TreeDrafts
 from helpers import MODELS, assert_exercised, case, prompt, strategy_steps, tiny, top
