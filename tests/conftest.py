@@ -91,6 +91,18 @@ def gguf_with_tokenizer(path, hf_tok, pre="gpt-2", arch="llama", chat_template=N
     return w
 
 
+def add_llama_keys(w, c):
+    """The hyperparameters every llama-like GGUF carries, from a transformers config c."""
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+
+
 def finish_gguf(w):
     w.write_header_to_file()
     w.write_kv_data_to_file()

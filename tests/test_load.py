@@ -17,7 +17,7 @@ import artefacts
 import load
 from model import Config, Transformer, rope_inv_freq
 from tokenizer import CharTokenizer, NoTokenizer, Tokenizer
-from conftest import SAMPLE_TEXTS, finish_gguf, gguf_with_tokenizer
+from conftest import SAMPLE_TEXTS, add_llama_keys, finish_gguf, gguf_with_tokenizer
 from test_tokenizer import NUMERALS
 
 V = 704          # the tiny tokenizer has 700 tokens: the models are padded a little, as real ones often are
@@ -169,15 +169,8 @@ def write_gguf(path, hf, tiny_bpe, rope_scaling_factor=None):
     c = hf.config
     sd = {k: v.numpy() for k, v in hf.state_dict().items()}
     w = gguf_with_tokenizer(path, tiny_bpe)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
+    add_llama_keys(w, c)
     w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     if rope_scaling_factor:
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(rope_scaling_factor)

@@ -14,7 +14,7 @@ from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, normal
 import artefacts
 import load
 import train
-from conftest import SAMPLE_TEXTS, SPECIALS, corpus, finish_gguf, gguf_with_tokenizer
+from conftest import SAMPLE_TEXTS, SPECIALS, add_llama_keys, corpus, finish_gguf, gguf_with_tokenizer
 from data.prepare import main as prepare
 from decode import Stats, generate
 from helpers import V as DECODE_V, assert_exercised, prompt, tiny, with_mask_oracle
@@ -157,16 +157,9 @@ def write_qwen_gguf(path, hf, tok, kind):
     tj = json.loads(tok.to_str())     # llama.cpp lists the added tokens with the vocabulary
     tj["model"]["vocab"].update({t["content"]: t["id"] for t in tj["added_tokens"]})
     w = gguf_with_tokenizer(path, HFTokenizer.from_str(json.dumps(tj)), pre="qwen2", arch=kind)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
+    add_llama_keys(w, c)
     w.add_key_length(c.head_dim)
     w.add_value_length(c.head_dim)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
              "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
