@@ -1,7 +1,7 @@
 """How degenerate the models' greedy text is: the share of greedy outputs (128 characters after 50
 held-out prompts) whose last 64 characters repeat with a period of at most 16.
 
-    python results/paperb_scratch/loops.py chat_beta0 chat_beta1 ... > results/paperb_scratch/loops.txt
+    python results/paperb_scratch/loops.py chat_beta0 chat_beta1 ... > loops.txt
 
 A run is a folder out/paperb/TEXT_NAME; its prompts are data/paperb_texts/TEXT_prompts.jsonl.
 """
