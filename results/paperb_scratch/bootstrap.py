@@ -22,15 +22,15 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import decode  # noqa: E402
-from bench import encode_prompt, read_prompts  # noqa: E402
 from load import load  # noqa: E402
+from prompts import encode_prompt, read_prompts  # noqa: E402
 
 
 def counts(path, prompts, method, max_new_tokens):
     """(prompts, 2 D + 2) counts: checked drafts per depth, accepted drafts per depth, tokens and
     forwards (without the prefill forward and its token, as decode.Stats.tokens_per_forward)."""
     model, tokenizer = load(path)
-    depth = decode.parse_method(method)[1]
+    depth = decode.Method.parse(method).k
     rows = []
     for row in prompts:
         s = decode.Stats()
@@ -65,7 +65,7 @@ def main():
     args = p.parse_args()
     prompts = read_prompts(args.prompts)[:args.num_prompts]
     runs = dict(r.split("=", 1) for r in args.runs.split(","))
-    depth = decode.parse_method(args.method)[1]
+    depth = decode.Method.parse(args.method).k
     c = {name: counts(path, prompts, args.method, args.max_new_tokens)
          for name, path in runs.items()}
     pick = np.random.default_rng(0).integers(0, len(prompts), (args.resamples, len(prompts)))
