@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from data.topics import FOLLOWUPS, PASSAGE_TASKS, seed_question
+from data.topics import (FOLLOWUPS, FORM_FOLLOWUPS, PASSAGE_TASKS, PHRASE_FOLLOWUPS, PHRASE_QUESTIONS,
+                         SAMPLERS, dress)
 from decode import generate as decode_generate
 
 SENTINEL = "\u2063QUESTION\u2063"   # stands for the user's text, to cut the template right where it would begin
@@ -39,11 +40,13 @@ SENTINEL = "\u2063QUESTION\u2063"   # stands for the user's text, to cut the tem
 class Settings:
     """Everything that decides a chunk's contents; prepare.py refuses to mix chunks made with different settings."""
     seed: int = 0
+    sampler: str = "varied"          # openings of data/topics.SAMPLERS; "tasks" made the 60k-slot set of 2026-11
     chunk_size: int = 2048           # conversations per chunk: the unit of determinism, resumption and sharding
     batch_size: int = 512            # sequences per generate call
     magpie_share: float = 0.2        # first turns left entirely to the model; the rest start from a seeded opening
     passage_share: float = 0.1       # conversations asking about a passage of an earlier answer
     followup_share: float = 0.1      # two-turn conversations
+    phrase_share: float = 0.1        # first turns about a phrase of another answer of the chunk
     question_temperature: float = 1.0
     question_top_p: float = 0.95
     question_rounds: int = 3         # attempts per question slot
@@ -53,6 +56,11 @@ class Settings:
     answer_temperature: float = 0.0  # 0: greedy
     max_answer_tokens: int = 512
     system: str | None = None        # system prompt (None: the template's own)
+
+
+# settings added after the 60k-slot set of 2026-11 was made, with the values its chunks were made with: a chunk
+# folder whose config.json lacks them made them so (prepare.py), and is merged again with these values
+SETTINGS_ADDED = {"sampler": "tasks", "phrase_share": 0.0}
 
 
 def normalise(text):
@@ -156,9 +164,30 @@ def cut_passage(text, tok, max_tokens, rng):
     return ""
 
 
+STOPWORDS = set("a an and are as at be but by for from has have in is it its of on or so that the this to was "
+                "were which will with you your can may also more most such these those their they".split())
+
+
+def answer_phrase(text, rng):
+    """A few words of `text` to ask about: one of its **bold** terms (how the model marks its key ideas), else two to
+    four words of a sentence that start and end with a content word; '' when there is none."""
+    bold = [b.strip(" :.") for b in re.findall(r"\*\*([^*\n]{3,40})\*\*", text)]
+    bold = [b for b in bold if b and len(b.split()) <= 5]
+    if bold:
+        return rng.choice(bold)
+    words = re.findall(r"[A-Za-z][A-Za-z'-]*", text)
+    content = [w.lower() not in STOPWORDS and len(w) > 3 for w in words]
+    runs = []
+    for i in (i for i, c in enumerate(content) if c):
+        ends = [j for j in range(i + 1, min(len(words), i + 4)) if content[j]]
+        if ends:
+            runs.append(" ".join(words[i:ends[-1] + 1]))   # the longest run that ends well
+    return rng.choice(runs) if runs else ""
+
+
 def generate_chunk(model, tok, chunk, s, generate=decode_generate):
     """The conversations of chunk number `chunk` -> {"records": [...], "counts": {...}}. A record: kind (magpie,
-    seeded, passage, followup), task, topic, messages (the conversation up to the last user turn), answer (token
+    seeded, passage, followup, phrase), task, topic, messages (the conversation up to the last user turn), answer (token
     ids), group (the index of the first turn it grew from: held-out splits take whole groups)."""
     rng = random.Random(f"{s.seed}/{chunk}")
     # questions and answers draw from separate streams: sampled answers (answer_temperature > 0) leave the questions
@@ -168,11 +197,12 @@ def generate_chunk(model, tok, chunk, s, generate=decode_generate):
     counts, seen = Counter(), set()
     n_passage = round(s.chunk_size * s.passage_share)
     n_followup = round(s.chunk_size * s.followup_share)
+    n_phrase = round(s.chunk_size * s.phrase_share)
 
     # 1. first turns, from nothing or from a seeded opening
     seeds = []
-    for _ in range(s.chunk_size - n_passage - n_followup):
-        seeds.append(("magpie", None, None, "") if rng.random() < s.magpie_share else ("seeded", *seed_question(rng)))
+    for _ in range(s.chunk_size - n_passage - n_followup - n_phrase):
+        seeds.append(("magpie", None, None, "") if rng.random() < s.magpie_share else ("seeded", *SAMPLERS[s.sampler](rng)))
     questions = write_questions(model, tok, [([], opening) for *_, opening in seeds], s, asking, counts, seen,
                                 generate)
     first = [dict(kind=kind, task=task, topic=topic, messages=[{"role": "user", "content": q}])
@@ -200,13 +230,34 @@ def generate_chunk(model, tok, chunk, s, generate=decode_generate):
     done = [r for r in first if finished(r["answer"], tok.stop_ids)]
     sources = rng.sample(done, min(n_followup, len(done)))
     histories = [[*r["messages"], {"role": "assistant", "content": answer_text(tok, r["answer"])}] for r in sources]
-    contexts = [(h, rng.choice(FOLLOWUPS)) for h in histories]
-    questions = write_questions(model, tok, contexts, s, asking, counts, seen, generate)
-    followups = [dict(kind="followup", task=src["task"], topic=src["topic"],
-                      messages=[*h, {"role": "user", "content": q}], group=src["group"])
-                 for src, h, q in zip(sources, histories, questions) if q is not None]
-    answer(model, tok, passages + followups, s, answering, generate)   # one call: fewer, fuller batches
-    return {"records": first + passages + followups, "counts": dict(sorted(counts.items()))}
+    asks = [("followup", r, h, followup_opening(h[-1]["content"], s.sampler, rng))
+            for r, h in zip(sources, histories)]
+
+    # 4. new first turns about a phrase of an answer: topics no list holds, in the model's own words
+    for src in rng.sample(first, min(n_phrase, len(first))):
+        phrase = answer_phrase(answer_text(tok, src["answer"]), rng)
+        if not phrase:
+            counts["phrase_unusable"] += 1
+            continue
+        opening = dress(rng, rng.choice(PHRASE_QUESTIONS).format(phrase=phrase))
+        asks.append(("phrase", {**src, "task": "phrase", "topic": phrase}, [], opening))
+    questions = write_questions(model, tok, [(h, o) for *_, h, o in asks], s, asking, counts, seen, generate)
+    derived = [dict(kind=kind, task=src["task"], topic=src["topic"], messages=[*h, {"role": "user", "content": q}],
+                    group=src["group"]) for (kind, src, h, _), q in zip(asks, questions) if q is not None]
+    answer(model, tok, passages + derived, s, answering, generate)   # one call: fewer, fuller batches
+    return {"records": first + passages + derived, "counts": dict(sorted(counts.items()))}
+
+
+def followup_opening(answer, sampler, rng):
+    """The start of a second user turn: FOLLOWUPS for the tasks sampler; the varied one also asks about a phrase of
+    the answer just given, or for it in another form."""
+    if sampler == "tasks":
+        return rng.choice(FOLLOWUPS)
+    pool = rng.choice(["plain", "phrase", "form"])
+    phrase = answer_phrase(answer, rng) if pool == "phrase" else ""
+    if phrase:
+        return rng.choice(PHRASE_FOLLOWUPS).format(phrase=phrase)
+    return rng.choice(FORM_FOLLOWUPS if pool == "form" else FOLLOWUPS)
 
 
 def merge_chunks(chunks, tok, min_answer_tokens=2, keep_truncated=True):

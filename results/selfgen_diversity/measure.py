@@ -1,0 +1,85 @@
+"""
+How varied the self-generated questions are, for each question sampler of data/topics.py (results in README.md).
+
+    python results/selfgen_diversity/measure.py seeds                       # openings only, CPU, seconds
+    python results/selfgen_diversity/measure.py questions --sampler tasks   # the model writes the first turns
+
+`seeds` draws openings as generate_chunk does (chunks of 2048 slots, magpie share 0.2) and counts distinct ones as
+the set grows. `questions` runs the first-turn step of one chunk (data/selfgen.write_questions) with one round, so
+every duplicate the model writes is counted, and no answers: the expensive part stays on the GPU.
+"""
+
+import argparse
+import json
+import random
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from data import selfgen, topics   # noqa: E402
+
+
+def first_turn_seeds(s, chunk):
+    """The (kind, task, topic, opening) of chunk `chunk`'s first turns, drawn in generate_chunk's order."""
+    rng = random.Random(f"{s.seed}/{chunk}")
+    rng.getrandbits(63), rng.getrandbits(63)   # the question and answer generators' seeds
+    n_first = s.chunk_size - round(s.chunk_size * s.passage_share) - round(s.chunk_size * s.followup_share)
+    return [("magpie", None, None, "") if rng.random() < s.magpie_share else ("seeded", *sampler(rng))
+            for sampler in [topics.SAMPLERS[s.sampler]] for _ in range(n_first)]
+
+
+def seeds(args):
+    rows = []
+    for name in sorted(topics.SAMPLERS):
+        s = selfgen.Settings(sampler=name)
+        openings, pairs, chunk = [], set(), 0
+        for n in args.sizes:
+            while len(openings) < n:
+                drawn = [x for x in first_turn_seeds(s, chunk) if x[0] == "seeded"]
+                openings += [selfgen.normalise(o) for *_, o in drawn]
+                pairs |= {(task, topic) for _, task, topic, _ in drawn}
+                chunk += 1
+            rows.append(dict(sampler=name, openings=n, distinct=len(set(openings[:n])),
+                             distinct_ratio=round(len(set(openings[:n])) / n, 4)))
+        rows[-1]["task_topic_pairs_seen"] = len(pairs)
+    for r in rows:
+        print(json.dumps(r))
+
+
+def questions(args):
+    import torch
+    from data.prepare import get_tokenizer
+    torch.manual_seed(0)
+    s = selfgen.Settings(sampler=args.sampler, chunk_size=args.n, batch_size=args.batch_size, question_rounds=1,
+                         passage_share=0.0, followup_share=0.0)
+    tok, model = get_tokenizer("smollm2", "cpu", torch.float32, with_model=True)
+    rng = random.Random(f"{s.seed}/0")
+    asking = torch.Generator().manual_seed(rng.getrandbits(63))
+    drawn = first_turn_seeds(s, 0)
+    counts, seen, t = Counter(), set(), time.time()
+    with torch.no_grad():
+        qs = selfgen.write_questions(model, tok, [([], o) for *_, o in drawn], s, asking, counts, seen,
+                                     selfgen.decode_generate)
+    kept = [dict(kind=k, task=task, opening=o, question=q) for (k, task, _, o), q in zip(drawn, qs) if q]
+    out = dict(sampler=args.sampler, slots=args.n, seconds=round(time.time() - t), counts=dict(counts),
+               distinct_ratio=round(len(kept) / max(1, len(kept) + counts["question_duplicate"]), 4),
+               distinct_2=selfgen.distinct_2([r["question"] for r in kept]), questions=kept)
+    Path(args.out).write_text(json.dumps(out, indent=1, ensure_ascii=False))
+    print(json.dumps({k: v for k, v in out.items() if k != "questions"}))
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("seeds")
+    p.add_argument("--sizes", type=int, nargs="+", default=[2000, 10000, 30000, 60000])
+    p = sub.add_parser("questions")
+    p.add_argument("--sampler", default="tasks", choices=sorted(topics.SAMPLERS))
+    p.add_argument("--n", type=int, default=256, help="first-turn slots")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--out", required=True, help="JSON file for the questions and counts")
+    args = ap.parse_args()
+    {"seeds": seeds, "questions": questions}[args.what](args)
