@@ -287,7 +287,9 @@ MORE_TASKS = {
 VARIED_TASKS = {**TASKS, **MORE_TASKS,
                 "comparison": (TASKS["comparison"][0], lambda rng: comparison(rng, kept(PAIRS))),
                 "story": (TASKS["story"][0], topic(kept(STORY_SUBJECTS))),
-                "pros-cons": (TASKS["pros-cons"][0], topic(kept(CHOICES)))}
+                "pros-cons": (TASKS["pros-cons"][0], topic(kept(CHOICES))),
+                "explanation": (TASKS["explanation"][0], topic(CONCEPTS + MORE_CONCEPTS)),
+                "trivia": (TASKS["trivia"][0], topic(CONCEPTS + MORE_CONCEPTS + EVENTS))}
 
 # who is asking: "I'm {persona}." before the request
 PERSONAS = [
@@ -312,7 +314,7 @@ FORMATS = [
     "Keep it to five bullet points.", "Answer in about 100 words.", "Finish with a question for me.",
 ]
 FORMLESS = {"story", "creative", "email", "rewrite", "translation"}   # the task itself sets the form
-PERSONA_SHARE, FORMAT_SHARE = 0.4, 0.5   # drawn independently, so every persona meets every form
+PERSONA_SHARE, FORMAT_SHARE = 0.5, 0.5   # drawn independently, so every persona meets every form
 
 
 def dress(rng, request, formless=False):

@@ -31,6 +31,25 @@ def first_turn_seeds(s, chunk):
             for sampler in [topics.SAMPLERS[s.sampler]] for _ in range(n_first)]
 
 
+TASK_TABLES = {"tasks": topics.TASKS, "varied": topics.VARIED_TASKS}
+
+
+def reachable(name, draws=5000):
+    """Templates x topics the sampler can reach, leaving out the word problems (a new one nearly every draw; topics
+    counted over `draws` fills per task), then times the dressings of the varied sampler (none, or one of leads x
+    personas; none, or a form)."""
+    rng, pairs, dressed = random.Random(0), 0, 0
+    for task, (templates, fill) in TASK_TABLES[name].items():
+        if task == "math":
+            continue
+        n = len(templates) * len({fill(rng)["topic"] for _ in range(draws)})
+        pairs += n
+        personas = 1 + len(topics.PERSONA_LEADS) * len(topics.PERSONAS)
+        forms = 1 if task in topics.FORMLESS else 1 + len(topics.FORMATS)
+        dressed += n * (personas * forms if name == "varied" else 1)
+    return pairs, dressed
+
+
 def seeds(args):
     rows = []
     for name in sorted(topics.SAMPLERS):
@@ -40,11 +59,12 @@ def seeds(args):
             while len(openings) < n:
                 drawn = [x for x in first_turn_seeds(s, chunk) if x[0] == "seeded"]
                 openings += [selfgen.normalise(o) for *_, o in drawn]
-                pairs |= {(task, topic) for _, task, topic, _ in drawn}
+                pairs |= {(task, topic) for _, task, topic, _ in drawn if task != "math"}
                 chunk += 1
             rows.append(dict(sampler=name, openings=n, distinct=len(set(openings[:n])),
                              distinct_ratio=round(len(set(openings[:n])) / n, 4)))
         rows[-1]["task_topic_pairs_seen"] = len(pairs)
+        rows[-1]["templates_x_topics"], rows[-1]["with_personas_and_forms"] = reachable(name)
     for r in rows:
         print(json.dumps(r))
 
