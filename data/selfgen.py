@@ -8,14 +8,18 @@ filters), `split_conversations` (held-out splits that share no conversation with
 What is not: loading the model, the work folder and its resumption, writing token files (data/prepare.py), the task
 and topic lists (data/topics.py), the decoding loop itself (decode.generate).
 
-A chunk holds `chunk_size` conversations of three kinds, all decoded in batches sorted by prompt length:
+A chunk holds `chunk_size` conversations of four kinds, all decoded in batches sorted by prompt length:
 1. first turns: the chat template up to the user's turn, then either nothing (plain Magpie: the model writes the whole
-   question) or a seeded opening such as "How do I bake sourdough bread?" (a task type x topic from data/topics.py)
-   that the model continues. Questions are sampled (temperature, top-p) and kept when they end with a stop token, are
-   long enough, hold no special token and are new (case and spacing ignored); failed slots are sampled again.
+   question) or a seeded opening such as "How do I bake sourdough bread?" (a task type x topic from data/topics.py,
+   for the varied sampler maybe "I'm a farmer. ..." and "... Use a table.") that the model continues. Questions are
+   sampled (temperature, top-p) and kept when they end with a stop token, are long enough, hold no special token and
+   are new (case and spacing ignored); failed slots are sampled again.
 2. passage requests: "Summarise this: <passage>", the passage cut from one of this chunk's answers, so the model reads
    its own text in the prompt as well.
-3. follow-ups: a finished first turn, then a second user turn the model writes (from an opening like "Why").
+3. follow-ups: a finished first turn, then a second user turn the model writes (from an opening like "Why", or for
+   the varied sampler one quoting a phrase of the answer).
+4. phrase questions: new first turns on a phrase of one of this chunk's answers ("Tell me more about <phrase>."):
+   topics that no list of data/topics.py holds, so the set keeps growing where the lists run out.
 Every question is answered greedily by default; answers cut at max_answer_tokens are kept by default: every token is
 still the model's own choice, and dropping them would bias the data towards short answers.
 A chunk depends only on its number and the settings, never on other chunks, so a set can be made in any number of
@@ -29,8 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-from data.topics import (FOLLOWUPS, FORM_FOLLOWUPS, PASSAGE_TASKS, PHRASE_FOLLOWUPS, PHRASE_QUESTIONS,
-                         SAMPLERS, dress)
+from data.topics import (FOLLOWUPS, FORM_FOLLOWUPS, PASSAGE_TASKS, PHRASE_FOLLOWUPS,
+                         PHRASE_QUESTIONS, SAMPLERS, dress)
 from decode import generate as decode_generate
 
 SENTINEL = "\u2063QUESTION\u2063"   # stands for the user's text, to cut the template right where it would begin
@@ -40,7 +44,7 @@ SENTINEL = "\u2063QUESTION\u2063"   # stands for the user's text, to cut the tem
 class Settings:
     """Everything that decides a chunk's contents; prepare.py refuses to mix chunks made with different settings."""
     seed: int = 0
-    sampler: str = "varied"          # openings of data/topics.SAMPLERS; "tasks" made the 60k-slot set of 2026-11
+    sampler: str = "varied"          # openings of data/topics.SAMPLERS ("tasks": the 60k-slot set)
     chunk_size: int = 2048           # conversations per chunk: the unit of determinism, resumption and sharding
     batch_size: int = 512            # sequences per generate call
     magpie_share: float = 0.2        # first turns left entirely to the model; the rest start from a seeded opening
@@ -58,8 +62,8 @@ class Settings:
     system: str | None = None        # system prompt (None: the template's own)
 
 
-# settings added after the 60k-slot set of 2026-11 was made, with the values its chunks were made with: a chunk
-# folder whose config.json lacks them made them so (prepare.py), and is merged again with these values
+# settings that came after the 60k-slot set of 2026-11, with the values its chunks were made with:
+# prepare.py reads a chunk folder's config.json that lacks them as having these
 SETTINGS_ADDED = {"sampler": "tasks", "phrase_share": 0.0}
 
 
@@ -164,13 +168,15 @@ def cut_passage(text, tok, max_tokens, rng):
     return ""
 
 
-STOPWORDS = set("a an and are as at be but by for from has have in is it its of on or so that the this to was "
-                "were which will with you your can may also more most such these those their they".split())
+STOPWORDS = set("a an and are as at be but by for from has have in is it its of on or so that the "
+                "this to was were which will with you your can may also more most such these those "
+                "their they".split())
 
 
 def answer_phrase(text, rng):
-    """A few words of `text` to ask about: one of its **bold** terms (how the model marks its key ideas), else two to
-    four words of a sentence that start and end with a content word; '' when there is none."""
+    """A few words of `text` to ask about: one of its **bold** terms (how the model marks its key
+    ideas), else a run of two to four words that starts and ends with a content word; '' when there
+    is none."""
     bold = [b.strip(" :.") for b in re.findall(r"\*\*([^*\n]{3,40})\*\*", text)]
     bold = [b for b in bold if b and len(b.split()) <= 5]
     if bold:
@@ -186,9 +192,10 @@ def answer_phrase(text, rng):
 
 
 def generate_chunk(model, tok, chunk, s, generate=decode_generate):
-    """The conversations of chunk number `chunk` -> {"records": [...], "counts": {...}}. A record: kind (magpie,
-    seeded, passage, followup, phrase), task, topic, messages (the conversation up to the last user turn), answer (token
-    ids), group (the index of the first turn it grew from: held-out splits take whole groups)."""
+    """The conversations of chunk number `chunk` -> {"records": [...], "counts": {...}}. A record:
+    kind (magpie, seeded, passage, followup, phrase), task, topic, messages (the conversation up to
+    the last user turn), answer (token ids), group (the index of the first turn it grew from:
+    held-out splits take whole groups)."""
     rng = random.Random(f"{s.seed}/{chunk}")
     # questions and answers draw from separate streams: sampled answers (answer_temperature > 0) leave the questions
     # as they are with greedy ones, so the two sets compare like for like
@@ -202,7 +209,9 @@ def generate_chunk(model, tok, chunk, s, generate=decode_generate):
     # 1. first turns, from nothing or from a seeded opening
     seeds = []
     for _ in range(s.chunk_size - n_passage - n_followup - n_phrase):
-        seeds.append(("magpie", None, None, "") if rng.random() < s.magpie_share else ("seeded", *SAMPLERS[s.sampler](rng)))
+        magpie = rng.random() < s.magpie_share
+        seeds.append(("magpie", None, None, "") if magpie else
+                     ("seeded", *SAMPLERS[s.sampler](rng)))
     questions = write_questions(model, tok, [([], opening) for *_, opening in seeds], s, asking, counts, seen,
                                 generate)
     first = [dict(kind=kind, task=task, topic=topic, messages=[{"role": "user", "content": q}])
@@ -241,16 +250,18 @@ def generate_chunk(model, tok, chunk, s, generate=decode_generate):
             continue
         opening = dress(rng, rng.choice(PHRASE_QUESTIONS).format(phrase=phrase))
         asks.append(("phrase", {**src, "task": "phrase", "topic": phrase}, [], opening))
-    questions = write_questions(model, tok, [(h, o) for *_, h, o in asks], s, asking, counts, seen, generate)
-    derived = [dict(kind=kind, task=src["task"], topic=src["topic"], messages=[*h, {"role": "user", "content": q}],
-                    group=src["group"]) for (kind, src, h, _), q in zip(asks, questions) if q is not None]
-    answer(model, tok, passages + derived, s, answering, generate)   # one call: fewer, fuller batches
+    questions = write_questions(model, tok, [(h, o) for *_, h, o in asks], s, asking, counts, seen,
+                                generate)
+    derived = [dict(kind=kind, task=src["task"], topic=src["topic"], group=src["group"],
+                    messages=[*h, {"role": "user", "content": q}])
+               for (kind, src, h, _), q in zip(asks, questions) if q is not None]
+    answer(model, tok, passages + derived, s, answering, generate)   # one call: fuller batches
     return {"records": first + passages + derived, "counts": dict(sorted(counts.items()))}
 
 
 def followup_opening(answer, sampler, rng):
-    """The start of a second user turn: FOLLOWUPS for the tasks sampler; the varied one also asks about a phrase of
-    the answer just given, or for it in another form."""
+    """The start of a second user turn: FOLLOWUPS for the tasks sampler; the varied one also asks
+    about a phrase of the answer just given, or for that answer in another form."""
     if sampler == "tasks":
         return rng.choice(FOLLOWUPS)
     pool = rng.choice(["plain", "phrase", "form"])

@@ -226,8 +226,8 @@ def test_generate_chunk_seeding_kinds_and_filters():
 def test_generate_chunk_asks_about_phrases_of_its_answers():
     tok = ChatChars()
     fake = scripted_generate(answer_end=" The **Key idea** here.<|im_end|>")
-    s = Settings(seed=0, chunk_size=40, batch_size=8, magpie_share=0.0, passage_share=0.0, followup_share=0.3,
-                 phrase_share=0.2)
+    s = Settings(seed=0, chunk_size=40, batch_size=8, magpie_share=0.0, passage_share=0.0,
+                 followup_share=0.3, phrase_share=0.2, min_question_chars=1)   # "" + " #1?" is a question
     records = generate_chunk(tiny_model(tok.vocab_size), tok, 0, s, generate=fake)["records"]
     first = [r for r in records if r["kind"] == "seeded"]
     phrases = [r for r in records if r["kind"] == "phrase"]
@@ -359,7 +359,8 @@ def test_prepare_selfgen_shards_and_resumption_equal_one_run(tmp_path, monkeypat
     monkeypatch.setattr(prepare, "get_tokenizer",
                         lambda name, device="cpu", dtype=None, with_model=False: (tok, model) if with_model else tok)
     args = ["selfgen", "--n", 14, "--n_val", 2, "--n_test", 2, "--chunk_size", 6, "--batch_size", 4, "--device",
-            "cpu", "--max_question_tokens", 12, "--min_question_chars", 1, "--max_answer_tokens", 8]
+            "cpu", "--max_question_tokens", 12, "--min_question_chars", 1, "--max_answer_tokens", 8,
+            "--question_rounds", 10]   # enough rounds for the random model's questions to fill the splits
     run(*args, "--out", tmp_path / "one")
     one = files_of(tmp_path / "one")
     meta = load_meta(tmp_path / "one")
