@@ -191,8 +191,8 @@ def prepare_selfgen(args):
         raise ValueError("--chunk_size, --batch_size and --question_rounds must be at least 1")
     derived = (args.passage_share, args.followup_share, args.phrase_share)
     if not (min(derived) >= 0 and sum(derived) < 1 and 0 <= args.magpie_share <= 1):
-        raise ValueError("--magpie_share must lie in [0, 1], --passage_share, --followup_share and --phrase_share in "
-                         "[0, 1) with a sum below 1 (first turns need the rest)")
+        raise ValueError("--magpie_share must lie in [0, 1], --passage_share, --followup_share and "
+                         "--phrase_share in [0, 1) with a sum below 1 (first turns need the rest)")
     settings = selfgen.Settings(**{f.name: getattr(args, f.name) for f in fields(selfgen.Settings)})
     n_total = args.n + args.n_val + args.n_test
     n_chunks = math.ceil(n_total / args.chunk_size)
@@ -254,8 +254,9 @@ def chunk_path(work, c):
 
 
 def open_work_folder(work, config, added=None):
-    """Create the chunk folder with its config.json, or check that the chunks already there used this config.
-    added: settings that came after some chunk folders were made, with the value those folders' chunks had."""
+    """Create the chunk folder with its config.json, or check that the chunks already there used
+    this config. added: settings that came after some chunk folders were made, with the value
+    those folders' chunks had."""
     config_path = os.path.join(work, "config.json")
     if os.path.exists(config_path):
         with open(config_path) as f:
@@ -392,8 +393,8 @@ def main(argv=None):
     p.add_argument("--phrase_share", type=float, default=0.1,
                    help="share of first turns asking about a phrase of another answer of the chunk")
     p.add_argument("--sampler", default="varied", choices=["tasks", "varied"],
-                   help="seeded openings (data/topics.py): varied adds tasks, personas and answer forms; tasks (with "
-                        "--phrase_share 0) is the sampler of chunks made before it existed")
+                   help="seeded openings (data/topics.py): varied adds tasks, personas and answer "
+                        "forms; tasks (with --phrase_share 0) made the chunks from before it")
     p.add_argument("--question_temperature", type=float, default=1.0, help="sampling temperature of the questions")
     p.add_argument("--question_top_p", type=float, default=0.95, help="top-p of the questions")
     p.add_argument("--question_rounds", type=int, default=3,

@@ -8,18 +8,19 @@ filters), `split_conversations` (held-out splits that share no conversation with
 What is not: loading the model, the work folder and its resumption, writing token files (data/prepare.py), the task
 and topic lists (data/topics.py), the decoding loop itself (decode.generate).
 
-A chunk holds `chunk_size` conversations of four kinds, all decoded in batches sorted by prompt length:
+A chunk holds `chunk_size` conversations of four kinds, decoded in batches sorted by prompt length:
 1. first turns: the chat template up to the user's turn, then either nothing (plain Magpie: the model writes the whole
-   question) or a seeded opening such as "How do I bake sourdough bread?" (a task type x topic from data/topics.py,
-   for the varied sampler maybe "I'm a farmer. ..." and "... Use a table.") that the model continues. Questions are
-   sampled (temperature, top-p) and kept when they end with a stop token, are long enough, hold no special token and
-   are new (case and spacing ignored); failed slots are sampled again.
+   question) or a seeded opening such as "How do I bake sourdough bread?" (a task type x topic from
+   data/topics.py; the varied sampler may add "I'm a farmer. " before and " Use a table." after)
+   that the model continues. Questions are sampled (temperature, top-p) and kept when they end with
+   a stop token, are long enough, hold no special token and are new (case and spacing ignored);
+   failed slots are sampled again.
 2. passage requests: "Summarise this: <passage>", the passage cut from one of this chunk's answers, so the model reads
    its own text in the prompt as well.
-3. follow-ups: a finished first turn, then a second user turn the model writes (from an opening like "Why", or for
-   the varied sampler one quoting a phrase of the answer).
-4. phrase questions: new first turns on a phrase of one of this chunk's answers ("Tell me more about <phrase>."):
-   topics that no list of data/topics.py holds, so the set keeps growing where the lists run out.
+3. follow-ups: a finished first turn, then a second user turn the model writes (from an opening like
+   "Why", or with the varied sampler one that quotes a phrase of the answer).
+4. phrase questions: new first turns on a phrase of one of this chunk's answers ("Tell me more about
+   <phrase>."): topics no list of data/topics.py holds, so the set grows where the lists run out.
 Every question is answered greedily by default; answers cut at max_answer_tokens are kept by default: every token is
 still the model's own choice, and dropping them would bias the data towards short answers.
 A chunk depends only on its number and the settings, never on other chunks, so a set can be made in any number of

@@ -5,11 +5,13 @@ continues it; the openings and topics are written for this project and share no 
 the held-out evaluation set (tests/test_selfgen.py checks that).
 
 What is here:
-- SAMPLERS, the ways to draw one opening: "tasks" (`seed_question` over TASKS, name -> templates and a way to fill
-  them; the sampler of the 60k-slot set, kept as it was) and "varied" (`seed_question_varied`: more tasks and
-  topics, VARIED_TASKS, each request maybe led by a persona and followed by an answer form);
-- PASSAGE_TASKS (requests that embed a passage of the model's own earlier answer), PHRASE_QUESTIONS (new first turns
-  about a phrase of one), FOLLOWUPS, PHRASE_FOLLOWUPS and FORM_FOLLOWUPS (openings of a second user turn).
+- SAMPLERS, the ways to draw one opening: "tasks" (`seed_question` over TASKS, name -> templates
+  and a way to fill them; the sampler of the 60k-slot set, kept as it was) and "varied"
+  (`seed_question_varied`: more tasks and topics, VARIED_TASKS, each request maybe led by a persona
+  and followed by an answer form);
+- PASSAGE_TASKS (requests that embed a passage of the model's own earlier answer), PHRASE_QUESTIONS
+  (new first turns about a phrase of one), FOLLOWUPS, PHRASE_FOLLOWUPS and FORM_FOLLOWUPS (openings
+  of a second user turn).
 What is not: the generation itself, nor how a phrase is cut from an answer (data/selfgen.py).
 """
 
@@ -208,22 +210,24 @@ def seed_question(rng):
 
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The "varied" sampler: the tasks above and more, each opening maybe told who is asking and in what form the
-# answer should come. The "tasks" sampler alone saturates: 48% of the 60k-slot set's questions were new.
+# ------------------------------------------------------------------------------------------------
+# The "varied" sampler: the tasks above and more, each opening maybe told who is asking and in
+# what form the answer should come. The "tasks" sampler alone saturates: 48% of the 60k-slot set's
+# questions were new.
 
 MORE_CONCEPTS = [
-    "photosynthesis", "the water table", "black-box testing", "the Doppler effect", "compound words",
-    "the Cold War", "neural networks", "the balance of payments", "jury trials", "impressionism",
-    "the offside rule", "jazz improvisation", "fermentation", "the ozone layer", "antimatter",
-    "muscle memory", "carbon dating", "monsoons", "the Byzantine Empire", "index funds", "copyright",
-    "circadian rhythm", "the Pythagorean theorem", "prime numbers", "probability", "game theory",
-    "the electoral college", "glaciers", "sourdough starters", "noise pollution", "the gut microbiome",
-    "open source software", "public key cryptography", "the scientific method", "cognitive biases",
-    "urban heat islands", "the Big Bang", "stem cells", "tariffs", "microplastics", "the Mayan calendar",
-    "haiku", "the Olympic Games", "quantum computing", "desalination", "hibernation", "lightning",
-    "the Great Depression", "minimalism", "the Fibonacci sequence", "wildfires", "vitamin D",
-    "credit unions", "the Suez Canal", "rainbows", "echolocation", "version control", "spreadsheets",
+    "photosynthesis", "the water table", "black-box testing", "the Doppler effect",
+    "compound words", "the Cold War", "neural networks", "the balance of payments", "jury trials",
+    "impressionism", "the offside rule", "jazz improvisation", "fermentation", "the ozone layer",
+    "antimatter", "muscle memory", "carbon dating", "monsoons", "the Byzantine Empire",
+    "index funds", "copyright", "circadian rhythm", "the Pythagorean theorem", "prime numbers",
+    "probability", "game theory", "the electoral college", "glaciers", "sourdough starters",
+    "noise pollution", "the gut microbiome", "open source software", "public key cryptography",
+    "the scientific method", "cognitive biases", "urban heat islands", "the Big Bang", "stem cells",
+    "tariffs", "microplastics", "the Mayan calendar", "haiku", "the Olympic Games",
+    "quantum computing", "desalination", "hibernation", "lightning", "the Great Depression",
+    "minimalism", "the Fibonacci sequence", "wildfires", "vitamin D", "credit unions",
+    "the Suez Canal", "rainbows", "echolocation", "version control", "spreadsheets",
 ]
 PROGRAMMING_CONCEPTS = [
     "recursion", "closures", "hash tables", "big O notation", "unit tests", "pointers",
@@ -233,8 +237,9 @@ PROGRAMMING_CONCEPTS = [
 ]
 DISHES = [
     "a simple tomato soup", "pancakes without eggs", "a vegetable curry", "homemade pizza dough",
-    "a lentil salad", "banana bread", "fried rice", "a quick pasta sauce", "guacamole", "overnight oats",
-    "a mushroom risotto", "hummus", "a chocolate mug cake", "roast vegetables", "a Greek salad",
+    "a lentil salad", "banana bread", "fried rice", "a quick pasta sauce", "guacamole",
+    "overnight oats", "a mushroom risotto", "hummus", "a chocolate mug cake", "roast vegetables",
+    "a Greek salad",
 ]
 EVENTS = [
     "the fall of the Berlin Wall", "the moon landing", "the invention of the telephone",
@@ -244,12 +249,14 @@ EVENTS = [
 ]
 JOBS = [
     "a nurse", "a pilot", "a software tester", "a librarian", "an electrician", "a pharmacist",
-    "a journalist", "a physiotherapist", "an architect", "a chef", "a data analyst", "a park ranger",
+    "a journalist", "a physiotherapist", "an architect", "a chef", "a data analyst",
+    "a park ranger",
 ]
 DOMAINS = ["cooking", "football", "gardening", "music", "a busy kitchen", "traffic", "a library",
            "school"]
-WRITING = ["a haiku", "a limerick", "a short speech", "a product description", "a tweet", "a riddle",
-           "a diary entry", "a song chorus", "a toast for a wedding", "a motivational quote"]
+WRITING = ["a haiku", "a limerick", "a short speech", "a product description", "a tweet",
+           "a riddle", "a diary entry", "a song chorus", "a toast for a wedding",
+           "a motivational quote"]
 
 # The tasks sampler can write two of the 24 validation prompts (data/chat_prompts_val.jsonl) word
 # for word and comes near two more and one test prompt; it stays as it was so that the 60k-slot
@@ -329,7 +336,8 @@ FORMATS = [
     "Add a short example at the end.", "End with a tip I can use today.",
     "Answer in two short paragraphs.", "Give me just the key facts.", "Use headings.",
     "Compare it to something everyday.", "Answer like a friendly teacher.",
-    "Keep it to five bullet points.", "Answer in about 100 words.", "Finish with a question for me.",
+    "Keep it to five bullet points.", "Answer in about 100 words.",
+    "Finish with a question for me.",
 ]
 FORMLESS = {"story", "creative", "email", "rewrite", "translation"}   # the task sets the form
 PERSONA_SHARE, FORMAT_SHARE = 0.5, 0.5   # drawn independently: every persona meets every form
@@ -365,7 +373,8 @@ PHRASE_QUESTIONS = [
 # second-turn openings of the varied sampler besides FOLLOWUPS: on a phrase of the answer just
 # given, or asking for it in another form
 PHRASE_FOLLOWUPS = ["You mentioned \"{phrase}\". ", "What did you mean by \"{phrase}\"?",
-                    "Can you say more about \"{phrase}\"?", "How does \"{phrase}\" work in practice?"]
+                    "Can you say more about \"{phrase}\"?",
+                    "How does \"{phrase}\" work in practice?"]
 FORM_FOLLOWUPS = ["Can you put that in a table?", "Now say it in one sentence.",
                   "Rewrite that for a child.", "Turn that into a checklist.",
                   "Give me an example of that."]

@@ -80,7 +80,8 @@ def word_ngrams(text, n):
 
 
 def held_out_prompts(name):
-    return [json.loads(line)["prompt"] for line in (DATA / name).read_text(encoding="utf-8").splitlines()]
+    lines = (DATA / name).read_text(encoding="utf-8").splitlines()
+    return [json.loads(line)["prompt"] for line in lines]
 
 
 def test_chat_prompts_parse_and_are_not_in_the_seeds():
@@ -95,28 +96,33 @@ def test_chat_prompts_parse_and_are_not_in_the_seeds():
 
 
 def test_varied_openings_share_no_topic_wording_with_held_out_prompts():
-    # a run of six words the opening shares with a held-out prompt is allowed only when it is all request words
-    # (templates, answer forms, articles), as in "write a short story about a"; the tasks sampler, kept for the
-    # chunks of the 60k-slot set, fails this (topics.NEAR_HELD_OUT)
-    request_text = " ".join([t for templates, _ in topics.VARIED_TASKS.values() for t in templates] + topics.FORMATS)
+    # a run of six words an opening shares with a held-out prompt is allowed only when it is all
+    # request words (templates, answer forms, articles), as "write a short story about a" is; the
+    # tasks sampler, kept for the 60k-slot set's chunks, fails this (topics.NEAR_HELD_OUT)
+    templates = [t for ts, _ in topics.VARIED_TASKS.values() for t in ts]
+    request_text = " ".join(templates + topics.FORMATS)
     request_words = {"a", "an", "the"} | {w for (w,) in word_ngrams(request_text, 1)}
     rng = random.Random(0)
-    grams = set().union(*(word_ngrams(topics.seed_question_varied(rng)[2], 6) for _ in range(60000)))
+    openings = [topics.seed_question_varied(rng)[2] for _ in range(60000)]
+    grams = set().union(*(word_ngrams(o, 6) for o in openings))
     for p in held_out_prompts("chat_prompts.jsonl") + held_out_prompts("chat_prompts_val.jsonl"):
         assert all(set(g) <= request_words for g in word_ngrams(p, 6) & grams), p
 
 
-@pytest.mark.parametrize("sampler, files", [("tasks", ["chat_prompts.jsonl"]),   # it writes 2 validation prompts
-                                            ("varied", ["chat_prompts.jsonl", "chat_prompts_val.jsonl"])])
+@pytest.mark.parametrize("sampler, files", [
+    ("tasks", ["chat_prompts.jsonl"]),   # it does write two of the validation prompts
+    ("varied", ["chat_prompts.jsonl", "chat_prompts_val.jsonl"])])
 def test_seed_questions_never_copy_an_evaluation_prompt(sampler, files):
     from bench import QUESTIONS
-    held_out = {selfgen.normalise(p) for p in [*QUESTIONS, *(p for f in files for p in held_out_prompts(f))]}
+    held_out = {selfgen.normalise(p) for f in files for p in held_out_prompts(f)}
+    held_out |= {selfgen.normalise(p) for p in QUESTIONS}
     rng = random.Random(0)
     openings = {selfgen.normalise(topics.SAMPLERS[sampler](rng)[2]) for _ in range(20000)}
     assert not (openings & held_out)
 
 
-@pytest.mark.parametrize("sampler, tasks", [("tasks", topics.TASKS), ("varied", topics.VARIED_TASKS)])
+@pytest.mark.parametrize("sampler, tasks", [("tasks", topics.TASKS),
+                                            ("varied", topics.VARIED_TASKS)])
 def test_seed_question_covers_every_task_and_embeds_its_topic(sampler, tasks):
     rng = random.Random(0)
     seen = {}
@@ -131,22 +137,25 @@ def test_seed_question_covers_every_task_and_embeds_its_topic(sampler, tasks):
 
 
 def test_tasks_sampler_still_draws_the_openings_of_the_60k_set():
-    # chunks of the shared 60k-slot set (made before the varied sampler) merge again only if it draws as it did
+    # the shared 60k-slot set's chunks (made before the varied sampler) merge only while it does
     rng = random.Random(0)
     assert [topics.seed_question(rng)[2] for _ in range(4)] == [
-        "Can you recommend a gift for a ten-year-old?", "I need a list of skills every adult should have.",
-        "Solve this word problem: Marco starts with 38 balloons. He finds 40 more balloons. How many balloons "
-        "does Marco have in the end?", "What is 10 square metres in square feet?"]
+        "Can you recommend a gift for a ten-year-old?",
+        "I need a list of skills every adult should have.",
+        "Solve this word problem: Marco starts with 38 balloons. He finds 40 more balloons. "
+        "How many balloons does Marco have in the end?",
+        "What is 10 square metres in square feet?"]
 
 
 def test_varied_sampler_asks_as_someone_in_a_form_and_repeats_less():
     rng = {name: random.Random(0) for name in topics.SAMPLERS}
-    draws = {name: [topics.SAMPLERS[name](rng[name])[2] for _ in range(10000)] for name in topics.SAMPLERS}
+    draws = {name: [sampler(rng[name])[2] for _ in range(10000)]
+             for name, sampler in topics.SAMPLERS.items()}
     varied = draws["varied"]
-    personas = [o for o in varied if any(p in o for p in topics.PERSONAS)]
-    forms = [o for o in varied if o.endswith(tuple(" " + f for f in topics.FORMATS))]
+    personas = {o for o in varied if any(p in o for p in topics.PERSONAS)}
+    forms = {o for o in varied if o.endswith(tuple(" " + f for f in topics.FORMATS))}
     assert 0.4 < len(personas) / len(varied) < 0.6 and 0.3 < len(forms) / len(varied) < 0.5
-    assert len({o for o in personas if o in forms}) > 1000   # persona and form are drawn independently
+    assert len(personas & forms) > 1000   # persona and form are drawn independently
     assert len(set(varied)) > 3 * len(set(draws["tasks"]))
 
 
@@ -211,8 +220,8 @@ def test_generate_chunk_seeding_kinds_and_filters():
 
     # seeded openings reach the prompts the model continues, and the question keeps them
     fake = scripted_generate()
-    s = Settings(seed=1, chunk_size=40, batch_size=8, magpie_share=0.0, passage_share=0.0, followup_share=0.0,
-                 phrase_share=0.0)
+    s = Settings(seed=1, chunk_size=40, batch_size=8, magpie_share=0.0, passage_share=0.0,
+                 followup_share=0.0, phrase_share=0.0)
     records = generate_chunk(model, tok, 0, s, generate=fake)["records"]
     assert {r["kind"] for r in records} == {"seeded"} and len({r["task"] for r in records}) > 5
     for r in records:
@@ -227,21 +236,22 @@ def test_generate_chunk_asks_about_phrases_of_its_answers():
     tok = ChatChars()
     fake = scripted_generate(answer_end=" The **Key idea** here.<|im_end|>")
     s = Settings(seed=0, chunk_size=40, batch_size=8, magpie_share=0.0, passage_share=0.0,
-                 followup_share=0.3, phrase_share=0.2, min_question_chars=1)   # "" + " #1?" is a question
+                 followup_share=0.3, phrase_share=0.2, min_question_chars=1)   # "" + " #1?" will do
     records = generate_chunk(tiny_model(tok.vocab_size), tok, 0, s, generate=fake)["records"]
     first = [r for r in records if r["kind"] == "seeded"]
     phrases = [r for r in records if r["kind"] == "phrase"]
     assert len(first) == 20 and len(phrases) == 8
-    for r in phrases:   # a new first turn on a phrase of an earlier answer, held out with that answer's group
+    for r in phrases:   # a new first turn on a phrase of an answer, held out with its group
         (user,) = r["messages"]
         assert r["task"] == "phrase" and r["topic"] == "Key idea" and r["group"] < len(first)
         assert any(q.format(phrase="Key idea") in user["content"] for q in topics.PHRASE_QUESTIONS)
     openings = [r["messages"][2]["content"] for r in records if r["kind"] == "followup"]
     quoting = tuple(f.format(phrase="Key idea") for f in topics.PHRASE_FOLLOWUPS)
-    assert len(openings) == 12 and all(o.startswith(tuple(topics.FOLLOWUPS + topics.FORM_FOLLOWUPS) + quoting)
-                                       for o in openings)
-    assert any(o.startswith(quoting) for o in openings) and any(o.startswith(tuple(topics.FORM_FOLLOWUPS))
-                                                                  for o in openings)
+    forms = tuple(topics.FORM_FOLLOWUPS)
+    assert len(openings) == 12
+    assert all(o.startswith(tuple(topics.FOLLOWUPS) + forms + quoting) for o in openings)
+    assert any(o.startswith(quoting) for o in openings)
+    assert any(o.startswith(forms) for o in openings)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -353,14 +363,18 @@ def run(*argv):
     prepare.main([str(a) for a in argv])
 
 
-def test_prepare_selfgen_shards_and_resumption_equal_one_run(tmp_path, monkeypatch):
+def use_tiny_model(monkeypatch):
     tok = ChatChars()
     model = tiny_model(tok.vocab_size)
     monkeypatch.setattr(prepare, "get_tokenizer",
                         lambda name, device="cpu", dtype=None, with_model=False: (tok, model) if with_model else tok)
+
+
+def test_prepare_selfgen_shards_and_resumption_equal_one_run(tmp_path, monkeypatch):
+    use_tiny_model(monkeypatch)
     args = ["selfgen", "--n", 14, "--n_val", 2, "--n_test", 2, "--chunk_size", 6, "--batch_size", 4, "--device",
             "cpu", "--max_question_tokens", 12, "--min_question_chars", 1, "--max_answer_tokens", 8,
-            "--question_rounds", 10]   # enough rounds for the random model's questions to fill the splits
+            "--question_rounds", 10]   # the random model's questions fill the splits
     run(*args, "--out", tmp_path / "one")
     one = files_of(tmp_path / "one")
     meta = load_meta(tmp_path / "one")
@@ -394,13 +408,10 @@ def test_prepare_selfgen_shards_and_resumption_equal_one_run(tmp_path, monkeypat
 
 
 def test_prepare_selfgen_merges_chunks_made_before_the_sampler_setting(tmp_path, monkeypatch):
-    tok = ChatChars()
-    model = tiny_model(tok.vocab_size)
-    monkeypatch.setattr(prepare, "get_tokenizer",
-                        lambda name, device="cpu", dtype=None, with_model=False: (tok, model) if with_model else tok)
-    args = ["selfgen", "--n", 6, "--n_val", 1, "--n_test", 1, "--chunk_size", 4, "--batch_size", 4, "--device",
-            "cpu", "--max_question_tokens", 12, "--min_question_chars", 1, "--max_answer_tokens", 8,
-            "--out", tmp_path / "old"]
+    use_tiny_model(monkeypatch)
+    args = ["selfgen", "--n", 6, "--n_val", 1, "--n_test", 1, "--chunk_size", 4, "--batch_size", 4,
+            "--device", "cpu", "--max_question_tokens", 12, "--min_question_chars", 1,
+            "--max_answer_tokens", 8, "--out", tmp_path / "old"]
     old_sampler = ["--sampler", "tasks", "--phrase_share", 0]
     run(*args, *old_sampler)
     made = files_of(tmp_path / "old")

@@ -2,7 +2,8 @@
 How varied the self-generated questions are, for each question sampler of data/topics.py (results in README.md).
 
     python results/selfgen_diversity/measure.py seeds                       # openings only, CPU, seconds
-    python results/selfgen_diversity/measure.py questions --sampler tasks   # the model writes the first turns
+    python results/selfgen_diversity/measure.py questions --sampler tasks --out q_tasks.json   # the model asks
+    python results/selfgen_diversity/measure.py summary q_tasks.json q_varied.json
 
 `seeds` draws openings as generate_chunk does (chunks of 2048 slots, magpie share 0.2) and counts distinct ones as
 the set grows. `questions` runs the first-turn step of one chunk (data/selfgen.write_questions) with one round, so
@@ -91,6 +92,27 @@ def questions(args):
     print(json.dumps({k: v for k, v in out.items() if k != "questions"}))
 
 
+def summary(args):
+    """Per questions file: the ratios, and an estimate of the seeded questions' distinct ratio at the set sizes
+    of `seeds`: a question the model ended right after its opening repeats as often as that opening does, one it
+    continued is taken to be new (so an upper estimate)."""
+    for path in args.files:
+        run = json.loads(Path(path).read_text())
+        seeded = [r for r in run["questions"] if r["kind"] == "seeded"]
+        verbatim = sum(r["question"] == r["opening"].strip() for r in seeded) / max(1, len(seeded))
+        s, rng, openings, chunk = selfgen.Settings(sampler=run["sampler"]), random.Random(0), [], 0
+        row = dict(sampler=run["sampler"], slots=run["slots"], kept=len(run["questions"]),
+                   duplicates=run["counts"].get("question_duplicate", 0), distinct_ratio=run["distinct_ratio"],
+                   distinct_2=run["distinct_2"], seeded_verbatim=round(verbatim, 3), seconds=run["seconds"])
+        for n in args.sizes:
+            while len(openings) < n:
+                openings += [selfgen.normalise(o) for kind, *_, o in first_turn_seeds(s, chunk) if kind == "seeded"]
+                chunk += 1
+            ended = [o for o in openings[:n] if rng.random() < verbatim]
+            row[f"estimate_{n}"] = round((n - len(ended) + len(set(ended))) / n, 3)
+        print(json.dumps(row))
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="what", required=True)
@@ -101,5 +123,8 @@ if __name__ == "__main__":
     p.add_argument("--n", type=int, default=256, help="first-turn slots")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--out", required=True, help="JSON file for the questions and counts")
+    p = sub.add_parser("summary")
+    p.add_argument("files", nargs="+", help="JSON files of `questions`")
+    p.add_argument("--sizes", type=int, nargs="+", default=[2000, 10000, 30000, 60000])
     args = ap.parse_args()
-    {"seeds": seeds, "questions": questions}[args.what](args)
+    {"seeds": seeds, "questions": questions, "summary": summary}[args.what](args)
