@@ -253,8 +253,8 @@ def generate_chunk(model, tok, chunk, s, generate=decode_generate):
         asks.append(("phrase", {**src, "task": "phrase", "topic": phrase}, [], opening))
     questions = write_questions(model, tok, [(h, o) for *_, h, o in asks], s, asking, counts, seen,
                                 generate)
-    derived = [dict(kind=kind, task=src["task"], topic=src["topic"], group=src["group"],
-                    messages=[*h, {"role": "user", "content": q}])
+    derived = [dict(kind=kind, task=src["task"], topic=src["topic"],
+                    messages=[*h, {"role": "user", "content": q}], group=src["group"])
                for (kind, src, h, _), q in zip(asks, questions) if q is not None]
     answer(model, tok, passages + derived, s, answering, generate)   # one call: fuller batches
     return {"records": first + passages + derived, "counts": dict(sorted(counts.items()))}
