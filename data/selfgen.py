@@ -171,24 +171,28 @@ def cut_passage(text, tok, max_tokens, rng):
 
 STOPWORDS = set("a an and are as at be but by for from has have in is it its of on or so that the "
                 "this to was were which will with you your can may also more most such these those "
-                "their they".split())
+                "their they i we he she me my our his her them when what how then than there here "
+                "just very because".split())
 
 
 def answer_phrase(text, rng):
-    """A few words of `text` to ask about: one of its **bold** terms (how the model marks its key
-    ideas), else a run of two to four words that starts and ends with a content word; '' when there
-    is none."""
-    bold = [b.strip(" :.") for b in re.findall(r"\*\*([^*\n]{3,40})\*\*", text)]
-    bold = [b for b in bold if b and len(b.split()) <= 5]
-    if bold:
-        return rng.choice(bold)
-    words = re.findall(r"[A-Za-z][A-Za-z'-]*", text)
-    content = [w.lower() not in STOPWORDS and len(w) > 3 for w in words]
+    """A few words of `text` to ask about: one of its **bold** terms or list-item headings
+    ("2. Term:"), which is how the model marks its key ideas; else a run of two to four words within
+    one clause that starts and ends with a content word; '' when there is none."""
+    marked = re.findall(r"\*\*([^*\n]{3,40})\*\*", text)
+    marked += re.findall(r"^\s*(?:\d+\.|[-*])\s+([^:*\n]{3,40}):", text, flags=re.M)
+    marked = [m.strip(" :.") for m in marked]
+    marked = [m for m in marked if m and len(m.split()) <= 5]
+    if marked:
+        return rng.choice(marked)
     runs = []
-    for i in (i for i, c in enumerate(content) if c):
-        ends = [j for j in range(i + 1, min(len(words), i + 4)) if content[j]]
-        if ends:
-            runs.append(" ".join(words[i:ends[-1] + 1]))   # the longest run that ends well
+    for clause in re.split(r"[.,;:!?()\n]", text):
+        words = re.findall(r"[A-Za-z][A-Za-z'-]*", clause)
+        content = [w.lower() not in STOPWORDS and len(w) > 3 for w in words]
+        for i in (i for i, c in enumerate(content) if c):
+            ends = [j for j in range(i + 1, min(len(words), i + 4)) if content[j]]
+            if ends:
+                runs.append(" ".join(words[i:ends[-1] + 1]))   # the longest run that ends well
     return rng.choice(runs) if runs else ""
 
 
