@@ -169,31 +169,17 @@ def cut_passage(text, tok, max_tokens, rng):
     return ""
 
 
-STOPWORDS = set("a an and are as at be but by for from has have in is it its of on or so that the "
-                "this to was were which will with you your can may also more most such these those "
-                "their they i we he she me my our his her them when what how then than there here "
-                "just very because".split())
-
-
 def answer_phrase(text, rng):
     """A few words of `text` to ask about: one of its **bold** terms or list-item headings
-    ("2. Term:"), which is how the model marks its key ideas; else a run of two to four words within
-    one clause that starts and ends with a content word; '' when there is none."""
+    ("2. Term:"), which is how the model marks its key ideas, else a name of two to four capitalised
+    words inside a sentence ("the Silk Road"); '' when there is none. Any other run of words makes
+    questions such as "Tell me more about need to identify." (measured)."""
     marked = re.findall(r"\*\*([^*\n]{3,40})\*\*", text)
     marked += re.findall(r"^\s*(?:\d+\.|[-*])\s+([^:*\n]{3,40}):", text, flags=re.M)
     marked = [m.strip(" :.") for m in marked]
     marked = [m for m in marked if m and len(m.split()) <= 5]
-    if marked:
-        return rng.choice(marked)
-    runs = []
-    for clause in re.split(r"[.,;:!?()\n]", text):
-        words = re.findall(r"[A-Za-z][A-Za-z'-]*", clause)
-        content = [w.lower() not in STOPWORDS and len(w) > 3 for w in words]
-        for i in (i for i, c in enumerate(content) if c):
-            ends = [j for j in range(i + 1, min(len(words), i + 4)) if content[j]]
-            if ends:
-                runs.append(" ".join(words[i:ends[-1] + 1]))   # the longest run that ends well
-    return rng.choice(runs) if runs else ""
+    names = re.findall(r"(?<=[a-z,] )([A-Z][a-z]+(?: [A-Z][a-z]+){1,3})", text)
+    return rng.choice(marked or names) if marked or names else ""
 
 
 def generate_chunk(model, tok, chunk, s, generate=decode_generate):
@@ -247,14 +233,20 @@ def generate_chunk(model, tok, chunk, s, generate=decode_generate):
     asks = [("followup", r, h, followup_opening(h[-1]["content"], s.sampler, rng))
             for r, h in zip(sources, histories)]
 
-    # 4. new first turns about a phrase of an answer: topics no list holds, in the model's own words
-    for src in rng.sample(first, min(n_phrase, len(first))):
+    # 4. new first turns about a phrase of an answer: topics no list holds, in the model's own words;
+    # answers in random order until n_phrase have a phrase (no draw at all without phrase slots, so
+    # the chunks of the 60k-slot set come out as they were)
+    n_asked = 0
+    for src in rng.sample(first, len(first)) if n_phrase else []:
         phrase = answer_phrase(answer_text(tok, src["answer"]), rng)
-        if not phrase:
-            counts["phrase_unusable"] += 1
-            continue
-        opening = dress(rng, rng.choice(PHRASE_QUESTIONS).format(phrase=phrase))
-        asks.append(("phrase", {**src, "task": "phrase", "topic": phrase}, [], opening))
+        if phrase:
+            opening = dress(rng, rng.choice(PHRASE_QUESTIONS).format(phrase=phrase))
+            asks.append(("phrase", {**src, "task": "phrase", "topic": phrase}, [], opening))
+            n_asked += 1
+            if n_asked == n_phrase:
+                break
+    if n_asked < n_phrase:
+        counts["phrase_unusable"] += n_phrase - n_asked
     questions = write_questions(model, tok, [(h, o) for *_, h, o in asks], s, asking, counts, seen,
                                 generate)
     derived = [dict(kind=kind, task=src["task"], topic=src["topic"],
