@@ -233,7 +233,7 @@ def generate_chunk(model, tok, chunk, s, generate=decode_generate):
     asks = [("followup", r, h, followup_opening(h[-1]["content"], s.sampler, rng))
             for r, h in zip(sources, histories)]
 
-    # 4. new first turns about a phrase of an answer: topics no list holds, in the model's own words;
+    # 4. new first turns about a phrase of an answer: topics no list holds, in the model's words;
     # answers in random order until n_phrase have a phrase (no draw at all without phrase slots, so
     # the chunks of the 60k-slot set come out as they were)
     n_asked = 0
