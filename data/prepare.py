@@ -192,16 +192,16 @@ def prepare_selfgen(args):
         raise ValueError(f"--shard {args.shard}: must lie in 0..{args.n_shards - 1} (--n_shards {args.n_shards})")
     if args.chunk_size < 1 or args.batch_size < 1 or args.question_rounds < 1:
         raise ValueError("--chunk_size, --batch_size and --question_rounds must be at least 1")
-    if not (0 <= args.passage_share and 0 <= args.followup_share and args.passage_share + args.followup_share < 1
-            and 0 <= args.magpie_share <= 1):
-        raise ValueError("--magpie_share must lie in [0, 1], --passage_share and --followup_share in [0, 1) with a "
-                         "sum below 1 (first turns need the rest)")
+    derived = (args.passage_share, args.followup_share, args.phrase_share)
+    if not (min(derived) >= 0 and sum(derived) < 1 and 0 <= args.magpie_share <= 1):
+        raise ValueError("--magpie_share must lie in [0, 1], --passage_share, --followup_share and "
+                         "--phrase_share in [0, 1) with a sum below 1 (first turns need the rest)")
     settings = selfgen.Settings(**{f.name: getattr(args, f.name) for f in fields(selfgen.Settings)})
     n_total = args.n + args.n_val + args.n_test
     n_chunks = math.ceil(n_total / args.chunk_size)
     work = args.out.rstrip("/") + ".chunks"
     config = {"init_from": args.init_from, "dtype": dtype, **asdict(settings)}
-    open_work_folder(work, config)
+    open_work_folder(work, config, selfgen.SETTINGS_ADDED)
     todo = [c for c in range(args.shard, n_chunks, args.n_shards) if not os.path.exists(chunk_path(work, c))]
     t0, last = time.time(), 0.0
     if todo:
@@ -256,12 +256,14 @@ def chunk_path(work, c):
     return os.path.join(work, f"chunk_{c:05d}.json")
 
 
-def open_work_folder(work, config):
-    """Create the chunk folder with its config.json, or check that the chunks already there used this config."""
+def open_work_folder(work, config, added=None):
+    """Create the chunk folder with its config.json, or check that the chunks already there used
+    this config. added: settings that came after some chunk folders were made, with the value
+    those folders' chunks had."""
     config_path = os.path.join(work, "config.json")
     if os.path.exists(config_path):
         with open(config_path) as f:
-            old = json.load(f)
+            old = {**(added or {}), **json.load(f)}
         if old != config:
             diff = sorted(k for k in old.keys() | config.keys() if old.get(k) != config.get(k))
             raise ValueError(f"{work}: its chunks were made with other settings ({', '.join(diff)}); delete that "
@@ -391,6 +393,11 @@ def main(argv=None):
     p.add_argument("--passage_share", type=float, default=0.1,
                    help="share of conversations asking about a passage of one of the model's earlier answers")
     p.add_argument("--followup_share", type=float, default=0.1, help="share of two-turn conversations")
+    p.add_argument("--phrase_share", type=float, default=0.1,
+                   help="share of first turns asking about a phrase of another answer of the chunk")
+    p.add_argument("--sampler", default="varied", choices=["tasks", "varied"],
+                   help="seeded openings (data/topics.py): varied adds tasks, personas and answer "
+                        "forms; tasks (with --phrase_share 0) made the chunks from before it")
     p.add_argument("--question_temperature", type=float, default=1.0, help="sampling temperature of the questions")
     p.add_argument("--question_top_p", type=float, default=0.95, help="top-p of the questions")
     p.add_argument("--question_rounds", type=int, default=3,

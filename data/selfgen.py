@@ -8,14 +8,19 @@ filters), `split_conversations` (held-out splits that share no conversation with
 What is not: loading the model, the work folder and its resumption, writing token files (data/prepare.py), the task
 and topic lists (data/topics.py), the decoding loop itself (decode.generate).
 
-A chunk holds `chunk_size` conversations of three kinds, all decoded in batches sorted by prompt length:
+A chunk holds `chunk_size` conversations of four kinds, decoded in batches sorted by prompt length:
 1. first turns: the chat template up to the user's turn, then either nothing (plain Magpie: the model writes the whole
-   question) or a seeded opening such as "How do I bake sourdough bread?" (a task type x topic from data/topics.py)
-   that the model continues. Questions are sampled (temperature, top-p) and kept when they end with a stop token, are
-   long enough, hold no special token and are new (case and spacing ignored); failed slots are sampled again.
+   question) or a seeded opening such as "How do I bake sourdough bread?" (a task type x topic from
+   data/topics.py; the varied sampler may add "I'm a farmer. " before and " Use a table." after)
+   that the model continues. Questions are sampled (temperature, top-p) and kept when they end with
+   a stop token, are long enough, hold no special token and are new (case and spacing ignored);
+   failed slots are sampled again.
 2. passage requests: "Summarise this: <passage>", the passage cut from one of this chunk's answers, so the model reads
    its own text in the prompt as well.
-3. follow-ups: a finished first turn, then a second user turn the model writes (from an opening like "Why").
+3. follow-ups: a finished first turn, then a second user turn the model writes (from an opening like
+   "Why", or with the varied sampler one that quotes a phrase of the answer).
+4. phrase questions: new first turns on a phrase of one of this chunk's answers ("Tell me more about
+   <phrase>."): topics no list of data/topics.py holds, so the set grows where the lists run out.
 Every question is answered greedily by default; answers cut at max_answer_tokens are kept by default: every token is
 still the model's own choice, and dropping them would bias the data towards short answers.
 A chunk depends only on its number and the settings, never on other chunks, so a set can be made in any number of
@@ -29,7 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
-from data.topics import FOLLOWUPS, PASSAGE_TASKS, seed_question
+from data.topics import (FOLLOWUPS, FORM_FOLLOWUPS, PASSAGE_TASKS, PHRASE_FOLLOWUPS,
+                         PHRASE_QUESTIONS, SAMPLERS, dress)
 from decode import generate as decode_generate
 
 SENTINEL = "\u2063QUESTION\u2063"   # stands for the user's text, to cut the template right where it would begin
@@ -39,11 +45,13 @@ SENTINEL = "\u2063QUESTION\u2063"   # stands for the user's text, to cut the tem
 class Settings:
     """Everything that decides a chunk's contents; prepare.py refuses to mix chunks made with different settings."""
     seed: int = 0
+    sampler: str = "varied"          # openings of data/topics.SAMPLERS ("tasks": the 60k-slot set)
     chunk_size: int = 2048           # conversations per chunk: the unit of determinism, resumption and sharding
     batch_size: int = 512            # sequences per generate call
     magpie_share: float = 0.2        # first turns left entirely to the model; the rest start from a seeded opening
     passage_share: float = 0.1       # conversations asking about a passage of an earlier answer
     followup_share: float = 0.1      # two-turn conversations
+    phrase_share: float = 0.1        # first turns about a phrase of another answer of the chunk
     question_temperature: float = 1.0
     question_top_p: float = 0.95
     question_rounds: int = 3         # attempts per question slot
@@ -53,6 +61,11 @@ class Settings:
     answer_temperature: float = 0.0  # 0: greedy
     max_answer_tokens: int = 512
     system: str | None = None        # system prompt (None: the template's own)
+
+
+# settings that came after the 60k-slot set of 2026-11, with the values its chunks were made with:
+# prepare.py reads a chunk folder's config.json that lacks them as having these
+SETTINGS_ADDED = {"sampler": "tasks", "phrase_share": 0.0}
 
 
 def normalise(text):
@@ -156,10 +169,24 @@ def cut_passage(text, tok, max_tokens, rng):
     return ""
 
 
+def answer_phrase(text, rng):
+    """A few words of `text` to ask about: one of its **bold** terms or list-item headings
+    ("2. Term:"), which is how the model marks its key ideas, else a name of two to four capitalised
+    words inside a sentence ("the Silk Road"); '' when there is none. Any other run of words makes
+    questions such as "Tell me more about need to identify." (measured)."""
+    marked = re.findall(r"\*\*([^*\n]{3,40})\*\*", text)
+    marked += re.findall(r"^\s*(?:\d+\.|[-*])\s+([^:*\n]{3,40}):", text, flags=re.M)
+    marked = [m.strip(" :.") for m in marked]
+    marked = [m for m in marked if m and len(m.split()) <= 5]
+    names = re.findall(r"(?<=[a-z,] )([A-Z][a-z]+(?: [A-Z][a-z]+){1,3})", text)
+    return rng.choice(marked or names) if marked or names else ""
+
+
 def generate_chunk(model, tok, chunk, s, generate=decode_generate):
-    """The conversations of chunk number `chunk` -> {"records": [...], "counts": {...}}. A record: kind (magpie,
-    seeded, passage, followup), task, topic, messages (the conversation up to the last user turn), answer (token
-    ids), group (the index of the first turn it grew from: held-out splits take whole groups)."""
+    """The conversations of chunk number `chunk` -> {"records": [...], "counts": {...}}. A record:
+    kind (magpie, seeded, passage, followup, phrase), task, topic, messages (the conversation up to
+    the last user turn), answer (token ids), group (the index of the first turn it grew from:
+    held-out splits take whole groups)."""
     rng = random.Random(f"{s.seed}/{chunk}")
     # questions and answers draw from separate streams: sampled answers (answer_temperature > 0) leave the questions
     # as they are with greedy ones, so the two sets compare like for like
@@ -168,11 +195,14 @@ def generate_chunk(model, tok, chunk, s, generate=decode_generate):
     counts, seen = Counter(), set()
     n_passage = round(s.chunk_size * s.passage_share)
     n_followup = round(s.chunk_size * s.followup_share)
+    n_phrase = round(s.chunk_size * s.phrase_share)
 
     # 1. first turns, from nothing or from a seeded opening
     seeds = []
-    for _ in range(s.chunk_size - n_passage - n_followup):
-        seeds.append(("magpie", None, None, "") if rng.random() < s.magpie_share else ("seeded", *seed_question(rng)))
+    for _ in range(s.chunk_size - n_passage - n_followup - n_phrase):
+        magpie = rng.random() < s.magpie_share
+        seeds.append(("magpie", None, None, "") if magpie else
+                     ("seeded", *SAMPLERS[s.sampler](rng)))
     questions = write_questions(model, tok, [([], opening) for *_, opening in seeds], s, asking, counts, seen,
                                 generate)
     first = [dict(kind=kind, task=task, topic=topic, messages=[{"role": "user", "content": q}])
@@ -200,13 +230,42 @@ def generate_chunk(model, tok, chunk, s, generate=decode_generate):
     done = [r for r in first if finished(r["answer"], tok.stop_ids)]
     sources = rng.sample(done, min(n_followup, len(done)))
     histories = [[*r["messages"], {"role": "assistant", "content": answer_text(tok, r["answer"])}] for r in sources]
-    contexts = [(h, rng.choice(FOLLOWUPS)) for h in histories]
-    questions = write_questions(model, tok, contexts, s, asking, counts, seen, generate)
-    followups = [dict(kind="followup", task=src["task"], topic=src["topic"],
-                      messages=[*h, {"role": "user", "content": q}], group=src["group"])
-                 for src, h, q in zip(sources, histories, questions) if q is not None]
-    answer(model, tok, passages + followups, s, answering, generate)   # one call: fewer, fuller batches
-    return {"records": first + passages + followups, "counts": dict(sorted(counts.items()))}
+    asks = [("followup", r, h, followup_opening(h[-1]["content"], s.sampler, rng))
+            for r, h in zip(sources, histories)]
+
+    # 4. new first turns about a phrase of an answer: topics no list holds, in the model's words;
+    # answers in random order until n_phrase have a phrase (no draw at all without phrase slots, so
+    # the chunks of the 60k-slot set come out as they were)
+    n_asked = 0
+    for src in rng.sample(first, len(first)) if n_phrase else []:
+        phrase = answer_phrase(answer_text(tok, src["answer"]), rng)
+        if phrase:
+            opening = dress(rng, rng.choice(PHRASE_QUESTIONS).format(phrase=phrase))
+            asks.append(("phrase", {**src, "task": "phrase", "topic": phrase}, [], opening))
+            n_asked += 1
+            if n_asked == n_phrase:
+                break
+    if n_asked < n_phrase:
+        counts["phrase_unusable"] += n_phrase - n_asked
+    questions = write_questions(model, tok, [(h, o) for *_, h, o in asks], s, asking, counts, seen,
+                                generate)
+    derived = [dict(kind=kind, task=src["task"], topic=src["topic"],
+                    messages=[*h, {"role": "user", "content": q}], group=src["group"])
+               for (kind, src, h, _), q in zip(asks, questions) if q is not None]
+    answer(model, tok, passages + derived, s, answering, generate)   # one call: fuller batches
+    return {"records": first + passages + derived, "counts": dict(sorted(counts.items()))}
+
+
+def followup_opening(answer, sampler, rng):
+    """The start of a second user turn: FOLLOWUPS for the tasks sampler; the varied one also asks
+    about a phrase of the answer just given, or for that answer in another form."""
+    if sampler == "tasks":
+        return rng.choice(FOLLOWUPS)
+    pool = rng.choice(["plain", "phrase", "form"])
+    phrase = answer_phrase(answer, rng) if pool == "phrase" else ""
+    if phrase:
+        return rng.choice(PHRASE_FOLLOWUPS).format(phrase=phrase)
+    return rng.choice(FORM_FOLLOWUPS if pool == "form" else FOLLOWUPS)
 
 
 def merge_chunks(chunks, tok, min_answer_tokens=2, keep_truncated=True):

@@ -4,9 +4,15 @@ same few questions. A seeded question starts as the opening of a user turn, e.g.
 continues it; the openings and topics are written for this project and share no wording with data/chat_prompts.jsonl,
 the held-out evaluation set (tests/test_selfgen.py checks that).
 
-What is here: TASKS (name -> templates and a way to fill them), `seed_question` (one random opening), PASSAGE_TASKS
-(requests that embed a passage of the model's own earlier answer), FOLLOWUPS (openings of a second user turn).
-What is not: the generation itself (data/selfgen.py).
+What is here:
+- SAMPLERS, the ways to draw one opening: "tasks" (`seed_question` over TASKS, name -> templates
+  and a way to fill them; the sampler of the 60k-slot set, kept as it was) and "varied"
+  (`seed_question_varied`: more tasks and topics, VARIED_TASKS, each request maybe led by a persona
+  and followed by an answer form);
+- PASSAGE_TASKS (requests that embed a passage of the model's own earlier answer), PHRASE_QUESTIONS
+  (new first turns about a phrase of one), FOLLOWUPS, PHRASE_FOLLOWUPS and FORM_FOLLOWUPS (openings
+  of a second user turn).
+What is not: the generation itself, nor how a phrase is cut from an answer (data/selfgen.py).
 """
 
 from data.synthmath import make_problem
@@ -121,8 +127,8 @@ def conversion(rng):
     return {"topic": f"{unit} to {target}", "unit": unit, "target": target, "amount": rng.choice(amounts)}
 
 
-def comparison(rng):
-    a, b = rng.choice(PAIRS)
+def comparison(rng, pairs=PAIRS):
+    a, b = rng.choice(pairs)
     return {"topic": f"{a} and {b}", "a": a, "b": b}
 
 
@@ -201,3 +207,174 @@ def seed_question(rng):
     templates, fill = TASKS[task]
     slots = fill(rng)
     return task, slots["topic"], rng.choice(templates).format(**slots)
+
+
+
+# ------------------------------------------------------------------------------------------------
+# The "varied" sampler: the tasks above and more, each opening maybe told who is asking and in
+# what form the answer should come. The "tasks" sampler alone saturates: 48% of the 60k-slot set's
+# questions were new.
+
+MORE_CONCEPTS = [
+    "photosynthesis", "the water table", "black-box testing", "the Doppler effect",
+    "compound words", "the Cold War", "neural networks", "the balance of payments", "jury trials",
+    "impressionism", "the offside rule", "jazz improvisation", "fermentation", "the ozone layer",
+    "antimatter", "muscle memory", "carbon dating", "monsoons", "the Byzantine Empire",
+    "index funds", "copyright", "circadian rhythm", "the Pythagorean theorem", "prime numbers",
+    "probability", "game theory", "the electoral college", "glaciers", "sourdough starters",
+    "noise pollution", "the gut microbiome", "open source software", "public key cryptography",
+    "the scientific method", "cognitive biases", "urban heat islands", "the Big Bang", "stem cells",
+    "tariffs", "microplastics", "the Mayan calendar", "haiku", "the Olympic Games",
+    "quantum computing", "desalination", "hibernation", "lightning", "the Great Depression",
+    "minimalism", "the Fibonacci sequence", "wildfires", "vitamin D", "credit unions",
+    "the Suez Canal", "rainbows", "echolocation", "version control", "spreadsheets",
+]
+PROGRAMMING_CONCEPTS = [
+    "recursion", "closures", "hash tables", "big O notation", "unit tests", "pointers",
+    "regular expressions", "object-oriented programming", "async and await", "garbage collection",
+    "REST APIs", "git branches", "database indexes", "type hints", "binary search", "linked lists",
+    "threads", "exceptions",
+]
+DISHES = [
+    "a simple tomato soup", "pancakes without eggs", "a vegetable curry", "homemade pizza dough",
+    "a lentil salad", "banana bread", "fried rice", "a quick pasta sauce", "guacamole",
+    "overnight oats", "a mushroom risotto", "hummus", "a chocolate mug cake", "roast vegetables",
+    "a Greek salad",
+]
+EVENTS = [
+    "the fall of the Berlin Wall", "the moon landing", "the invention of the telephone",
+    "the Black Death", "the building of the pyramids", "the signing of the Magna Carta",
+    "the discovery of penicillin", "the first flight of the Wright brothers", "the gold rush",
+    "the end of the Roman Republic",
+]
+JOBS = [
+    "a nurse", "a pilot", "a software tester", "a librarian", "an electrician", "a pharmacist",
+    "a journalist", "a physiotherapist", "an architect", "a chef", "a data analyst",
+    "a park ranger",
+]
+DOMAINS = ["cooking", "football", "gardening", "music", "a busy kitchen", "traffic", "a library",
+           "school"]
+WRITING = ["a haiku", "a limerick", "a short speech", "a product description", "a tweet",
+           "a riddle", "a diary entry", "a song chorus", "a toast for a wedding",
+           "a motivational quote"]
+
+# The tasks sampler can write two of the 24 validation prompts (data/chat_prompts_val.jsonl) word
+# for word and comes near two more and one test prompt; it stays as it was so that the 60k-slot
+# set's chunks still merge. The varied sampler leaves these topics out.
+NEAR_HELD_OUT = {("a virus", "a bacterium"), ("a crocodile", "an alligator"), "working from home",
+                 "a lighthouse keeper and a storm", "a robot who wants to be a chef"}
+
+
+def kept(pool):
+    return [x for x in pool if x not in NEAR_HELD_OUT]
+
+
+def one_of(pool, **more):
+    """fill(rng): a topic from `pool` and, for each other slot, one of its list."""
+    return lambda rng: {"topic": rng.choice(pool), **{k: rng.choice(v) for k, v in more.items()}}
+
+
+ALL_CONCEPTS = CONCEPTS + MORE_CONCEPTS
+MORE_TASKS = {
+    "overview": (["Can you explain {topic}?", "How does {topic} work?",
+                  "What should I know about {topic}?", "Why do people care about {topic}?",
+                  "Give me a simple overview of {topic}."], topic(MORE_CONCEPTS)),
+    "analogy": (["Explain {topic} using an example from {domain}.",
+                 "Give me an analogy for {topic} that involves {domain}."],
+                one_of(ALL_CONCEPTS, domain=DOMAINS)),
+    "misconception": (["What do most people get wrong about {topic}?",
+                       "What are common myths about {topic}?"], topic(ALL_CONCEPTS)),
+    "history": (["What is the history of {topic}?", "Who came up with {topic}, and when?"],
+                topic(ALL_CONCEPTS)),
+    "what-if": (["What would happen if {topic} suddenly stopped?",
+                 "Imagine a world without {topic}."], topic(ALL_CONCEPTS)),
+    "programming": (["Explain {topic} in {lang}.", "When should I use {topic} in {lang}?",
+                     "What are the pitfalls of {topic} in {lang}?"],
+                    one_of(PROGRAMMING_CONCEPTS, lang=LANGUAGES[:7])),   # not SQL
+    "recipe": (["How do I make {topic}?", "Give me a recipe for {topic}.",
+                "What do I need to cook {topic}?"], topic(DISHES)),
+    "event": (["Tell me about {topic}.", "Why was {topic} important?", "What led to {topic}?"],
+              topic(EVENTS)),
+    "career": (["What does a day as {topic} look like?", "How do I become {topic}?",
+                "What skills does {topic} need?"], topic(JOBS)),
+    "creative": (["Write {form} about {topic}.", "I need {form} on the theme of {topic}."],
+                 one_of(kept(STORY_SUBJECTS) + CONCEPTS, form=WRITING)),
+    "quiz": (["Write {n} quiz questions about {topic}.", "Test me on {topic} with {n} questions."],
+             one_of(ALL_CONCEPTS + EVENTS, n=range(3, 7))),
+    "debate": (["Argue for {topic}, then against it.", "Is {topic} overrated?"],
+               topic(kept(CHOICES) + CONCEPTS)),
+}
+VARIED_TASKS = {
+    **TASKS, **MORE_TASKS,
+    "comparison": (TASKS["comparison"][0], lambda rng: comparison(rng, kept(PAIRS))),
+    "story": (TASKS["story"][0], topic(kept(STORY_SUBJECTS))),
+    "pros-cons": (TASKS["pros-cons"][0], topic(kept(CHOICES))),
+    "explanation": (TASKS["explanation"][0], topic(ALL_CONCEPTS)),
+    "trivia": (TASKS["trivia"][0], topic(ALL_CONCEPTS + EVENTS)),
+}
+
+# who is asking, before the request
+PERSONAS = [
+    "a nurse on night shifts", "a retired engineer", "a first-year university student",
+    "a parent of twins", "a small bakery owner", "a high school biology teacher",
+    "a beginner programmer", "an English learner", "a farmer", "a 14-year-old", "a new manager",
+    "a truck driver", "a grandmother of five", "a freelance designer", "a medical student",
+    "a shy person", "a football coach", "a busy lawyer", "a museum guide",
+    "an exchange student from Brazil", "a stay-at-home dad", "a night owl", "a tourist in Japan",
+    "a city council member", "a musician", "a nervous first-time buyer", "an accountant",
+    "a ten-year-old", "a volunteer firefighter", "a PhD student in history",
+]
+PERSONA_LEADS = ["I'm {persona}. ", "I'm {persona}, and I have a question. ",
+                 "Question from {persona}: "]
+
+# the form and length of the answer asked for, after the request
+FORMATS = [
+    "Answer in one sentence.", "Keep it under 50 words.", "Use a numbered list.",
+    "Use bullet points.", "Put it in a table.", "Explain it step by step.",
+    "Explain it so a child could follow.", "Give three examples.", "Be detailed, I have time.",
+    "Start with a one-line summary.", "Write it as a short dialogue.", "Use simple words.",
+    "Add a short example at the end.", "End with a tip I can use today.",
+    "Answer in two short paragraphs.", "Give me just the key facts.", "Use headings.",
+    "Compare it to something everyday.", "Answer like a friendly teacher.",
+    "Keep it to five bullet points.", "Answer in about 100 words.",
+    "Finish with a question for me.",
+]
+FORMLESS = {"story", "creative", "email", "rewrite", "translation"}   # the task sets the form
+PERSONA_SHARE, FORMAT_SHARE = 0.5, 0.5   # drawn independently: every persona meets every form
+
+
+def dress(rng, request, formless=False):
+    """The request, maybe led by who is asking and maybe followed by the form of answer wanted."""
+    lead = ""
+    if rng.random() < PERSONA_SHARE:
+        lead = rng.choice(PERSONA_LEADS).format(persona=rng.choice(PERSONAS))
+    form = " " + rng.choice(FORMATS) if rng.random() < FORMAT_SHARE and not formless else ""
+    return lead + request + form
+
+
+def seed_question_varied(rng):
+    """As seed_question over VARIED_TASKS, dressed with a persona and an answer form."""
+    task = rng.choice(sorted(VARIED_TASKS))
+    templates, fill = VARIED_TASKS[task]
+    slots = fill(rng)
+    return task, slots["topic"], dress(rng, rng.choice(templates).format(**slots), task in FORMLESS)
+
+
+SAMPLERS = {"tasks": seed_question, "varied": seed_question_varied}
+
+# new first turns about a phrase of one of the model's earlier answers (selfgen.answer_phrase)
+PHRASE_QUESTIONS = [
+    "What does \"{phrase}\" mean?", "Tell me more about {phrase}.",
+    "Can you explain {phrase} with an example?", "Why does {phrase} matter?",
+    "I keep hearing about {phrase}. What is it?", "What are common mistakes with {phrase}?",
+    "How would you explain {phrase} to a ten-year-old?", "Write a short poem about {phrase}.",
+    "Give me three facts about {phrase}.",
+]
+# second-turn openings of the varied sampler besides FOLLOWUPS: on a phrase of the answer just
+# given, or asking for it in another form
+PHRASE_FOLLOWUPS = ["You mentioned \"{phrase}\". ", "What did you mean by \"{phrase}\"?",
+                    "Can you say more about \"{phrase}\"?",
+                    "How does \"{phrase}\" work in practice?"]
+FORM_FOLLOWUPS = ["Can you put that in a table?", "Now say it in one sentence.",
+                  "Rewrite that for a child.", "Turn that into a checklist.",
+                  "Give me an example of that."]

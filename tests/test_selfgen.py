@@ -79,9 +79,13 @@ def word_ngrams(text, n):
     return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
 
 
+def held_out_prompts(name):
+    lines = (DATA / name).read_text(encoding="utf-8").splitlines()
+    return [json.loads(line)["prompt"] for line in lines]
+
+
 def test_chat_prompts_parse_and_are_not_in_the_seeds():
-    lines = (DATA / "chat_prompts.jsonl").read_text(encoding="utf-8").splitlines()
-    prompts = [json.loads(line)["prompt"] for line in lines]
+    prompts = held_out_prompts("chat_prompts.jsonl")
     assert len(prompts) >= 72 and len(set(prompts)) == len(prompts)
     assert all(isinstance(p, str) and p.strip() for p in prompts)
     assert max(map(len, prompts)) > 300 and min(map(len, prompts)) < 30   # from a few words to a passage
@@ -91,26 +95,80 @@ def test_chat_prompts_parse_and_are_not_in_the_seeds():
         assert not (word_ngrams(p, 6) & seeds), p
 
 
-def test_seed_questions_never_copy_an_evaluation_prompt():
-    from bench import QUESTIONS
-    held_out = {selfgen.normalise(p) for p in QUESTIONS}
-    held_out |= {selfgen.normalise(json.loads(line)["prompt"]) for line in open(DATA / "chat_prompts.jsonl")}
+def test_varied_openings_share_no_topic_wording_with_held_out_prompts():
+    # a run of six words an opening shares with a held-out prompt is allowed only when it is all
+    # request words (templates, answer forms, articles), as "write a short story about a" is; the
+    # tasks sampler, kept for the 60k-slot set's chunks, fails this (topics.NEAR_HELD_OUT)
+    templates = [t for ts, _ in topics.VARIED_TASKS.values() for t in ts]
+    request_text = " ".join(templates + topics.FORMATS)
+    request_words = {"a", "an", "the"} | {w for (w,) in word_ngrams(request_text, 1)}
     rng = random.Random(0)
-    openings = {selfgen.normalise(topics.seed_question(rng)[2]) for _ in range(20000)}
+    openings = [topics.seed_question_varied(rng)[2] for _ in range(60000)]
+    grams = set().union(*(word_ngrams(o, 6) for o in openings))
+    for p in held_out_prompts("chat_prompts.jsonl") + held_out_prompts("chat_prompts_val.jsonl"):
+        assert all(set(g) <= request_words for g in word_ngrams(p, 6) & grams), p
+
+
+@pytest.mark.parametrize("sampler, files", [
+    ("tasks", ["chat_prompts.jsonl"]),   # it does write two of the validation prompts
+    ("varied", ["chat_prompts.jsonl", "chat_prompts_val.jsonl"])])
+def test_seed_questions_never_copy_an_evaluation_prompt(sampler, files):
+    from bench import QUESTIONS
+    held_out = {selfgen.normalise(p) for f in files for p in held_out_prompts(f)}
+    held_out |= {selfgen.normalise(p) for p in QUESTIONS}
+    rng = random.Random(0)
+    openings = {selfgen.normalise(topics.SAMPLERS[sampler](rng)[2]) for _ in range(20000)}
     assert not (openings & held_out)
 
 
-def test_seed_question_covers_every_task_and_embeds_its_topic():
+@pytest.mark.parametrize("sampler, tasks", [("tasks", topics.TASKS),
+                                            ("varied", topics.VARIED_TASKS)])
+def test_seed_question_covers_every_task_and_embeds_its_topic(sampler, tasks):
     rng = random.Random(0)
     seen = {}
-    for _ in range(3000):
-        task, topic, opening = topics.seed_question(rng)
+    for _ in range(6000):
+        task, topic, opening = topics.SAMPLERS[sampler](rng)
         seen.setdefault(task, []).append((topic, opening))
-    assert set(seen) == set(topics.TASKS)
+    assert set(seen) == set(tasks)
     for task, pairs in seen.items():
         assert len({o for _, o in pairs}) > 1, task
         if task not in ("conversion", "comparison", "list"):   # these spread their topic over several slots
             assert all(t in o for t, o in pairs), task
+
+
+def test_tasks_sampler_still_draws_the_openings_of_the_60k_set():
+    # the shared 60k-slot set's chunks (made before the varied sampler) merge only while it does
+    rng = random.Random(0)
+    assert [topics.seed_question(rng)[2] for _ in range(4)] == [
+        "Can you recommend a gift for a ten-year-old?",
+        "I need a list of skills every adult should have.",
+        "Solve this word problem: Marco starts with 38 balloons. He finds 40 more balloons. "
+        "How many balloons does Marco have in the end?",
+        "What is 10 square metres in square feet?"]
+
+
+def test_varied_sampler_asks_as_someone_in_a_form_and_repeats_less():
+    rng = {name: random.Random(0) for name in topics.SAMPLERS}
+    draws = {name: [sampler(rng[name])[2] for _ in range(10000)]
+             for name, sampler in topics.SAMPLERS.items()}
+    varied = draws["varied"]
+    personas = {o for o in varied if any(p in o for p in topics.PERSONAS)}
+    forms = {o for o in varied if o.endswith(tuple(" " + f for f in topics.FORMATS))}
+    assert 0.4 < len(personas) / len(varied) < 0.6 and 0.3 < len(forms) / len(varied) < 0.5
+    assert len(personas & forms) > 1000   # persona and form are drawn independently
+    assert len(set(varied)) > 3 * len(set(draws["tasks"]))
+
+
+def test_answer_phrase_takes_a_marked_term_or_a_name():
+    rng = random.Random(0)
+    text = ("1. **Budget:** Write it down.\n2. **Saving money early**: it adds up. **a*b\n"
+            "- Water supply: check it.\n3. A heading much too long to be a term: no.")
+    assert {selfgen.answer_phrase(text, rng) for _ in range(50)} == {
+        "Budget", "Saving money early", "Water supply"}
+    text = "Trade on the Silk Road grew, and Marco Polo went. The Roman Empire fell. New Ideas came"
+    assert {selfgen.answer_phrase(text, rng) for _ in range(50)} == {
+        "Silk Road", "Marco Polo", "Roman Empire"}   # not "New Ideas", a sentence's first words
+    assert selfgen.answer_phrase("It is on the way to a car in Rome.", rng) == ""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -145,7 +203,8 @@ def test_generate_chunk_seeding_kinds_and_filters():
              " " + "x" * 30, "<|im_end|>", " Fine question?<|im_end|>"]
     fake = scripted_generate(continuations=conts)
     s = Settings(seed=0, chunk_size=10, batch_size=3, magpie_share=1.0, passage_share=0.2, followup_share=0.2,
-                 min_question_chars=3, max_question_tokens=20, max_passage_tokens=20)
+                 phrase_share=0.0, sampler="tasks", min_question_chars=3, max_question_tokens=20,
+                 max_passage_tokens=20)
     chunk = generate_chunk(model, tok, 0, s, generate=fake)
     counts, records = chunk["counts"], chunk["records"]
     assert counts == dict(question_duplicate=1, question_short=1, question_special=1, question_truncated=1)
@@ -164,7 +223,8 @@ def test_generate_chunk_seeding_kinds_and_filters():
 
     # seeded openings reach the prompts the model continues, and the question keeps them
     fake = scripted_generate()
-    s = Settings(seed=1, chunk_size=40, batch_size=8, magpie_share=0.0, passage_share=0.0, followup_share=0.0)
+    s = Settings(seed=1, chunk_size=40, batch_size=8, magpie_share=0.0, passage_share=0.0,
+                 followup_share=0.0, phrase_share=0.0)
     records = generate_chunk(model, tok, 0, s, generate=fake)["records"]
     assert {r["kind"] for r in records} == {"seeded"} and len({r["task"] for r in records}) > 5
     for r in records:
@@ -173,6 +233,28 @@ def test_generate_chunk_seeding_kinds_and_filters():
         assert any(c.endswith("<|im_start|>user\n" + opening) for c in fake.calls)
         if r["task"] in ("explanation", "how-to", "story", "email", "advice", "definition", "planning"):
             assert r["topic"] in question
+
+
+def test_generate_chunk_asks_about_phrases_of_its_answers():
+    tok = ChatChars()
+    fake = scripted_generate(answer_end=" The **Key idea** here.<|im_end|>")
+    s = Settings(seed=0, chunk_size=40, batch_size=8, magpie_share=0.0, passage_share=0.0,
+                 followup_share=0.3, phrase_share=0.2, min_question_chars=1)   # "" + " #1?" will do
+    records = generate_chunk(tiny_model(tok.vocab_size), tok, 0, s, generate=fake)["records"]
+    first = [r for r in records if r["kind"] == "seeded"]
+    phrases = [r for r in records if r["kind"] == "phrase"]
+    assert len(first) == 20 and len(phrases) == 8
+    for r in phrases:   # a new first turn on a phrase of an answer, held out with its group
+        (user,) = r["messages"]
+        assert r["task"] == "phrase" and r["topic"] == "Key idea" and r["group"] < len(first)
+        assert any(q.format(phrase="Key idea") in user["content"] for q in topics.PHRASE_QUESTIONS)
+    openings = [r["messages"][2]["content"] for r in records if r["kind"] == "followup"]
+    quoting = tuple(f.format(phrase="Key idea") for f in topics.PHRASE_FOLLOWUPS)
+    forms = tuple(topics.FORM_FOLLOWUPS)
+    assert len(openings) == 12
+    assert all(o.startswith(tuple(topics.FOLLOWUPS) + forms + quoting) for o in openings)
+    assert any(o.startswith(quoting) for o in openings)
+    assert any(o.startswith(forms) for o in openings)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -197,7 +279,7 @@ def test_cut_passage_takes_whole_paragraphs_or_leading_sentences():
 def test_passages_of_cut_answers_end_with_a_whole_sentence():
     tok = ChatChars()
     s = Settings(chunk_size=10, batch_size=4, magpie_share=0.0, passage_share=0.5, followup_share=0.0,
-                 max_answer_tokens=30, max_passage_tokens=60)
+                 phrase_share=0.0, max_answer_tokens=30, max_passage_tokens=60)
     fake = scripted_generate(answer_end=" Then more words without any end at all")   # cut at 30 tokens
     records = generate_chunk(tiny_model(tok.vocab_size), tok, 0, s, generate=fake)["records"]
     passages = [r for r in records if r["kind"] == "passage"]
@@ -284,13 +366,18 @@ def run(*argv):
     prepare.main([str(a) for a in argv])
 
 
-def test_prepare_selfgen_shards_and_resumption_equal_one_run(tmp_path, monkeypatch):
+def use_tiny_model(monkeypatch):
     tok = ChatChars()
     model = tiny_model(tok.vocab_size)
     monkeypatch.setattr(prepare, "get_tokenizer",
                         lambda name, device="cpu", dtype=None, with_model=False: (tok, model) if with_model else tok)
+
+
+def test_prepare_selfgen_shards_and_resumption_equal_one_run(tmp_path, monkeypatch):
+    use_tiny_model(monkeypatch)
     args = ["selfgen", "--n", 14, "--n_val", 2, "--n_test", 2, "--chunk_size", 6, "--batch_size", 4, "--device",
-            "cpu", "--max_question_tokens", 12, "--min_question_chars", 1, "--max_answer_tokens", 8]
+            "cpu", "--max_question_tokens", 12, "--min_question_chars", 1, "--max_answer_tokens", 8,
+            "--question_rounds", 10]   # the random model's questions fill the splits
     run(*args, "--out", tmp_path / "one")
     one = files_of(tmp_path / "one")
     meta = load_meta(tmp_path / "one")
@@ -321,3 +408,20 @@ def test_prepare_selfgen_shards_and_resumption_equal_one_run(tmp_path, monkeypat
         run(*args, "--out", tmp_path / "three", "--overwrite", "--seed", 1)
     with pytest.raises(ValueError, match="--shard 2: must lie in 0..1"):
         run(*args, "--out", tmp_path / "four", "--shard", 2, "--n_shards", 2)
+
+
+def test_prepare_selfgen_merges_chunks_made_before_the_sampler_setting(tmp_path, monkeypatch):
+    use_tiny_model(monkeypatch)
+    args = ["selfgen", "--n", 6, "--n_val", 1, "--n_test", 1, "--chunk_size", 4, "--batch_size", 4,
+            "--device", "cpu", "--max_question_tokens", 12, "--min_question_chars", 1,
+            "--max_answer_tokens", 8, "--out", tmp_path / "old"]
+    old_sampler = ["--sampler", "tasks", "--phrase_share", 0]
+    run(*args, *old_sampler)
+    made = files_of(tmp_path / "old")
+    config = tmp_path / "old.chunks" / "config.json"   # as written before these settings existed
+    config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items()
+                                  if k not in selfgen.SETTINGS_ADDED}))
+    run(*args, *old_sampler, "--overwrite")
+    assert files_of(tmp_path / "old") == made
+    with pytest.raises(ValueError, match=r"other settings \(phrase_share, sampler\)"):
+        run(*args, "--overwrite")
