@@ -16,6 +16,7 @@ from functools import partial
 import torch
 
 from engine import Graph, Sampling, Strategy, Step, drafted, verify
+from model import looped_head
 
 COST_REPEATS = 5       # timed replays per depth when HeadDrafts measures its step costs
 # a depth's acceptance before any evidence: optimistic, so drafting gets tried
@@ -84,8 +85,7 @@ class HeadStrategy(Strategy):
                              f"heads, or --heads FILE)")
         super().__init__(model, batch_size, max_len, query_len, sampling, generator, graphs,
                          compile)
-        # a looped schedule: the last head serves every depth beyond its own
-        self.schedule = schedule or [min(d, len(model.heads) - 1) for d in range(depths)]
+        self.schedule = schedule or [looped_head(d, len(model.heads)) for d in range(1, depths + 1)]
         if len(self.schedule) != depths or max(self.schedule) >= len(model.heads):
             raise ValueError(f"head schedule {self.schedule} does not fit {depths} depths and "
                              f"{len(model.heads)} heads")

@@ -256,6 +256,12 @@ class MTPHead(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # the model
 
+def looped_head(depth, n_heads):
+    """Paper B's looped schedule, the one rule for decoding and for extension: depth d (1-based) is served by head
+    d while there is one, and by the last head beyond."""
+    return min(depth, n_heads) - 1
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
@@ -413,6 +419,14 @@ class Transformer(nn.Module):
         main = make_caches(self.cfg, self.cfg.n_layer, batch_size, max_len, device, dtype)
         depths = [make_caches(self.cfg, 1, batch_size, max_len, device, dtype)[0] for _ in range(n_depths)]
         return main, depths
+
+    def extend_heads(self, n):
+        """Looped extension (Paper B): n new MTP modules, each a copy of the head that the looped schedule
+        gives its depth, so the extended model drafts exactly as the looped one until the copies train."""
+        for _ in range(n):
+            source = self.heads[looped_head(len(self.heads) + 1, len(self.heads))]
+            self.add_heads(1)
+            self.heads[-1].load_state_dict(source.state_dict())
 
     def add_heads(self, n, init="last_block"):
         """Append n new MTP modules. init: "last_block" copies the last backbone block (residual outputs zeroed so

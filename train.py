@@ -92,12 +92,9 @@ def build(args, tokenizer):
             model.add_fusion(args.head_taps)
         model.add_heads(args.n_mtp_heads, init=args.head_init or "last_block")
     elif args.mode == "extend":
-        m = len(model.heads)
-        if m == 0:
+        if not model.heads:
             raise ValueError(f"{args.init_from} has no MTP heads to extend: train some with --mode heads first")
-        for i in range(args.n_mtp_heads):       # looped extension: new head m+i starts as a copy of head i mod m
-            model.add_heads(1)
-            model.heads[-1].load_state_dict(model.heads[i % m].state_dict())
+        model.extend_heads(args.n_mtp_heads)
     else:  # mask
         teacher = None if args.lora_rank and args.gated else copy.deepcopy(model).eval().requires_grad_(False)
         names = mask_token_names(args.k_max - 1 if args.distinct_masks else 1)

@@ -245,3 +245,18 @@ def test_train_heads_with_taps_resumes_and_exports(synth, tmp_path, capsys):
     capsys.readouterr()
     status, err = run_cli([*common, "--head_taps", "2", "--out", tmp_path / "deep", "--max_steps", "1"], capsys)
     assert status == 2 and err.count("\n") == 1 and "head_taps [2]: expected increasing indices" in err, err
+
+
+def test_looped_extension_drafts_as_the_looped_schedule_until_trained():
+    """Decoding past the last head and extension follow one rule (model.looped_head): a new head
+    starts as the head that served its depth, so an untrained extension drafts as the looped model
+    does, step for step."""
+    m = reading(1, residual=0.005)
+    p = prompt(1, 12)
+    looped, extended = Stats(), Stats()
+    ref = generate(m, [p], 32, method="mtp@4", stats=looped)
+    m = copy.deepcopy(m)
+    m.extend_heads(2)
+    assert generate(m, [p], 32, method="mtp@4", stats=extended) == ref
+    assert len(m.heads) == 4 and extended.accept_counts == looped.accept_counts
+    assert 0 < looped.accepted[2] < looped.proposed[2]    # depth 3 drafts are checked and differ
