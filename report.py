@@ -64,6 +64,10 @@ def table(res):
                  ("; acc 95% = Wilson interval" if acc else "") +
                  ("; nll_self = NLL under the fine-tuned model itself, NOT the original"
                   if nll == "nll_self" else ""))
+    over_mtp1 = [f"{name} {r['speedup_mtp1']:.2f}x" for name, r in res["methods"].items()
+                 if r.get("speedup_mtp1") is not None and name != "mtp@1"]
+    if over_mtp1:   # Paper B's own reference
+        lines.append("speedup over mtp@1: " + " | ".join(over_mtp1))
     hists = [f"{name} {' '.join(map(str, r['accepted_lengths']))}"
              for name, r in res["methods"].items() if r.get("accepted_lengths")]
     if hists:   # the acceptance histogram beside the rates: steps that accepted n = 0, 1, 2, ...

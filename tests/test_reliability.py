@@ -25,6 +25,7 @@ import decode
 import distill
 import load
 import parallel
+import report
 import train
 import train_options
 from model import Config, Transformer
@@ -347,6 +348,29 @@ def test_speedup_is_how_many_times_faster_than_ar(bench_model, monkeypatch):
     assert res["mtp@3"]["tokens"] == res["ar"]["tokens"] and res["mtp@3"]["exact_match"] == 1.0
     assert res["mtp@3"]["speedup"] == pytest.approx(2.0)
     assert res["ar"]["speedup"] == pytest.approx(1.0)
+    assert res["mtp@3"]["speedup_mtp1"] is None       # Paper B's reference did not run
+
+
+def test_speedup_over_mtp1_is_paper_bs_reference(bench_model, monkeypatch):
+    """Beside ar, bench measures every method against mtp@1 (Paper B's one-head MTP) when it ran:
+    mtp@3 taking half mtp@1's time for the same tokens is 2x over it, ar taking twice 0.5x."""
+    m, _, tokenizer, options = bench_model
+    real_generate, clock = decode.generate, [0.0]
+    cost = {1: 4.0, 2: 2.0, 4: 1.0}   # seconds a call, by query length: ar 1, mtp@1 2, mtp@3 4
+
+    def generate(model, prompts, n, *args, method="ar", **kwargs):
+        out = real_generate(model, prompts, n, *args, method=method, **kwargs)
+        clock[0] += cost[method.query_len]
+        return out
+    monkeypatch.setattr(decode, "generate", generate)
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    res = bench.run(m, tokenizer, ["ar", "mtp@1", "mtp@3"], ["What is 2+2?", "Hello there"], 12,
+                    options=options, warmup=0)
+    rows = res["methods"]
+    assert rows["mtp@3"]["speedup_mtp1"] == pytest.approx(2.0)
+    assert rows["ar"]["speedup_mtp1"] == pytest.approx(0.5)
+    assert rows["mtp@3"]["speedup"] == pytest.approx(4.0)
+    assert "speedup over mtp@1: ar 0.50x | mtp@3 2.00x" in report.table(res)
 
 
 @pytest.mark.parametrize("method, k", [("static@4", 4), ("confadapt@0.5", 1), ("mtp@3", 1),
