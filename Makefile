@@ -18,7 +18,7 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 .PHONY: demo test clean
 demo: $(VENV)/.installed
 	$(PY) decode.py --init_from smollm2 --device cpu --prompt "What is the capital of France?" --max_new_tokens 32
-	$(PY) bench.py --init_from smollm2 --device cpu --methods ar,mtp@3 --prompts data/smollm2_heldout.jsonl --num_prompts 4 --max_new_tokens 64
+	$(PY) bench.py --init_from smollm2 --device cpu --methods ar,mtp@3,mtp@4 --prompts data/chat_prompts.jsonl --num_prompts 4 --max_new_tokens 64
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q tests
