@@ -33,14 +33,14 @@ NOT_NEGATIVE = ("n_mtp_heads", "top_n", "prefix_loss", "lora_rank", "max_steps",
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that raises ValueError instead of printing its usage: every expected error is one line (cli())."""
+    """argparse that raises ValueError instead of printing its usage: every expected error is one line (train.cli)."""
 
     def error(self, message):
         raise ValueError(message)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every option's default."""
+    """The description (train.py's docstring) as written, and every option's default."""
 
 
 def make_parser(description=None):
