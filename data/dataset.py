@@ -23,7 +23,7 @@ import os
 import numpy as np
 import torch
 
-FORMAT = "nanomtp-data-2"    # 2: the loss mask file is {split}_loss_mask.bin
+FORMAT = "nanomtp-data-2"    # 2: the loss weights (answer tokens) are in {split}_loss_mask.bin
 # Encoded by every tokenizer at preparation and at check time; a different encoding means a different tokenizer.
 PROBE = "Maya has 48 apples. She gives 24 away: 48 - 24 = 24.\n#### 24 The quick brown fox, (x) [y] {z}!?"
 

@@ -97,22 +97,22 @@ def write_split(folder, split, rows, dtype, has_prompts):
     lengths = np.array([len(p) + len(a) for _, p, a, _ in rows], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     tokens = np.empty(int(lengths.sum()), dtype=dtype)
-    loss_mask = np.zeros(len(tokens), dtype=np.uint8)
+    loss_weight = np.zeros(len(tokens), dtype=np.uint8)
     index = np.empty((len(rows), 3), dtype=np.int64)
     for i, (_, p, a, _) in enumerate(tqdm(rows, desc=f"writing {split}", unit=" ex", leave=False)):
         s = int(starts[i])
         tokens[s:s + len(p)] = p
         tokens[s + len(p):s + len(p) + len(a)] = a
-        loss_mask[s + len(p):s + len(p) + len(a)] = 1      # the answer is what the loss sees
+        loss_weight[s + len(p):s + len(p) + len(a)] = 1      # the answer is what the loss sees
         index[i] = (s, len(p), len(p) + len(a))
     tokens.tofile(os.path.join(folder, f"{split}.bin"))
     index.tofile(os.path.join(folder, f"{split}_index.bin"))
     if has_prompts:
-        loss_mask.tofile(os.path.join(folder, f"{split}_loss_mask.bin"))
+        loss_weight.tofile(os.path.join(folder, f"{split}_loss_mask.bin"))
         with open(os.path.join(folder, f"{split}_prompts.jsonl"), "w", encoding="utf-8") as f:
             for prompt, _, _, answer in rows:
                 f.write(json.dumps({"prompt": prompt, "answer": answer}, ensure_ascii=False) + "\n")
-    return {"examples": len(rows), "tokens": len(tokens), "answer_tokens": int(loss_mask.sum())}
+    return {"examples": len(rows), "tokens": len(tokens), "answer_tokens": int(loss_weight.sum())}
 
 
 def write_folder(out, tokenizer, splits, task, has_prompts, chat, args, extra=None):
