@@ -140,16 +140,18 @@ def flops_per_token(model, args):
         student = (2 if args.lora_rank else 3) * (backbone + out_head)
         teacher = 0 if args.target == "data" else backbone + out_head
         mean_k = args.k_max if args.k_fixed else (2 + args.k_max) / 2
-        return (student + teacher) * (T + regions_per_sequence(args.seq_len, args.k_max)
-                                      * (mean_k - 1)) / T
+        packed = T + regions_per_sequence(args.seq_len, args.k_max) * (mean_k - 1)
+        return (student + teacher) * packed / T
     main = (3 if args.mode == "scratch" else 1) * (backbone + out_head)
-    fusion = 0 if model.fuse is None else \
-        (2 if model.fuse.weight.requires_grad else 1) * 2 * model.fuse.weight.numel()
+    fusion = 0
+    if model.fuse is not None:
+        fusion = (2 if model.fuse.weight.requires_grad else 1) * 2 * model.fuse.weight.numel()
     heads = 0
     for head in model.heads:
-        trained = any(p.requires_grad for p in head.parameters())
-        heads += 3 * forward([head]) + (3 if args.mode == "scratch" else 2) * out_head \
-            if trained else forward([head]) + out_head
+        if any(p.requires_grad for p in head.parameters()):
+            heads += 3 * forward([head]) + (3 if args.mode == "scratch" else 2) * out_head
+        else:
+            heads += forward([head]) + out_head
     return main + fusion + heads
 
 
