@@ -186,11 +186,11 @@ def test_fine_tuned_without_its_original_is_labelled(tmp_path, capsys):
 # the prompts file
 
 @pytest.mark.parametrize("text, message", [
-    ('{"prompt": "a"}\n{"prompt": \n', "p.jsonl:2: not a JSON object"),
+    ('{"prompt": "a"}\n{"prompt": \n', "p.jsonl:2: not valid JSON"),
     ("", "p.jsonl: holds no prompts"),
-    ('\n{"question": "a"}\n', 'p.jsonl:2: expected an object with a "prompt" field'),
-    ('{"prompt": 3}\n', 'p.jsonl:1: "prompt" must be a non-empty string'),
-    ('["prompt"]\n', 'p.jsonl:1: expected an object'),
+    ('\n{"question": "a"}\n', "p.jsonl:2: missing field 'prompt'"),
+    ('{"prompt": 3}\n', "p.jsonl:1: field 'prompt' is not a non-empty string"),
+    ('["prompt"]\n', 'p.jsonl:1: expected a JSON object'),
 ])
 def test_prompts_file_errors(tmp_path, capsys, text, message):
     (tmp_path / "p.jsonl").write_text(text)

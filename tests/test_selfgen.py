@@ -12,10 +12,11 @@ import torch
 
 from data import prepare, selfgen, topics
 from tokenizer import CharTokenizer
-from data.dataset import load_meta, read_split_prompts
+from data.dataset import load_meta
 from data.selfgen import Settings, describe, finished, generate_chunk, merge_chunks, split_conversations
 from decode import generate
 from model import Config, Transformer
+from prompts import read_prompts
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 
@@ -385,7 +386,7 @@ def test_prepare_selfgen_shards_and_resumption_equal_one_run(tmp_path, monkeypat
         s["examples"] for s in meta["splits"].values())
     assert meta["splits"]["val"]["examples"] == 2 and meta["splits"]["test"]["examples"] == 2
     assert sum(meta["stats"]["answer_length_histogram"].values()) == meta["stats"]["conversations"]
-    (p, _) = read_split_prompts(tmp_path / "one", "test")
+    (p, _) = read_prompts(tmp_path / "one" / "test_prompts.jsonl")
     assert p["prompt"].startswith("<|im_start|>system\n") and p["prompt"].endswith("<|im_start|>assistant\n")
 
     for shard in (1, 0):    # two processes sharing the chunks, then the call that writes the folder
