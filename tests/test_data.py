@@ -280,17 +280,3 @@ def test_old_or_damaged_folders_and_prompts_name_the_file(tmp_path):
         f.write("{oops\n")
     with pytest.raises(ValueError, match=r"test_prompts.jsonl:3: not valid JSON"):
         read_prompts(tmp_path / "d" / "test_prompts.jsonl")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# self-generation
-
-class ChatChars(CharTokenizer):
-    """A character tokenizer with the ChatML specials, so the chat template works: the fake of the bundled model's
-    tokenizer."""
-    system_prompt = "Be brief."
-
-    def __init__(self):
-        specials = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-        super().__init__([*specials, *CharTokenizer().tokens[1:]], specials)
-        self.stop_ids = [self.special["<|im_end|>"], self.eos_id]

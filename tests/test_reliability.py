@@ -9,7 +9,6 @@ prefill's share of tokens per forward.
 """
 
 import fcntl
-import json
 import os
 import subprocess
 import sys
@@ -28,15 +27,12 @@ import parallel
 import report
 import train
 import train_options
-from model import Config, Transformer
+from helpers import SMALL, default_init, read_log, run_cli
 from tokenizer import CharTokenizer, Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models run on one thread
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = ["--n_layer", "2", "--n_embd", "32", "--n_head", "4", "--n_kv_head", "2",
-         "--batch_size", "4", "--seq_len", "48", "--eval_every", "1000", "--eval_batches", "1",
-         "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -47,23 +43,12 @@ def synth(tmp_path_factory):
     return out
 
 
-def run_cli(argv, capsys):
-    """train.py's command line in process: (exit status, stderr)."""
-    status = train.cli([str(a) for a in argv])
-    return status, capsys.readouterr().err
-
-
 def tiny(heads=0, vocab=40, max_seq_len=256, seed=0):
-    torch.manual_seed(seed)
-    m = Transformer(Config(arch="llama", vocab_size=vocab, n_layer=2, n_head=4, n_kv_head=2,
-                           n_embd=32, head_dim=8, intermediate_size=64, max_seq_len=max_seq_len))
-    if heads:
-        m.add_heads(heads, init="random")
-    return m.eval()
+    return default_init(vocab, heads, seed, max_seq_len=max_seq_len).eval()
 
 
 def steps_of(out):
-    return [r["step"] for r in map(json.loads, open(f"{out}.log.jsonl")) if "loss" in r]
+    return [r["step"] for r in read_log(out)]
 
 
 # ------------------------------------------------------------------------------------------------
