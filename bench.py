@@ -15,7 +15,8 @@ labelled LOSSY. `hf` is another implementation: transformers' own `generate` (gr
 weights, for comparison. A table for people; with --json, one JSON object last.
 
 What is not here: the decoding itself (decode.py, engine.py, draft_*.py), the model setup
-(load.load_for), the tables and plots (report.py), training (train.py).
+(load.load_for; the NLL judge is built here, `nll_judge`), the tables and plots (report.py),
+training (train.py).
 
     # smollm2, its shipped heads and held-out prompts
     python bench.py --methods ar,mtp@1,mtp@3,hf --num_prompts 4
@@ -52,6 +53,7 @@ import load
 import model as nano
 from cli import Parser, add_model_args, existing_file, fail, number
 from engine import MAX_DRAFTS, Sampling
+from files import read_json
 
 from data.dataset import check_tokenizer, load_meta
 from data.synthmath import score
@@ -124,6 +126,26 @@ def output_nll(model, prompts, outs):
         total -= torch.log_softmax(logits, -1).gather(-1, target).sum().item()
         count += len(out)
     return total / count if count else None
+
+
+def nll_judge(source, model, device, dtype):
+    """The model whose NLL judges the outputs of `model` (loaded from `source`): `model` itself
+    where its next-token predictions are the original's (heads and gated adapters leave them
+    alone), else `source` without its ungated adapter, or the model a fully fine-tuned mask-token
+    checkpoint started from; None where that one is missing (with a warning: the metric is then
+    nll_self)."""
+    if not model.cfg.mask_token_ids or model.cfg.lora_gated:
+        return model
+    judge = load.load(source, device, dtype)[0]
+    if judge.cfg.mask_token_ids and not judge.cfg.lora_gated:   # training moved its predictions
+        start = read_json(Path(source) / "config.json").get("train_args", {}).get("init_from")
+        if start and (start == load.BUNDLED or Path(start).exists()):
+            return load.load(start, device, dtype)[0]
+        print(f"warning: {source} was fine-tuned from {start!r}, which is not here: output NLL "
+              f"will be measured under the fine-tuned model itself and labelled nll_self",
+              file=sys.stderr)
+        return None
+    return judge
 
 
 def wilson(successes, n, z=1.96):
@@ -341,7 +363,7 @@ def tiny_setup(device, dtype, seed):
             w.normal_(1.0 if w.dim() == 1 else 0.0, 0.2)
     m.add_heads(3, init="last_block")
     m = m.to(device, dtype).eval()
-    return m, m, tokenizer, {"mask_ids": [mask_id]}
+    return m, tokenizer, {"mask_ids": [mask_id]}
 
 
 def prompts_arg(text):
@@ -431,9 +453,9 @@ def main(argv=None):
     try:
         rows = None if prompts_file == BUILTIN else read_prompts(prompts_file)
         if args.tiny:
-            model, original, tokenizer, options = tiny_setup(args.device, dtype, args.seed)
+            model, tokenizer, options = tiny_setup(args.device, dtype, args.seed)
         else:
-            model, original, tokenizer, options = decode.load_args(args, ours, dtype)
+            model, tokenizer, options = decode.load_args(args, ours, dtype)
         if rows:
             check_prompts_tokenizer(prompts_file, tokenizer)
         else:
@@ -452,9 +474,10 @@ def main(argv=None):
                               args.max_new_tokens, options, args.temperature, args.seed,
                               args.compile, progress=True)
         else:
+            judge = model if args.tiny else nll_judge(args.init_from, model, args.device, dtype)
             res = run(model, tokenizer, methods, rows[:args.num_prompts], args.max_new_tokens,
-                      original, options, args.temperature, args.seed, args.warmup, hf,
-                      nll_self=original is None, progress=True, compile=args.compile)
+                      judge, options, args.temperature, args.seed, args.warmup, hf,
+                      nll_self=judge is None, progress=True, compile=args.compile)
     except (ValueError, OSError) as e:
         fail(e)
     if args.batch_sizes:

@@ -414,7 +414,7 @@ def main(argv=None):
     if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
         fail("--top_k and --top_p shape sampling: they need --temperature > 0")
     try:
-        model, _, tokenizer, options = load_args(args, [method], dtype)
+        model, tokenizer, options = load_args(args, [method], dtype)
         # a from-scratch model's tokenizer has no template
         chat = not args.raw and tokenizer.has_chat
         ids = tokenizer.encode_chat(args.prompt) if chat else tokenizer.encode(args.prompt)

@@ -420,17 +420,13 @@ def load_for(source, heads=None, adapter=None, device="cpu", dtype=torch.float32
       no mask tokens needed).
     - draft_vocab: how many of the heads' frequency-ordered token ids mtp drafts from (None: DRAFT_VOCAB,
       or all the file carries if fewer; 0: the full vocabulary).
-    Returns (model, original, tokenizer, generate options). `original` judges output NLL: the model itself
-    where its next-token predictions are the original's (heads, gated adapters leave them alone), the
-    model a mask-token model was fine-tuned from, or None where that one is missing (with a warning)."""
+    Returns (model, tokenizer, generate options)."""
     model, tokenizer = load(source)
-    original, options = model, {"mask_ids": list(model.cfg.mask_token_ids)}
+    options = {"mask_ids": list(model.cfg.mask_token_ids)}
     if model.cfg.mask_token_ids:      # a mask-token checkpoint written by train.py
         train_args = read_json(Path(source) / "config.json").get("train_args", {})
         if "k_max" in train_args:
             options["k_max"] = train_args["k_max"]
-        if not model.cfg.lora_gated:   # its training moved the next-token predictions too
-            original = _fine_tuned_from(source, train_args.get("init_from"))
     if heads is not None:
         files = heads if heads != SHIPPED else [f for f in DEFAULT_HEADS.get(str(source), []) if f.is_file()]
         ids = None
@@ -451,23 +447,10 @@ def load_for(source, heads=None, adapter=None, device="cpu", dtype=torch.float32
             options.pop("k_max", None)       # the adapter's own, or the default
             if "k_max" in meta:
                 options["k_max"] = meta["k_max"]
-            if not model.cfg.lora_gated:     # ungated adapters change next-token predictions too
-                original = load(source)[0]
         if not options["mask_ids"]:
             raise ValueError(f"methods static, confadapt and verified need mask tokens: {source} has none; "
                              f"pass --adapter FILE (train.py --mode mask_tokens)")
-    if original is not None and original is not model:
-        original = original.to(device=device, dtype=dtype).eval()
-    return model.to(device=device, dtype=dtype).eval(), original, tokenizer, options
-
-
-def _fine_tuned_from(source, start):
-    """The model a fully fine-tuned mask-token checkpoint started from, or None (with a warning)."""
-    if start and (start == BUNDLED or Path(start).exists()):
-        return load(start)[0]
-    print(f"warning: {source} was fine-tuned from {start!r}, which is not here: output NLL will be measured "
-          f"under the fine-tuned model itself and labelled nll_self", file=sys.stderr)
-    return None
+    return model.to(device=device, dtype=dtype).eval(), tokenizer, options
 
 
 def _draft_ids(ids, draft_vocab):

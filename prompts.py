@@ -6,8 +6,7 @@ answers).
 - `encode_prompt`: a prompt's token ids, in the chat template unless it already is.
 """
 
-import json
-
+from files import read_jsonl, text_field
 from tokenizer import CHATML_START
 
 
@@ -20,26 +19,15 @@ def encode_prompt(tokenizer, text):
     return tokenizer.encode_chat(text) if tokenizer.has_chat else tokenizer.encode(text)
 
 
+def _checked_prompt(where, row):
+    text_field(where, row, "prompt")
+    return row
+
+
 def read_prompts(path):
     """The rows of a prompts file, each {"prompt": text, "answer": anything}; a malformed line is a
     ValueError that names file:line."""
-    rows = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not a JSON object ({e.msg})")
-                if not isinstance(row, dict) or "prompt" not in row:
-                    raise ValueError(f'{path}:{n}: expected an object with a "prompt" field')
-                if not isinstance(row["prompt"], str) or not row["prompt"]:
-                    raise ValueError(f'{path}:{n}: "prompt" must be a non-empty string')
-                rows.append(row)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason})")
+    rows, _ = read_jsonl(path, _checked_prompt)
     if not rows:
         raise ValueError(f"{path}: holds no prompts")
     return rows

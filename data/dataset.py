@@ -1,10 +1,10 @@
 """
 Reading a prepared data folder: the small API train.py and bench.py use.
 
-What is here: `load_meta`, `check_tokenizer` (is this the tokenizer the data was made with?), `read_split_prompts`
-(held-out prompts with gold answers), `TokenData.get_batch` (random training windows with their loss mask). The
-tokenizer saved beside the data loads with tokenizer.load_tokenizer(folder / "tokenizer"). What is not: making the
-files (data/prepare.py writes them).
+What is here: `load_meta`, `check_tokenizer` (is this the tokenizer the data was made with?),
+`TokenData.get_batch` (random training windows with their loss mask). The tokenizer saved beside the data loads
+with tokenizer.load_tokenizer(folder / "tokenizer"), a split's prompts with prompts.read_prompts. What is not:
+making the files (data/prepare.py writes them).
 
 A prepared folder holds, per split (train, val, test):
     {split}.bin            all tokens of the split, examples back to back, uint16 if the vocabulary fits, else uint32
@@ -67,21 +67,6 @@ def check_tokenizer(meta, tokenizer, folder):
             f"{want['vocab_size']}, eos {want['eos_id']}, probe {want['probe_sha256']}) but the model's tokenizer is "
             f"{have['name']!r} (vocab {have['vocab_size']}, eos {have['eos_id']}, probe {have['probe_sha256']}); "
             f"prepare the data again with the model's tokenizer (data/prepare.py --tokenizer ...)")
-
-
-def read_split_prompts(folder, split):
-    """The held-out prompts of a split: a list of {"prompt": str, "answer": str | None}."""
-    path = os.path.join(folder, f"{split}_prompts.jsonl")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no prompts for split {split!r} (plain-text data has none)")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-    return rows
 
 
 class TokenData:

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cli import Parser, fail  # noqa: E402
 from data.dataset import FORMAT, dtype_for, fingerprint  # noqa: E402
-from data.readers import read_jsonl, read_text  # noqa: E402
+from data.readers import read_examples, read_text  # noqa: E402
 from data.synthmath import make_splits  # noqa: E402
 from artefacts import recover_checkpoint  # noqa: E402
 from load import BUNDLED, bundled_gguf, load  # noqa: E402
@@ -290,7 +290,7 @@ def encode_example(tokenizer, e, documents, chat, system):
 
 def prepare_jsonl(args):
     tokenizer = get_tokenizer(args.tokenizer)
-    examples, skipped = read_jsonl(args.file, args.format, args.field, args.prompt_field, args.answer_field,
+    examples, skipped = read_examples(args.file, args.format, args.field, args.prompt_field, args.answer_field,
                                    args.skip_bad)
     if skipped:
         print(f"{args.file}: skipped {plural(skipped, 'malformed line')} (--skip_bad)")

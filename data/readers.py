@@ -6,11 +6,10 @@ What is here: functions that turn a file into a list of `Example`s, with a bad l
 What is not: chat formatting, tokenization, splitting (data/prepare.py).
 """
 
-import json
 import re
 from dataclasses import dataclass
 
-from tqdm import tqdm
+from files import read_jsonl, text_field
 
 
 @dataclass(frozen=True)
@@ -24,13 +23,13 @@ GSM8K_CALC = re.compile(r"<<[^<>]*>>")   # GSM8K's calculator annotations: "48/2
 METAMATH_ANSWER = re.compile(r"The answer is:?\s*(.+?)\s*$", re.DOTALL)
 
 
-def _gsm8k_gold(path, lineno, answer):
+def _gsm8k_gold(where, answer):
     if "####" not in answer:
-        raise ValueError(f"{path}:{lineno}: GSM8K answer has no '#### <answer>' line")
+        raise ValueError(f"{where}: GSM8K answer has no '#### <answer>' line")
     return answer.rsplit("####", 1)[1].strip().replace(",", "")
 
 
-def read_jsonl(path, fmt, field=None, prompt_field=None, answer_field=None, skip_bad=False):
+def read_examples(path, fmt, field=None, prompt_field=None, answer_field=None, skip_bad=False):
     """Read a JSONL file. fmt: "metamathqa" (query, response), "gsm8k" (question, answer with '#### N'), or "field"
     (either `field` alone: plain documents, or `prompt_field` + `answer_field`). Blank lines are ignored.
     A malformed line raises ValueError naming file and line; with skip_bad it is skipped and counted.
@@ -49,44 +48,18 @@ def read_jsonl(path, fmt, field=None, prompt_field=None, answer_field=None, skip
     else:
         raise ValueError(f"unknown jsonl format {fmt!r} (expected metamathqa, gsm8k or field)")
 
-    examples, skipped = [], 0
-    with open(path, "rb") as f:   # bytes, so that a bad encoding is reported with its line number too
-        for lineno, raw in enumerate(tqdm(f, desc=f"reading {path}", unit=" lines", leave=False), start=1):
-            if not raw.strip():
-                continue
-            try:
-                try:
-                    row = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not UTF-8 ({e.reason})") from None
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-                values = []
-                for k in keys:
-                    if k is None:
-                        values.append("")
-                        continue
-                    if k not in row:
-                        raise ValueError(f"{path}:{lineno}: missing field {k!r} (has {sorted(row)})")
-                    if not isinstance(row[k], str) or not row[k].strip():
-                        raise ValueError(f"{path}:{lineno}: field {k!r} is not a non-empty string")
-                    values.append(row[k])
-                prompt, answer = values
-                gold = None
-                if fmt == "gsm8k":
-                    gold = _gsm8k_gold(path, lineno, answer)
-                    answer = GSM8K_CALC.sub("", answer)   # the annotations are for a calculator, not for the model
-                elif fmt == "metamathqa":
-                    m = METAMATH_ANSWER.search(answer)
-                    gold = m.group(1).rstrip(".") if m else None
-                examples.append(Example(prompt.strip(), answer.strip(), gold))
-            except ValueError:
-                if not skip_bad:
-                    raise
-                skipped += 1
-    return examples, skipped
+    def example(where, row):
+        prompt, answer = ("" if k is None else text_field(where, row, k) for k in keys)
+        gold = None
+        if fmt == "gsm8k":
+            gold = _gsm8k_gold(where, answer)
+            answer = GSM8K_CALC.sub("", answer)   # the annotations are for a calculator, not for the model
+        elif fmt == "metamathqa":
+            m = METAMATH_ANSWER.search(answer)
+            gold = m.group(1).rstrip(".") if m else None
+        return Example(prompt.strip(), answer.strip(), gold)
+
+    return read_jsonl(path, example, skip_bad, progress=True)
 
 
 def read_text(path):

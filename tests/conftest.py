@@ -1,6 +1,8 @@
-"""Shared test fixtures: the repository on sys.path, a tiny byte-level BPE trained offline, varied sample text,
-the synthetic-math data train.py tests use. The tiny models live in helpers.py."""
+"""Shared test fixtures: the repository on sys.path, a tiny byte-level BPE trained offline, varied
+sample text, the loaders' oracle (logits against transformers), the synthetic-math data train.py
+tests use. The tiny models live in helpers.py."""
 
+import json
 import random
 import sys
 from pathlib import Path
@@ -32,6 +34,12 @@ SAMPLE_TEXTS = [
     "\n\n\n",
     "x" * 50 + " " + "ab" * 30,
 ]
+
+# Hugging Face's Digits pre-tokenizer splits at every Unicode number (\p{N}), not only at ASCII 0-9:
+# fractions, superscripts, Arabic-Indic, full-width and Roman numerals, with and without the spaces
+# before them
+NUMERALS = ["½ cup", "x² + y²", "a ½²", "٣٤٥ and ٣", "３４ or １２３", " 12 ½", "Ⅻ ① ⁴⁵", "3½ miles",
+            "costs ¼", "n=10²", "  ٣", "\t³\n", "a\u00a0½"]
 
 
 def corpus(n=400, seed=0):
@@ -108,6 +116,36 @@ def finish_gguf(w):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+HF_V = 704   # the tiny tokenizer has 700 tokens: models padded a little, as real ones often are
+HF_T = 24
+TOL = 1e-4
+
+
+def randomize(model, seed):
+    """Perturb every parameter (norm weights included) so that no mis-mapped tensor can hide."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def assert_same_logits(hf, ours, offset=0, seed=0):
+    torch.manual_seed(seed)
+    idx = torch.randint(HF_V, (2, HF_T))
+    pos = (torch.arange(HF_T) + offset).expand(2, -1)
+    with torch.no_grad():
+        expected = hf(idx, position_ids=pos).logits
+        got = ours(idx, pos=pos)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() < TOL
+
+
+def edit_config(folder, **changes):
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
 
 
 @pytest.fixture(scope="module")

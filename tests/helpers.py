@@ -2,11 +2,13 @@
 The tiny random models every decoding test builds, defined once (CPU, float32, no weights).
 
 - `tiny`: a 2-block random model, optionally bigram-like so head drafts are often accepted.
+- `default_init`: a 2-block model at the model's own init, for training and file tests.
 - `prompt`, `case`, `MODELS`: prompts and (model, greedy reference) pairs, built once per key.
 - `reading`, `fused`, `head_start`: models whose heads read a fused head state (EAGLE-3 taps).
 - `assert_exercised`: drafts were both accepted and rejected.
 - `with_mask_oracle`: mask-token drafts that are right except where told, so verified@K accepts.
 - `strategy_steps`, `top`: a strategy stepped by hand; `SMALL`, `read_log`, `run_cli`: train.py runs.
+- `ChatChars`: a character tokenizer with the ChatML template, the fake of the bundled model's.
 """
 
 import json
@@ -16,6 +18,7 @@ import torch
 import model
 import train
 from decode import generate, make_strategy
+from tokenizer import CharTokenizer
 
 V = 60
 TAPS = [0, 1]   # of three blocks: the first, the middle, and (always) the last
@@ -46,6 +49,17 @@ def tiny(seed, arch="llama", vocab=V, heads=0, std=0.4, residual=None, **kw):
                 h.proj.weight.zero_()
                 h.proj.weight[:, cfg["n_embd"]:] = torch.eye(cfg["n_embd"])   # take norm(emb(next token))
     return m.eval()
+
+
+def default_init(vocab=40, heads=0, seed=0, **kw):
+    """A 2-block Llama at model.py's own init (tiny draws larger weights), in training mode."""
+    torch.manual_seed(seed)
+    cfg = dict(arch="llama", vocab_size=vocab, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+               head_dim=8, intermediate_size=64, max_seq_len=256)
+    m = model.Transformer(model.Config(**{**cfg, **kw}))
+    if heads:
+        m.add_heads(heads, init="random")
+    return m
 
 
 def prompt(seed, n, vocab=V):
@@ -150,3 +164,14 @@ def with_mask_oracle(m, mask_ids, ref, wrong=lambda pos: pos % 3 == 0):
 
     m.forward = forward
     return m
+
+
+class ChatChars(CharTokenizer):
+    """A character tokenizer with the ChatML specials, so the chat template works: the fake of the
+    bundled model's tokenizer."""
+    system_prompt = "Be brief."
+
+    def __init__(self):
+        specials = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+        super().__init__([*specials, *CharTokenizer().tokens[1:]], specials)
+        self.stop_ids = [self.special["<|im_end|>"], self.eos_id]

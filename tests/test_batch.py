@@ -207,7 +207,7 @@ def test_parse_auto():
 # bench.py --batch_sizes
 
 def test_bench_batches(tmp_path):
-    m, _, tokenizer, options = bench.tiny_setup("cpu", torch.float32, seed=0)
+    m, tokenizer, options = bench.tiny_setup("cpu", torch.float32, seed=0)
     prompts = ["What is 2+2?", "Hello there, how are you?", "Name a colour."]
     res = bench.run_batches(m, tokenizer, ["ar", "mtp@2", "mtp@auto2"], prompts, [1, 4], 12, options)
     for name, rows in res["methods"].items():

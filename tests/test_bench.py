@@ -37,7 +37,7 @@ def greedy(m, tokenizer, prompts, n, method="ar", **options):
 
 
 def test_exact_match_against_independent_greedy_ar(tiny):
-    m, _, tokenizer, options = tiny
+    m, tokenizer, options = tiny
     ar = greedy(m, tokenizer, PROMPTS, 12)
     static = greedy(m, tokenizer, PROMPTS, 12, "static@3", **options)
     want = sum(s == a for s, a in zip(static, ar)) / len(PROMPTS)
@@ -54,7 +54,7 @@ def test_exact_match_against_independent_greedy_ar(tiny):
 
 
 def test_bench_runs_every_method(tiny):
-    m, _, tokenizer, options = tiny
+    m, tokenizer, options = tiny
     prompts = [{"prompt": "what is 2+2?", "answer": "4"}, {"prompt": "hello there", "answer": None}, "a plain one"]
     methods = bench.run(m, tokenizer, ["ar", "mtp@3", "verified@3", "static@3"], prompts, max_new_tokens=16,
                         options=options)["methods"]
@@ -68,7 +68,7 @@ def test_bench_runs_every_method(tiny):
 
 def test_hf_agrees_with_ar(tiny):
     pytest.importorskip("transformers")
-    m, _, tokenizer, options = tiny
+    m, tokenizer, options = tiny
     hf, why = hf_compare.hf_model(m, "tiny")
     assert why is None
     res = bench.run(m, tokenizer, ["ar", "hf"], PROMPTS[:3], 16, options=options, warmup=0, hf=hf)["methods"]
@@ -148,13 +148,13 @@ def test_setup_attaches_only_what_methods_use(checkpoint):
     heads = [checkpoint / "heads.safetensors"]
     m = load.load_for(checkpoint / "model")[0]
     assert len(m.heads) == 0
-    m, original, _, options = load.load_for(checkpoint / "model", heads=heads)
-    assert len(m.heads) == 1 and original is m
+    m, _, options = load.load_for(checkpoint / "model", heads=heads)
+    assert len(m.heads) == 1 and bench.nll_judge(checkpoint / "model", m, "cpu", torch.float32) is m
 
 
 def test_draft_vocab(checkpoint):
     def draft_ids(n, file="heads.safetensors"):
-        return load.load_for(checkpoint / "model", heads=[checkpoint / file], draft_vocab=n)[3].get(
+        return load.load_for(checkpoint / "model", heads=[checkpoint / file], draft_vocab=n)[2].get(
             "draft_ids")
     assert draft_ids(None).tolist() == list(range(29, -1, -1))   # the default is capped by what the file lists
     assert draft_ids(0) is None                                   # 0: the full vocabulary
@@ -168,8 +168,9 @@ def test_draft_vocab(checkpoint):
 
 def test_fine_tuned_without_its_original_is_labelled(tmp_path, capsys):
     tiny_checkpoint(tmp_path / "ft", mask_tokens=1, train_args={"init_from": str(tmp_path / "gone"), "k_max": 4})
-    m, original, _, options = load.load_for(tmp_path / "ft", adapter=load.SHIPPED)
-    assert original is None and options["k_max"] == 4
+    m, _, options = load.load_for(tmp_path / "ft", adapter=load.SHIPPED)
+    assert options["k_max"] == 4
+    assert bench.nll_judge(tmp_path / "ft", m, "cpu", torch.float32) is None
     assert "warning:" in capsys.readouterr().err
     res = bench.main(["--init_from", str(tmp_path / "ft"), "--methods", "ar,static@2", "--num_prompts", "1",
                       "--max_new_tokens", "3", "--warmup", "0", "--json"])
@@ -178,7 +179,8 @@ def test_fine_tuned_without_its_original_is_labelled(tmp_path, capsys):
     assert "nll" not in res["methods"]["ar"] and res["methods"]["ar"]["nll_self"] is not None
     tiny_checkpoint(tmp_path / "orig")       # with its original present, that one judges
     tiny_checkpoint(tmp_path / "ft2", mask_tokens=1, train_args={"init_from": str(tmp_path / "orig")})
-    m, original, _, _ = load.load_for(tmp_path / "ft2", adapter=load.SHIPPED)
+    m, _, _ = load.load_for(tmp_path / "ft2", adapter=load.SHIPPED)
+    original = bench.nll_judge(tmp_path / "ft2", m, "cpu", torch.float32)
     assert original is not None and original is not m and original.cfg.mask_token_ids == []
 
 
@@ -186,11 +188,11 @@ def test_fine_tuned_without_its_original_is_labelled(tmp_path, capsys):
 # the prompts file
 
 @pytest.mark.parametrize("text, message", [
-    ('{"prompt": "a"}\n{"prompt": \n', "p.jsonl:2: not a JSON object"),
+    ('{"prompt": "a"}\n{"prompt": \n', "p.jsonl:2: not valid JSON"),
     ("", "p.jsonl: holds no prompts"),
-    ('\n{"question": "a"}\n', 'p.jsonl:2: expected an object with a "prompt" field'),
-    ('{"prompt": 3}\n', 'p.jsonl:1: "prompt" must be a non-empty string'),
-    ('["prompt"]\n', 'p.jsonl:1: expected an object'),
+    ('\n{"question": "a"}\n', "p.jsonl:2: missing field 'prompt'"),
+    ('{"prompt": 3}\n', "p.jsonl:1: field 'prompt' is not a non-empty string"),
+    ('["prompt"]\n', 'p.jsonl:1: expected a JSON object'),
 ])
 def test_prompts_file_errors(tmp_path, capsys, text, message):
     (tmp_path / "p.jsonl").write_text(text)

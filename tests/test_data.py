@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from data import prepare
-from data.dataset import TokenData, check_tokenizer, load_meta, read_split_prompts
-from data.readers import read_jsonl, read_text
+from data.dataset import TokenData, check_tokenizer, load_meta
+from data.readers import read_examples, read_text
 from data.synthmath import extract_answer, make_problem, make_splits, score
+from prompts import read_prompts
 from tokenizer import CharTokenizer, load_tokenizer
 
 
@@ -115,7 +116,7 @@ def test_prepare_synthmath_byte_identical_and_overwrite(tmp_path):
 
     meta = load_meta(tmp_path / "a")
     assert meta["splits"]["test"]["examples"] == 30 and meta["dtype"] == "uint16" and meta["task"] == "math"
-    prompts = read_split_prompts(tmp_path / "a", "test")
+    prompts = read_prompts(tmp_path / "a" / "test_prompts.jsonl")
     assert len(prompts) == 30 and prompts[0]["prompt"].startswith("Question: ")
     assert prompts[0]["prompt"].endswith("\nAnswer:\n") and prompts[0]["answer"].isdigit()
     tokenizer = load_tokenizer(tmp_path / "a" / "tokenizer")
@@ -182,13 +183,13 @@ def test_read_gsm8k_and_metamathqa(tmp_path):
         json.dumps({"question": "Natalia sold 48 clips. How many?", "answer": "48/2 = <<48/2=24>>24\n#### 1,024"}),
         "",
         json.dumps({"question": "Q2?", "answer": "2+2=<<2+2=4>>4\n#### 4"})])
-    ex, skipped = read_jsonl(g, "gsm8k")
+    ex, skipped = read_examples(g, "gsm8k")
     assert skipped == 0 and [e.gold for e in ex] == ["1024", "4"]
     assert ex[0].answer == "48/2 = 24\n#### 1,024" and ex[0].prompt.startswith("Natalia")
     m = write_lines(tmp_path / "m.jsonl", [
         json.dumps({"query": "What is 2+3?", "response": "2+3=5.\nThe answer is: 5"}),
         json.dumps({"query": "x?", "response": "no final line"})])
-    ex, _ = read_jsonl(m, "metamathqa")
+    ex, _ = read_examples(m, "metamathqa")
     assert [e.gold for e in ex] == ["5", None]
 
 
@@ -203,20 +204,20 @@ def test_read_jsonl_malformed_lines(tmp_path, bad, problem):
     good = json.dumps({"question": "Q?", "answer": "#### 3"})
     f = write_lines(tmp_path / "bad.jsonl", [good, good, bad, good])
     with pytest.raises(ValueError, match=re.escape(f"{f}:3: {problem}")):
-        read_jsonl(f, "gsm8k")
-    ex, skipped = read_jsonl(f, "gsm8k", skip_bad=True)
+        read_examples(f, "gsm8k")
+    ex, skipped = read_examples(f, "gsm8k", skip_bad=True)
     assert len(ex) == 3 and skipped == 1
 
 
 def test_read_field_formats_and_text(tmp_path):
     f = write_lines(tmp_path / "f.jsonl", [json.dumps({"q": f"question {i}", "a": f"answer {i}", "t": f"doc {i}"})
                                            for i in range(5)])
-    ex, _ = read_jsonl(f, "field", prompt_field="q", answer_field="a")
+    ex, _ = read_examples(f, "field", prompt_field="q", answer_field="a")
     assert ex[2].prompt == "question 2" and ex[2].answer == "answer 2" and ex[2].gold is None
-    ex, _ = read_jsonl(f, "field", field="t")
+    ex, _ = read_examples(f, "field", field="t")
     assert ex[4].prompt == "" and ex[4].answer == "doc 4"
     with pytest.raises(ValueError, match="needs either --field"):
-        read_jsonl(f, "field", field="t", prompt_field="q")
+        read_examples(f, "field", field="t", prompt_field="q")
     (tmp_path / "t.txt").write_text("hello world\n")
     assert read_text(tmp_path / "t.txt")[0].answer == "hello world\n"
     (tmp_path / "e.txt").write_text("  \n")
@@ -234,7 +235,8 @@ def test_prepare_jsonl_and_text(tmp_path):
         "--tokenizer", "chars", "--n_val", 5, "--n_test", 5, "--out", tmp_path / "qa")
     meta = load_meta(tmp_path / "qa")
     assert {k: v["examples"] for k, v in meta["splits"].items()} == {"val": 5, "test": 5, "train": 30}
-    prompts = {s: {p["prompt"] for p in read_split_prompts(tmp_path / "qa", s)} for s in ("val", "test", "train")}
+    prompts = {s: {p["prompt"] for p in read_prompts(tmp_path / "qa" / f"{s}_prompts.jsonl")}
+               for s in ("val", "test", "train")}
     assert not (prompts["val"] & prompts["test"]) and not (prompts["train"] & (prompts["val"] | prompts["test"]))
     assert all(p.startswith("Question: What is") for p in prompts["test"])
 
@@ -277,18 +279,4 @@ def test_old_or_damaged_folders_and_prompts_name_the_file(tmp_path):
     with open(tmp_path / "d" / "test_prompts.jsonl", "a") as f:
         f.write("{oops\n")
     with pytest.raises(ValueError, match=r"test_prompts.jsonl:3: not valid JSON"):
-        read_split_prompts(tmp_path / "d", "test")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# self-generation
-
-class ChatChars(CharTokenizer):
-    """A character tokenizer with the ChatML specials, so the chat template works: the fake of the bundled model's
-    tokenizer."""
-    system_prompt = "Be brief."
-
-    def __init__(self):
-        specials = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-        super().__init__([*specials, *CharTokenizer().tokens[1:]], specials)
-        self.stop_ids = [self.special["<|im_end|>"], self.eos_id]
+        read_prompts(tmp_path / "d" / "test_prompts.jsonl")

@@ -15,27 +15,15 @@ from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, p
 
 import artefacts
 import load
-from model import Config, Transformer, rope_inv_freq
+from helpers import default_init
+from model import rope_inv_freq
 from tokenizer import CharTokenizer, NoTokenizer, Tokenizer
-from conftest import SAMPLE_TEXTS, add_llama_keys, finish_gguf, gguf_with_tokenizer
-from test_tokenizer import NUMERALS
-
-V = 704          # the tiny tokenizer has 700 tokens: the models are padded a little, as real ones often are
-T = 24
-TOL = 1e-4
-
-
-def randomize(model, seed):
-    """Perturb every parameter (norm weights included) so that no mis-mapped tensor can hide."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
-
+from conftest import (HF_T, HF_V, NUMERALS, SAMPLE_TEXTS, add_llama_keys, assert_same_logits,
+                      edit_config, finish_gguf, gguf_with_tokenizer, randomize)
 
 def hf_llama(folder, tiny_bpe, seed=0, save=True, **overrides):
-    kw = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    kw = dict(vocab_size=HF_V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2,
               intermediate_size=96, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False)
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(**{**kw, **copy.deepcopy(overrides)})    # it edits rope dicts in place
@@ -47,23 +35,12 @@ def hf_llama(folder, tiny_bpe, seed=0, save=True, **overrides):
 
 
 def hf_gpt2(folder, tiny_bpe, seed=0, **overrides):
-    kw = dict(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=128)
+    kw = dict(vocab_size=HF_V, n_embd=64, n_layer=2, n_head=4, n_positions=128)
     torch.manual_seed(seed)
     model = randomize(transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**kw, **overrides})), seed)
     model.save_pretrained(folder)
     tiny_bpe.save(str(folder / "tokenizer.json"))
     return model
-
-
-def assert_same_logits(hf, ours, offset=0, seed=0):
-    torch.manual_seed(seed)
-    idx = torch.randint(V, (2, T))
-    pos = (torch.arange(T) + offset).expand(2, -1)
-    with torch.no_grad():
-        expected = hf(idx, position_ids=pos).logits
-        got = ours(idx, pos=pos)
-    assert got.shape == expected.shape
-    assert (got - expected).abs().max().item() < TOL
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -219,7 +196,7 @@ def test_gguf_truncated_or_corrupt(tmp_path, tiny_bpe):
 def test_gguf_not_llama(tmp_path, tiny_bpe):
     path = tmp_path / "gpt2.gguf"
     w = gguf_with_tokenizer(path, tiny_bpe, arch="gpt2")
-    w.add_tensor("token_embd.weight", torch.zeros(V, 8).numpy())
+    w.add_tensor("token_embd.weight", torch.zeros(HF_V, 8).numpy())
     finish_gguf(w)
     with pytest.raises(ValueError, match=r"gpt2\.gguf: GGUF architecture 'gpt2' is not supported"):
         load.load(path)
@@ -259,11 +236,6 @@ def test_missing_or_partial_shard(tmp_path, tiny_bpe):
     shards[1].unlink()
     with pytest.raises(FileNotFoundError, match=rf"{re.escape(shards[1].name)}: shard listed in .* is missing"):
         load.load(tmp_path)
-
-
-def edit_config(folder, **changes):
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, **changes}))
 
 
 @pytest.mark.parametrize("changes,message", [
@@ -326,7 +298,7 @@ def test_checkpoint_round_trip(tmp_path, tiny_bpe, sample_texts):
     again, tokenizer2 = load.load(tmp_path / "ckpt")
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["step"] == 7
     assert again.cfg == model.cfg and again.lm_head.weight is again.embed.weight
-    idx = torch.randint(V, (2, T))
+    idx = torch.randint(HF_V, (2, HF_T))
     with torch.no_grad():
         assert torch.equal(model(idx), again(idx))
     for text in sample_texts:
@@ -345,7 +317,7 @@ def test_checkpoint_with_heads_and_new_token(tmp_path, tiny_bpe):
     assert tokenizer2.encode("a<mtp>", specials=True) == tokenizer.encode("a<mtp>", specials=True)
     for (n, p), (n2, p2) in zip(model.state_dict().items(), again.state_dict().items()):
         assert n == n2 and torch.equal(p, p2)
-    idx = torch.randint(V, (1, T))
+    idx = torch.randint(HF_V, (1, HF_T))
     with torch.no_grad():
         _, h = model(idx, return_head_state=True)
         _, h2 = again(idx, return_head_state=True)
@@ -377,7 +349,7 @@ def test_checkpoint_write_is_atomic(tmp_path, tiny_bpe, monkeypatch):
     model, tokenizer = load.load(tmp_path / "hf")
     ckpt = tmp_path / "ckpt"
     artefacts.save_checkpoint(ckpt, model, tokenizer, extra={"step": 1})
-    idx = torch.randint(V, (1, T))
+    idx = torch.randint(HF_V, (1, HF_T))
     with torch.no_grad():
         before = model(idx)
         model.embed.weight.add_(1.0)
@@ -431,10 +403,7 @@ def test_crash_between_the_swap_renames_loses_no_checkpoint(tmp_path, tiny_bpe, 
 # heads and mask-adapter files: a refused file says why, names the file, and changes nothing
 
 def tiny_base():
-    torch.manual_seed(0)
-    cfg = Config(arch="llama", vocab_size=CharTokenizer().vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
-                 head_dim=8, intermediate_size=64, max_seq_len=64)
-    return Transformer(cfg).eval(), CharTokenizer()
+    return default_init(CharTokenizer().vocab_size, max_seq_len=64).eval(), CharTokenizer()
 
 
 def write_mask_adapter(path, rank=4, n_masks=1):

@@ -32,7 +32,7 @@ def test_wilson_of_nothing_is_none():
 
 
 def test_accuracy_interval_in_results_and_table():
-    m, _, tokenizer, options = bench.tiny_setup("cpu", torch.float32, seed=0)
+    m, tokenizer, options = bench.tiny_setup("cpu", torch.float32, seed=0)
     prompts = [{"prompt": "1+1=", "answer": 2}, {"prompt": "2+2=", "answer": "4"}, {"prompt": "hi", "answer": "x"}]
     res = bench.run(m, tokenizer, ["ar"], prompts, max_new_tokens=4, options=options)
     r = res["methods"]["ar"]
@@ -43,7 +43,7 @@ def test_accuracy_interval_in_results_and_table():
 
 
 def test_confadapt_k_max_override():
-    m, _, _, options = bench.tiny_setup("cpu", torch.float32, seed=0)
+    m, _, options = bench.tiny_setup("cpu", torch.float32, seed=0)
     options = {**options, "k_max": 8}
     assert decode.make_strategy(m, "confadapt@0.9", 32, **options).k == 8      # the model's k_max
     strategy = decode.make_strategy(m, "confadapt@0.9:3", 32, **options)

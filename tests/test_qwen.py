@@ -14,12 +14,11 @@ from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, normal
 import artefacts
 import load
 import train
-from conftest import SAMPLE_TEXTS, SPECIALS, add_llama_keys, corpus, finish_gguf, gguf_with_tokenizer
+from conftest import (HF_V, NUMERALS, SAMPLE_TEXTS, SPECIALS, add_llama_keys, assert_same_logits,
+                      corpus, edit_config, finish_gguf, gguf_with_tokenizer, randomize)
 from data.prepare import main as prepare
 from decode import Stats, generate
 from helpers import V as DECODE_V, assert_exercised, prompt, tiny, with_mask_oracle
-from test_load import V, assert_same_logits, edit_config, randomize
-from test_tokenizer import NUMERALS
 from tokenizer import CharTokenizer, NoTokenizer, Tokenizer, load_tokenizer
 
 # the split of Qwen2's, Qwen2.5's and Qwen3's tokenizer.json, as written there
@@ -58,7 +57,8 @@ def qwen_bpe():
 
 
 def hf_qwen(folder, tok, kind="qwen3", seed=0, save=True, **overrides):
-    kw = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    kw = dict(vocab_size=HF_V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2,
               intermediate_size=96, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
               head_dim=16)
     torch.manual_seed(seed)
@@ -327,20 +327,21 @@ def test_qwen_mask_training_step(qwen_run, tmp_path):
                 str(export), *RUN])
     model, tokenizer = load.load(qwen_run / "hf")
     artefacts.attach_mask_adapter(model, tokenizer, export)
-    assert model.cfg.mask_token_ids == [V] and tokenizer.special["<mtp>"] == V
+    assert model.cfg.mask_token_ids == [HF_V] and tokenizer.special["<mtp>"] == HF_V
     p = tokenizer.encode("The number 12345 and")
     assert generate(model, [p], 16, method="verified@3", mask_ids=model.cfg.mask_token_ids) == \
         generate(model, [p], 16, method="ar")
     for method in ("static@3", "confadapt@0.9:3"):    # lossy: they run, and keep to the budget
         (out,) = generate(model, [p], 16, method=method, mask_ids=model.cfg.mask_token_ids)
-        assert 0 < len(out) <= 16 and max(out) < V
+        assert 0 < len(out) <= 16 and max(out) < HF_V
 
 
 def test_special_tokens_after_a_gap(tmp_path, qwen_bpe):
     qwen_bpe.save(str(tmp_path / "tokenizer.json"))
     tokenizer = Tokenizer.from_hf(tmp_path)
-    assert tokenizer.add_special("<mtp>", V) == V and tokenizer.vocab_size == V + 1
-    assert tokenizer.encode("a<mtp>", specials=True)[-1] == V and tokenizer.decode([V]) == "<mtp>"
+    assert tokenizer.add_special("<mtp>", HF_V) == HF_V and tokenizer.vocab_size == HF_V + 1
+    assert tokenizer.encode("a<mtp>", specials=True)[-1] == HF_V
+    assert tokenizer.decode([HF_V]) == "<mtp>"
     with pytest.raises(ValueError, match=r"tokenizer\.json: token id 701 is not in the vocabulary"):
         tokenizer.decode([701])                       # the gap: ids without a token
     with pytest.raises(ValueError, match=r"tokenizer\.json: special token '<x>' at id 3: new ids start at 705"):

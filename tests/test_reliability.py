@@ -9,7 +9,6 @@ prefill's share of tokens per forward.
 """
 
 import fcntl
-import json
 import os
 import subprocess
 import sys
@@ -28,15 +27,12 @@ import parallel
 import report
 import train
 import train_options
-from model import Config, Transformer
+from helpers import SMALL, default_init, read_log, run_cli
 from tokenizer import CharTokenizer, Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models run on one thread
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = ["--n_layer", "2", "--n_embd", "32", "--n_head", "4", "--n_kv_head", "2",
-         "--batch_size", "4", "--seq_len", "48", "--eval_every", "1000", "--eval_batches", "1",
-         "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -47,23 +43,12 @@ def synth(tmp_path_factory):
     return out
 
 
-def run_cli(argv, capsys):
-    """train.py's command line in process: (exit status, stderr)."""
-    status = train.cli([str(a) for a in argv])
-    return status, capsys.readouterr().err
-
-
 def tiny(heads=0, vocab=40, max_seq_len=256, seed=0):
-    torch.manual_seed(seed)
-    m = Transformer(Config(arch="llama", vocab_size=vocab, n_layer=2, n_head=4, n_kv_head=2,
-                           n_embd=32, head_dim=8, intermediate_size=64, max_seq_len=max_seq_len))
-    if heads:
-        m.add_heads(heads, init="random")
-    return m.eval()
+    return default_init(vocab, heads, seed, max_seq_len=max_seq_len).eval()
 
 
 def steps_of(out):
-    return [r["step"] for r in map(json.loads, open(f"{out}.log.jsonl")) if "loss" in r]
+    return [r["step"] for r in read_log(out)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -312,7 +297,7 @@ def decode_once(m, tokenizer, strategy, text, n):
 def test_declared_query_length_is_what_each_step_feeds(method, bench_model):
     """ar@Q, padded to a method's declared query_len, is its bf16 reference: the declaration must
     be the length of the forwards the method makes (item 1)."""
-    m, _, tokenizer, options = bench_model
+    m, tokenizer, options = bench_model
     strategy = decode.make_strategy(m, method, 64, **options)
     seen = step_query_lengths(strategy, m, decode_once(m, tokenizer, strategy, "Hello there", 24))
     assert set(seen) == {strategy.query_len}, (method, set(seen), strategy.query_len)
@@ -321,7 +306,7 @@ def test_declared_query_length_is_what_each_step_feeds(method, bench_model):
 def test_bf16_reference_is_ar_at_the_query_length_of_the_verify_forward():
     """In bf16 a lossless method's exact_match is measured against ar padded to the length of its
     own verify forwards (item 9: not plain ar), whose rounding is the method's: it matches."""
-    m, _, tokenizer, options = bench.tiny_setup("cpu", torch.bfloat16, seed=0)
+    m, tokenizer, options = bench.tiny_setup("cpu", torch.bfloat16, seed=0)
     prompts = ["What is 2+2?", "Hello there"]
     res = bench.run(m, tokenizer, ["mtp@3", "tree@2x2"], prompts, 16, options=options,
                     warmup=0)["methods"]
@@ -334,7 +319,7 @@ def test_bf16_reference_is_ar_at_the_query_length_of_the_verify_forward():
 
 def test_speedup_is_how_many_times_faster_than_ar(bench_model, monkeypatch):
     """Item 8: a method that takes half ar's time for the same tokens has speedup 2 (not 0.5)."""
-    m, _, tokenizer, options = bench_model
+    m, tokenizer, options = bench_model
     real_generate, clock = decode.generate, [0.0]
 
     def generate(model, prompts, n, *args, method="ar", **kwargs):   # ar: 2 s a call, mtp@3: 1 s
@@ -354,7 +339,7 @@ def test_speedup_is_how_many_times_faster_than_ar(bench_model, monkeypatch):
 def test_speedup_over_mtp1_is_paper_bs_reference(bench_model, monkeypatch):
     """Beside ar, bench measures every method against mtp@1 (Paper B's one-head MTP) when it ran:
     mtp@3 taking half mtp@1's time for the same tokens is 2x over it, ar taking twice 0.5x."""
-    m, _, tokenizer, options = bench_model
+    m, tokenizer, options = bench_model
     real_generate, clock = decode.generate, [0.0]
     cost = {1: 4.0, 2: 2.0, 4: 1.0}   # seconds a call, by query length: ar 1, mtp@1 2, mtp@3 4
 
@@ -378,7 +363,7 @@ def test_speedup_over_mtp1_is_paper_bs_reference(bench_model, monkeypatch):
 def test_tokens_per_forward_counts_no_prefill_token_beyond_the_output(method, k, bench_model):
     """Item 10: the prefill's tokens are left out of tokens per forward, but never more than the
     output holds: an output no longer than what the prefill yields (k) is the prefill's alone."""
-    m, _, tokenizer, options = bench_model
+    m, tokenizer, options = bench_model
     prompt = tokenizer.encode("Why is the sky blue?")
     for n in range(1, 9):
         stats = decode.Stats()

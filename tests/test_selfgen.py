@@ -11,35 +11,17 @@ import pytest
 import torch
 
 from data import prepare, selfgen, topics
-from tokenizer import CharTokenizer
-from data.dataset import load_meta, read_split_prompts
+from data.dataset import load_meta
 from data.selfgen import Settings, describe, finished, generate_chunk, merge_chunks, split_conversations
 from decode import generate
-from model import Config, Transformer
+from helpers import ChatChars, default_init
+from prompts import read_prompts
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 
 
-class ChatChars(CharTokenizer):
-    """A character tokenizer with the ChatML specials and template: the fake of the bundled model's tokenizer."""
-    def __init__(self):
-        specials = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-        super().__init__([*specials, *CharTokenizer().tokens[1:]], specials)
-        self.stop_ids = [self.special["<|im_end|>"], self.eos_id]
-
-    def chat_prompt(self, messages, system=None):
-        if isinstance(messages, str):
-            messages = [{"role": "user", "content": messages}]
-        turns = [{"role": "system", "content": system or "Be brief."}, *messages]
-        return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in turns) + \
-            "<|im_start|>assistant\n"
-
-
 def tiny_model(vocab_size):
-    torch.manual_seed(0)
-    cfg = Config(arch="llama", vocab_size=vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_dim=8,
-                 intermediate_size=64, max_seq_len=512)
-    model = Transformer(cfg).eval()
+    model = default_init(vocab_size, max_seq_len=512).eval()
     with torch.no_grad():   # small tied embeddings: near-uniform next-token distributions, so stop tokens do come up
         model.embed.weight.mul_(0.1)
     return model
@@ -385,7 +367,7 @@ def test_prepare_selfgen_shards_and_resumption_equal_one_run(tmp_path, monkeypat
         s["examples"] for s in meta["splits"].values())
     assert meta["splits"]["val"]["examples"] == 2 and meta["splits"]["test"]["examples"] == 2
     assert sum(meta["stats"]["answer_length_histogram"].values()) == meta["stats"]["conversations"]
-    (p, _) = read_split_prompts(tmp_path / "one", "test")
+    (p, _) = read_prompts(tmp_path / "one" / "test_prompts.jsonl")
     assert p["prompt"].startswith("<|im_start|>system\n") and p["prompt"].endswith("<|im_start|>assistant\n")
 
     for shard in (1, 0):    # two processes sharing the chunks, then the call that writes the folder

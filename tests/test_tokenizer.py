@@ -7,14 +7,10 @@ import random
 import pytest
 from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
-from conftest import SPECIALS, corpus, finish_gguf, gguf_with_tokenizer
+from conftest import NUMERALS, SPECIALS, corpus, finish_gguf, gguf_with_tokenizer
 from tokenizer import LLAMA3_PATTERN, CharTokenizer, Tokenizer, load_tokenizer
 
 SYSTEM = "You are a tiny test model"
-# Hugging Face's Digits pre-tokenizer splits at every Unicode number (\p{N}), not only at ASCII 0-9: fractions,
-# superscripts, Arabic-Indic, full-width and Roman numerals, with and without the spaces before them
-NUMERALS = ["½ cup", "x² + y²", "a ½²", "٣٤٥ and ٣", "３４ or １２３", " 12 ½", "Ⅻ ① ⁴⁵", "3½ miles", "costs ¼",
-            "n=10²", "  ٣", "\t³\n", "a\u00a0½"]
 TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
             "{{ '<|im_start|>system\n" + SYSTEM + "<|im_end|>\n' }}{% endif %}...")
 

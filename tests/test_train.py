@@ -17,17 +17,13 @@ import distill  # noqa: E402
 import load  # noqa: E402
 import train  # noqa: E402
 import train_options  # noqa: E402
-from helpers import SMALL, read_log, run_cli  # noqa: E402
-from model import Config, LoRALinear, Transformer  # noqa: E402
+from helpers import SMALL, default_init, read_log, run_cli  # noqa: E402
+from model import LoRALinear  # noqa: E402
 
 
 def tiny(vocab=40, heads=0, seed=0, **kw):
-    torch.manual_seed(seed)
-    cfg = Config(arch="llama", vocab_size=vocab, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_dim=8,
-                 intermediate_size=64, max_seq_len=256, **kw)
-    m = Transformer(cfg)
+    m = default_init(vocab, heads, seed, **kw)
     if heads:
-        m.add_heads(heads, init="random")
         for p in m.heads.parameters():
             torch.nn.init.normal_(p, std=0.1)
     return m

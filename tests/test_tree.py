@@ -251,7 +251,7 @@ def test_accepted_lengths_histogram():
 
 
 def test_bench_reports_trees():
-    m, _, tokenizer, options = bench.tiny_setup("cpu", torch.float32, seed=0)
+    m, tokenizer, options = bench.tiny_setup("cpu", torch.float32, seed=0)
     res = bench.run(m, tokenizer, ["ar", "mtp@2", "tree@2x3"], ["What is 2+2?", "Hello there"], 12, options=options,
                     warmup=0)
     methods = res["methods"]
