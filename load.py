@@ -15,7 +15,6 @@ is copied by an explicit name table with shape checks, and anything unexpected r
 """
 
 import importlib.metadata
-import json
 import os
 import sys
 from pathlib import Path
