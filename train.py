@@ -51,18 +51,20 @@ from tqdm import tqdm
 import distill
 from artefacts import save_checkpoint, save_heads, save_mask_adapter
 from data.dataset import TokenData, check_tokenizer
-from decode import generate
+from data.synthmath import NUMBER, score
+from decode import Stats, generate
 from files import plural
 from load import load
 from model import Config, Transformer
 from parallel import Parallel, flops_per_token, peak_flops
 from prompts import encode_prompt, read_prompts
 from tokenizer import load_tokenizer, mask_token_names
-from train_options import LR_FLOOR, checkpoint_args, first_pass, get_args
+from train_options import LR_FLOOR, VAL_DECODE_PROMPTS, checkpoint_args, first_pass, get_args
 
 EVAL_SEED = 1234           # every evaluation draws the same validation batches
 DRAFT_VOCAB_SAVED = 32768  # exported heads carry this many of the most frequent training tokens (draft vocabulary)
 VAL_ANSWER_TOKENS = 128   # greedy answer length of each --val_prompts prompt
+VAL_DECODE_TOKENS = 64    # mask_tokens: their answer length (a synthmath solution: ~32 tokens)
 
 
 def count(n):
@@ -213,10 +215,48 @@ def prompt_answers(model, tokenizer, path, device):
 
 
 @torch.no_grad()
-def evaluate(objective, teacher, data, args, par, autocast, prompt_batch=None):
+def held_out_prompts(original, tokenizer, path):
+    """Mask-token mode's held-out set: the first VAL_DECODE_PROMPTS prompts of `path` as token
+    ids, with what a decoding is scored against: their numeric answers when every prompt has one
+    (data/synthmath's), else the greedy answers of `original`, the model before conversion (the
+    teacher, or a gated model: its next-token predictions are the original's).
+    Returns (prompts, answers or None, greedy answers or None)."""
+    rows = read_prompts(path)[:VAL_DECODE_PROMPTS]
+    prompts = [encode_prompt(tokenizer, row["prompt"]) for row in rows]
+    answers = [str(row.get("answer")) for row in rows]
+    if all(NUMBER.fullmatch(a) for a in answers):
+        return prompts, answers, None
+    greedy = generate(original, prompts, VAL_DECODE_TOKENS, stop_ids=tokenizer.stop_ids)
+    return prompts, None, greedy
+
+
+@torch.no_grad()
+def decode_held_out(model, tokenizer, held_out, args):
+    """The held-out prompts decoded with confadapt@--val_tau, as Paper A plots them against
+    training steps: "prompts_tokens_per_forward", and "prompts_accuracy" (numeric answers,
+    data/synthmath's scorer) or "prompts_exact_ar" (the share of answers equal to the original
+    model's greedy one)."""
+    prompts, answers, greedy = held_out
+    stats = Stats()
+    outs = generate(model, prompts, VAL_DECODE_TOKENS, stop_ids=tokenizer.stop_ids,
+                    method=f"confadapt@{args.val_tau:g}", stats=stats,
+                    mask_ids=model.cfg.mask_token_ids, k_max=args.k_max,
+                    graphs=False)   # no CUDA graphs of weights that change at every step
+    metrics = {"prompts_tokens_per_forward": stats.tokens_per_forward}
+    if answers is None:
+        metrics["prompts_exact_ar"] = sum(o == g for o, g in zip(outs, greedy)) / len(outs)
+    else:
+        texts = [tokenizer.decode([t for t in out if t not in tokenizer.stop_ids]) for out in outs]
+        metrics["prompts_accuracy"] = sum(score(t, a) for t, a in zip(texts, answers)) / len(outs)
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(objective, teacher, data, args, par, autocast, prompt_batch=None, held_out=None):
     """Validation loss and metrics on the same batches every time, drawn and split like training batches (so any
     split of the global batch over processes and micro-steps sees the same windows), averaged over ranks; with a
-    prompt_batch (prompt_answers), the heads' agreement on it too, as "prompts_agree{d}"."""
+    prompt_batch (prompt_answers), the heads' agreement on it too, as "prompts_agree{d}"; with a
+    held_out set (mask_tokens: held_out_prompts), its confadapt decoding (decode_held_out)."""
     objective.eval()
     g = torch.Generator().manual_seed(EVAL_SEED)
     totals = {}
@@ -232,6 +272,8 @@ def evaluate(objective, teacher, data, args, par, autocast, prompt_batch=None):
         with autocast:
             _, metrics = objective(*prompt_batch, teacher, g, answers_only=True)
         totals.update({f"prompts_{k}": v for k, v in metrics.items() if k.startswith("agree")})
+    if held_out is not None:    # every rank decodes the same prompts with the same weights
+        totals.update(decode_held_out(objective.model, *held_out, args))
     if isinstance(objective, FSDPModule):   # a root left unsharded after a forward alone holds other parameters
         objective.reshard()                 # than the optimizer's
     objective.train()
@@ -354,6 +396,9 @@ def run_lock(out):
 
 
 def train(args, par):
+    if args.val_prompts and args.mode == "mask_tokens" and par.mode == "fsdp":
+        raise ValueError("--val_prompts in --mode mask_tokens decodes with the whole model on "
+                         "each rank, which FSDP shards: use --parallel ddp, or drop --val_prompts")
     if args.device.startswith("cuda") and par.world_size > 1:     # one GPU per process, whatever index was given
         args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     if args.device.startswith("cuda:"):          # "cuda" alone means the current device
@@ -393,7 +438,12 @@ def train(args, par):
     if args.compile:
         for unit in (*model.blocks, *model.heads):
             unit.compile()
-    prompt_batch = prompt_answers(model, tokenizer, args.val_prompts, args.device) if args.val_prompts else None
+    prompt_batch = held_out = None
+    if args.val_prompts and args.mode == "mask_tokens":
+        original = model if teacher is None else teacher
+        held_out = tokenizer, held_out_prompts(original, tokenizer, args.val_prompts)
+    elif args.val_prompts:
+        prompt_batch = prompt_answers(model, tokenizer, args.val_prompts, args.device)
     objective = Objective(model, args)
     wrapped = par.wrap(objective, teacher)
     optimizer = make_optimizer(model, args)
@@ -449,7 +499,8 @@ def train(args, par):
             shown["mfu"] = f"{record['mfu']:.1%}"
         bar.set_postfix(shown)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.max_steps:
-            record["val"] = evaluate(objective, teacher, data, args, par, autocast, prompt_batch)
+            record["val"] = evaluate(objective, teacher, data, args, par, autocast, prompt_batch,
+                                     held_out)
             if par.rank == 0:
                 tqdm.write(f"step {step + 1}: val " + " ".join(f"{k} {v:.3f}" for k, v in record["val"].items()))
         if par.rank == 0:

@@ -20,6 +20,7 @@ from artefacts import recover_checkpoint
 from parallel import PEAK_TFLOPS
 
 LR_FLOOR = 0.1             # the cosine schedule decays to this fraction of the peak learning rate
+VAL_DECODE_PROMPTS = 8    # mask_tokens: --val_prompts decoded at each evaluation (a cheap curve)
 
 # What defines a run: --resume continues only with the checkpoint's own values of these.
 RUN_OPTIONS = ("mode", "init_from", "answers_only", "arch", "n_layer", "n_head", "n_kv_head", "n_embd", "n_mtp_heads",
@@ -103,8 +104,14 @@ def make_parser(description=None):
     o.add_argument("--grad_clip", type=float, default=1.0, help="gradient norm clip (0: off)")
     o.add_argument("--eval_every", type=int, default=250, help="validate every N steps")
     o.add_argument("--eval_batches", type=int, default=8, help="validation batches")
-    o.add_argument("--val_prompts", default=None, help="heads/extend: a prompts file (data/chat_prompts_val.jsonl); "
-                   "each evaluation also logs the heads' agreement with the model's own greedy answers to them")
+    o.add_argument("--val_prompts", default=None,
+                   help="a prompts file (data/chat_prompts_val.jsonl); heads/extend: each"
+                   " evaluation also logs the heads' agreement with the model's own greedy answers;"
+                   f" mask_tokens: each evaluation decodes its first {VAL_DECODE_PROMPTS} with "
+                   "confadapt@--val_tau and logs tokens per forward, and accuracy (numeric answers)"
+                   " or exact agreement with the original model's greedy answers")
+    o.add_argument("--val_tau", type=float, default=0.9,
+                   help="mask_tokens with --val_prompts: the confadapt threshold it decodes with")
     o.add_argument("--save_every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
     o.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
     o.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
@@ -246,8 +253,11 @@ def check_args(args):
     if args.main_kl_grad and args.mode != "scratch":
         raise ValueError(f"--main_kl_grad: only --mode scratch trains the main head; drop it for "
                          f"--mode {args.mode}")
-    if args.val_prompts and args.mode not in ("heads", "extend"):
-        raise ValueError(f"--val_prompts scores MTP heads on a frozen model: --mode heads or extend, not {args.mode}")
+    if args.val_prompts and args.mode == "scratch":
+        raise ValueError("--val_prompts scores MTP heads on a frozen model or a mask-token "
+                         "model: --mode heads, extend or mask_tokens, not scratch")
+    if not 0 < args.val_tau <= 1:
+        raise ValueError(f"--val_tau {args.val_tau:g}: confadapt's threshold must be in (0, 1]")
     if args.val_prompts and not os.path.isfile(args.val_prompts):
         raise ValueError(f"--val_prompts {args.val_prompts}: no such file")
     if args.resume and args.overwrite:

@@ -17,6 +17,7 @@ import distill  # noqa: E402
 import load  # noqa: E402
 import train  # noqa: E402
 import train_options  # noqa: E402
+from data import synthmath  # noqa: E402
 from helpers import SMALL, default_init, read_log, run_cli  # noqa: E402
 from model import LoRALinear  # noqa: E402
 
@@ -518,6 +519,7 @@ def test_finished_run_is_not_silently_replaced(synth, tmp_path, capsys):
     (["--mode", "mask_tokens", "--init_from", "x", "--k_max", "1"], "--k_max 1: must be at least 2"),
     (["--gated"], "--gated gates LoRA adapters"),
     (["--val_prompts", "data/chat_prompts_val.jsonl"], "--val_prompts scores MTP heads"),
+    (["--val_tau", "0"], "--val_tau 0: confadapt's threshold must be in (0, 1]"),
     (["--device", "tpu"], "--device tpu: expected cpu, cuda or cuda:N"),
     (["--dtype", "int8"], "argument --dtype: invalid choice"),
     (["--lr", "fast"], "argument --lr: invalid float value"),
@@ -595,3 +597,87 @@ def test_gpt2_from_scratch_at_a_window_of_its_whole_context(synth, tmp_path):
     train.main(["--mode", "scratch", "--arch", "gpt2", "--data", str(synth), "--out", str(tmp_path / "g"),
                 "--n_mtp_heads", "0", "--max_steps", "1", *SMALL, "--seq_len", "1024", "--batch_size", "1"])
     assert load.load(tmp_path / "g")[0].cfg.max_seq_len >= 1025
+
+
+@pytest.fixture(scope="module")
+def talking_base(synth, tmp_path_factory):
+    """A base model trained just enough (200 steps) to write numbers, and confident about a few."""
+    base = tmp_path_factory.mktemp("talking") / "base"
+    train.main(["--mode", "scratch", "--data", str(synth), "--out", str(base), "--n_mtp_heads", "0",
+                "--max_steps", "200", "--lr", "0.01", "--warmup", "0", *SMALL])
+    return base
+
+
+def held_out_recompute(out, prompts, tau, k_max):
+    """Paper A's two curves at a run's last step, recomputed from its checkpoint without train.py:
+    the first VAL_DECODE_PROMPTS prompts decoded with confadapt@tau, as (tokens per forward,
+    outputs, their texts)."""
+    model, tokenizer = load.load(out)
+    rows = [json.loads(line) for line in open(prompts)][:train.VAL_DECODE_PROMPTS]
+    ids = [tokenizer.encode(row["prompt"]) for row in rows]
+    stats = decode.Stats()
+    outs = decode.generate(model, ids, train.VAL_DECODE_TOKENS, stop_ids=tokenizer.stop_ids,
+                           method=f"confadapt@{tau}", stats=stats,
+                           mask_ids=model.cfg.mask_token_ids, k_max=k_max)
+    texts = [tokenizer.decode([t for t in o if t not in tokenizer.stop_ids]) for o in outs]
+    return stats.tokens_per_forward, outs, texts
+
+
+def test_mask_mode_val_prompts_log_confadapt_speed_and_accuracy(synth, talking_base, tmp_path):
+    """Mask-token mode with --val_prompts logs, at each evaluation, confadapt@--val_tau's tokens
+    per forward and accuracy on the prompts' numeric answers: what a decoding of the saved weights
+    gives."""
+    tau = 0.2           # the mask tokens are confident enough at it for some of their drafts
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [json.loads(line) for line in open(synth / "test_prompts.jsonl")]
+
+    def run(out):
+        prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        train.main(["--mode", "mask_tokens", "--init_from", str(talking_base), "--data", str(synth),
+                    "--out", str(out), "--lora_rank", "4", "--gated", "--k_max", "4",
+                    "--val_prompts", str(prompts), "--val_tau", str(tau), "--max_steps", "2",
+                    *SMALL, "--eval_every", "1"])
+        return held_out_recompute(out, prompts, tau, 4)
+
+    _, _, texts = run(tmp_path / "first")
+    # the same run again, its gold answers now what the model writes to every other prompt
+    for i, (row, text) in enumerate(zip(rows, texts)):
+        written = synthmath.extract_answer(text)
+        row["answer"] = written if i % 2 == 0 and written is not None else "987654"
+    speed, _, texts = run(tmp_path / "second")
+    log = read_log(tmp_path / "second")
+    assert [r["step"] for r in log] == [1, 2] and all("prompts_accuracy" in r["val"] for r in log)
+    last = log[-1]["val"]
+    assert last["prompts_tokens_per_forward"] == pytest.approx(speed, abs=1e-9) and speed > 1
+    right = [synthmath.score(t, r["answer"]) for t, r in zip(texts, rows)]
+    assert last["prompts_accuracy"] == pytest.approx(sum(right) / len(right))
+    assert 0 < last["prompts_accuracy"] < 1
+
+
+def test_mask_mode_val_prompts_without_answers_log_agreement_with_the_original_ar(
+        synth, talking_base, tmp_path):
+    """Prompts without numeric answers: the logged score is the share of confadapt answers equal to
+    the greedy `ar` answer of the model before conversion, not of the model being trained (full
+    fine-tuning: one step changes this one's greedy answers), in a resumed run too."""
+    out = tmp_path / "mask"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": json.loads(line)["prompt"]}) + "\n"
+                               for line in open(synth / "test_prompts.jsonl")))
+    train.main(["--mode", "mask_tokens", "--init_from", str(talking_base), "--data", str(synth),
+                "--out", str(out), "--k_max", "4", "--val_prompts", str(prompts),
+                "--max_steps", "1", "--warmup", "0", *SMALL, "--eval_every", "1"])
+    train.main(["--out", str(out), "--resume", "--max_steps", "2"])
+    last = read_log(out)[-1]["val"]
+    speed, outs, _ = held_out_recompute(out, prompts, 0.9, 4)       # --val_tau's default
+
+    def exact_ar(path):
+        model, tokenizer = load.load(path)
+        ids = [tokenizer.encode(json.loads(line)["prompt"]) for line in open(prompts)]
+        greedy = decode.generate(model, ids[:len(outs)], train.VAL_DECODE_TOKENS,
+                                 stop_ids=tokenizer.stop_ids)
+        return sum(o == g for o, g in zip(outs, greedy)) / len(outs)
+
+    assert "prompts_accuracy" not in last
+    assert last["prompts_tokens_per_forward"] == pytest.approx(speed, abs=1e-9)
+    assert last["prompts_exact_ar"] == pytest.approx(exact_ar(talking_base))
+    assert exact_ar(out) != exact_ar(talking_base)   # scoring against the trained model would show
