@@ -1,7 +1,8 @@
 """
 Self-generated chat data (Magpie, Xu et al. 2024): the bundled instruct model writes the user questions itself, then
 answers them. This is the data for distilling MTP heads or mask-token MTP into that same model: its own greedy answers
-are exactly what a lossless draft must predict (sampled answers trained clearly worse, see MEASURED.md).
+are exactly what a lossless draft must predict (heads trained on sampled answers, T=0.8, accepted 34% at depth 1
+against 55% for greedy ones, in half the steps).
 
 What is here: `generate_chunk` (one deterministic unit of work), `merge_chunks` (cross-chunk dedup and answer
 filters), `split_conversations` (held-out splits that share no conversation with train), `describe` (statistics).
