@@ -1,5 +1,6 @@
 """
-Small helpers every module shares: reading JSON and JSONL files, and wording counts and lists in messages.
+Small helpers every module shares: reading JSON and JSONL files, and wording counts and lists in
+messages.
 """
 
 import json
@@ -20,7 +21,8 @@ def read_jsonl(path, parse=None, skip_bad=False, progress=False):
     lines are ignored. A bad line (or one parse refuses with ValueError) raises a ValueError that
     names file:line; with skip_bad it is skipped and counted. Returns (rows, n_skipped)."""
     rows, skipped = [], 0
-    with open(path, "rb") as f:   # bytes, so that a bad encoding is reported with its line number too
+    # bytes, so that a bad encoding is reported with its line number too
+    with open(path, "rb") as f:
         lines = tqdm(f, desc=f"reading {path}", unit=" lines", leave=False, disable=not progress)
         for lineno, raw in enumerate(lines, start=1):
             if not raw.strip():

