@@ -33,7 +33,7 @@ Examples (presets in config/ write under out/):
   python train.py --config config/synthmath_scratch.json
   python train.py --config config/smollm2_heads.json --data data/chat
   python train.py --out out/sm_mtpd4 --resume --max_steps 4000
-  torchrun --standalone --nproc_per_node 8 train.py --config config/smollm2_mask.json
+  torchrun --standalone --nproc_per_node 8 train.py --config config/smollm2_mask.json \\
       --parallel fsdp
 Not here: the losses (distill.py), the data files (data/), measurement (bench.py).
 """
@@ -227,10 +227,10 @@ def loss_fn(model, teacher, idx, loss_weight, args, generator, answers_only=Fals
 @torch.no_grad()
 def prompt_answers(model, tokenizer, path, device):
     """The frozen model's greedy answers to the prompts in `path` (heads and extend never change
-    them), as one right-padded batch: token ids (B, T) and a loss mask over the answers. On the
+    them), as one right-padded batch: token ids (B, T) and loss weights over the answers. On the
     model's own greedy text, a head's agreement with the main head at depth d is what decoding
     accepts there: prompts written like a user's choose the step count, not the training
-    distribution (issue 12)."""
+    distribution."""
     prompts = [encode_prompt(tokenizer, row["prompt"]) for row in read_prompts(path)]
     answers = generate(model, prompts, VAL_ANSWER_TOKENS, stop_ids=tokenizer.stop_ids)
     T = max(len(p) + len(a) for p, a in zip(prompts, answers))
