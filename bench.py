@@ -136,16 +136,17 @@ def nll_judge(source, model, device, dtype):
     nll_self)."""
     if not model.cfg.mask_token_ids or model.cfg.lora_gated:
         return model
-    judge = load.load(source, device, dtype)[0]
-    if judge.cfg.mask_token_ids and not judge.cfg.lora_gated:   # training moved its predictions
-        start = read_json(Path(source) / "config.json").get("train_args", {}).get("init_from")
+    config = Path(source) / "config.json"    # read, not loaded: a checkpoint's own config says it
+    meta = read_json(config) if config.is_file() else {}
+    if meta.get("model", {}).get("mask_token_ids"):   # ungated: training moved its predictions
+        start = meta.get("train_args", {}).get("init_from")
         if start and (start == load.BUNDLED or Path(start).exists()):
             return load.load(start, device, dtype)[0]
         print(f"warning: {source} was fine-tuned from {start!r}, which is not here: output NLL "
               f"will be measured under the fine-tuned model itself and labelled nll_self",
               file=sys.stderr)
         return None
-    return judge
+    return load.load(source, device, dtype)[0]    # the base, without the attached adapter
 
 
 def wilson(successes, n, z=1.96):

@@ -152,6 +152,20 @@ def test_setup_attaches_only_what_methods_use(checkpoint):
     assert len(m.heads) == 1 and bench.nll_judge(checkpoint / "model", m, "cpu", torch.float32) is m
 
 
+def test_an_ungated_adapter_is_judged_by_the_base_model(tmp_path):
+    """An ungated adapter moves next-token predictions: NLL is measured under the base model
+    alone, never under the model with the adapter, and a gated one judges itself."""
+    for gated in (False, True):
+        base = tiny_checkpoint(tmp_path / f"base{gated}")
+        base.add_mask_tokens(1)
+        base.add_lora(4, gated=gated)
+        artefacts.save_mask_adapter(tmp_path / f"a{gated}.safetensors", base, meta={"k_max": 4})
+        m = load.load_for(tmp_path / f"base{gated}", adapter=tmp_path / f"a{gated}.safetensors")[0]
+        judge = bench.nll_judge(tmp_path / f"base{gated}", m, "cpu", torch.float32)
+        assert (judge is m) == gated
+        assert gated or (judge.cfg.mask_token_ids == [] and judge.cfg.lora_rank == 0)
+
+
 def test_draft_vocab(checkpoint):
     def draft_ids(n, file="heads.safetensors"):
         return load.load_for(checkpoint / "model", heads=[checkpoint / file], draft_vocab=n)[2].get(
