@@ -199,10 +199,13 @@ def run(model, tokenizer, methods, prompts, max_new_tokens=128, original=None, o
         return decode.generate(model, [prompt], n, stop_ids=stop_ids, method=strategies[method],
                                stats=stats)[0]
 
-    # warm-up (graph capture, compilation), untimed
+    # warm-up (graph capture, compilation), untimed; then a prefill of every prompt, which captures
+    # the graph of every padded prompt length the timed runs meet
     for method in methods:
         for p in ids[:max(warmup, 1)]:
             generate(method, p, max_new_tokens if warmup else 1)
+        for p in ids:
+            generate(method, p, 1)
     # timed prompt by prompt, every method in turn: clock ramps and first-time costs fall on no
     # method alone
     stats, outs = {m: decode.Stats() for m in methods}, {m: [] for m in methods}
@@ -251,12 +254,31 @@ def run(model, tokenizer, methods, prompts, max_new_tokens=128, original=None, o
             "k_max": decode.confadapt_k_max(parsed[method], options.get("k_max", decode.K_MAX))
             if ours and parsed[method].kind == "confadapt" else None,
             "ttft_ms": 1000 * ttft[method] / len(ids),
+            "ms_per_forward": 1000 * wall[method] / stat.forwards if ours else None,
+            "query_len": strategies[method].query_len if ours else None,
             "sample": texts[0][:200],
         }
     add_speedups({m: [r] for m, r in results.items()})
+    bare = bare_forward_ms(model, {1} | {s.query_len for s in strategies.values()}, max_len,
+                           compile)
     return {"device": str(device), "dtype": str(model.embed.weight.dtype).replace("torch.", ""),
             "num_prompts": len(ids), "max_new_tokens": max_new_tokens, "temperature": temperature,
-            "nll_key": nll_key, "methods": results, "notes": []}
+            "nll_key": nll_key, "methods": results, "bare_forward_ms": bare, "notes": []}
+
+
+def bare_forward_ms(model, query_lens, max_len, compile=False, replays=100):
+    """The floor under every method's time: the model's own forward over Q tokens (for each Q in
+    query_lens), ar@Q's step replayed from its graph back to back with nothing read back (eagerly on
+    the CPU, fewer times). {Q: ms per forward}."""
+    device = model.embed.weight.device
+    replays = replays if device.type == "cuda" else max(1, replays // 10)
+    out = {}
+    for q in sorted(query_lens):
+        strategy = decode.make_strategy(model, f"ar@{q}", max_len, compile=compile)
+        strategy.prefill([[0]])
+        strategy.next()                          # warm-up: capture, compilation
+        out[q] = 1000 * timed(device, lambda: [strategy.next() for _ in range(replays)])[1] / replays
+    return out
 
 
 def greedy_references(model, strategies, outs, batches, max_new_tokens, stop_ids, temperature,

@@ -25,7 +25,7 @@ from cli import Parser, add_model_args, fail, number, render
 from draft_heads import HeadDrafts
 from draft_mask import K_MAX, MaskDrafts
 from draft_tree import AutoTreeDrafts, TreeDrafts, tree_shape
-from engine import MAX_DRAFTS, MAX_QUERY, Graph, Sampling, Step, Strategy
+from engine import MAX_DRAFTS, MAX_QUERY, Graph, Pending, Sampling, Step, Strategy
 from load import SHIPPED, load_for
 
 LOSSY = {"static", "confadapt"}    # methods that emit predictions nothing checks
@@ -198,11 +198,12 @@ class Autoregressive(Strategy):
                  query_len=1, graphs=None, compile=False):
         super().__init__(model, batch_size, max_len, query_len, sampling, generator, graphs,
                          compile)
-        self.rows = torch.arange(batch_size, device=self.device)
         self.offsets = torch.arange(query_len, device=self.device)
         self.caches, _ = model.make_caches(batch_size, self.cache_len)
-        # greedy: the pick joins the graph; sampling draws from its generator outside it
+        # greedy: the pick joins the graph; sampling draws from its generator outside it, on the
+        # device too, so neither needs the host between steps
         self.next = Graph(self._next_token if sampling.greedy else self._next_logits, self.graphs)
+        self.runs_ahead = self.device.type == "cuda"
 
     def _next_logits(self):
         # (B, query_len): the newest token, then pads
@@ -215,8 +216,8 @@ class Autoregressive(Strategy):
         return nxt
 
     def prefill(self, prompts):
-        _, _, lens, nxt = self.prefill_rows(prompts, self.caches)
-        self.newest.copy_(lens)
+        nxt = self.prefill_rows(prompts, self.caches)
+        self.newest.copy_(self.lens)
         return [Step([t], 0, 0, [0]) for t in nxt.tolist()]
 
     def step(self, live):
@@ -228,7 +229,7 @@ class Autoregressive(Strategy):
             self.tokens[self.rows, self.newest + 1] = nxt
         # in place, outside the graph: it reads newest and must stay idempotent
         self.newest += 1
-        return [Step([t], 0, 0, [0]) for t in nxt.tolist()]    # the step's one host read-back
+        return Pending(nxt, lambda rows: [Step([t], 0, 0, [0]) for t in rows])
 
 
 def make_strategy(model, method, max_len, sampling=Sampling(), generator=None, schedule=None,
@@ -327,16 +328,25 @@ def _decode(strategy, prompts, max_new_tokens, stop_ids):
               [len(s.tokens) for s in first])
     live = [not _finished(out, out, max_new_tokens, stop_ids) for out in run.outs]
     # 2) Steps until every row has stopped, at a stop token or at max_new_tokens; a row that stopped
-    # is no longer counted, and its tokens from later steps are dropped
-    while any(live):
-        steps = strategy.step(live)
+    # is no longer counted, and its tokens from later steps are dropped. A strategy that runs ahead
+    # has its next step queued before this one's tokens reach the host, unless every row is sure to
+    # be full after this one (a step adds at least one token).
+    pending = strategy.step(live) if any(live) else None
+    while pending is not None:
+        ahead = None
+        if strategy.runs_ahead and any(alive and len(out) + 1 < max_new_tokens
+                                       for alive, out in zip(live, run.outs)):
+            ahead = strategy.step(live)       # `live` of one step before: it reads no host state
         run.forwards += sum(live)
-        for b, s in enumerate(steps):
+        for b, s in enumerate(pending.result()):
             if live[b]:
                 run.outs[b] += s.tokens
                 run.labels[b] += s.labels
                 run.accepted.append((s.checked, s.accepted))
                 live[b] = not _finished(run.outs[b], s.tokens, max_new_tokens, stop_ids)
+        if not any(live):
+            break                             # a step queued ahead is dropped
+        pending = ahead if ahead is not None else strategy.step(live)
     # 3) Cut every row at its stop token or max_new_tokens
     run.outs = [_truncate(out, max_new_tokens, stop_ids) for out in run.outs]
     run.labels = [labels[:len(out)] for labels, out in zip(run.labels, run.outs)]

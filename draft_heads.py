@@ -15,7 +15,7 @@ from functools import partial
 
 import torch
 
-from engine import Graph, Sampling, Strategy, Step, drafted, verify
+from engine import Graph, Pending, Ready, Sampling, Strategy, Step, drafted, verify
 from model import looped_head
 
 COST_REPEATS = 5       # timed replays per depth when HeadDrafts measures its step costs
@@ -101,16 +101,21 @@ class HeadStrategy(Strategy):
         self.window_offsets = torch.arange(self.window, device=self.device)
 
     def prefill(self, prompts):
-        """The main model and then every depth over each row's prompt."""
-        h, pos, lens, nxt = self.prefill_rows(prompts, self.caches)
-        n = h.size(1)
+        nxt = self.prefill_rows(prompts, self.caches)
+        self.newest.copy_(self.lens)
+        return [Step([t], 0, 0, [0]) for t in nxt.tolist()]
+
+    def prefill_forward(self, n, caches):
+        """The main model and then every depth over each row's first n positions. The heads' last
+        positions read tokens not written yet: every step redoes them (HeadDrafts.draft)."""
+        pos = self.model.default_pos(self.tokens[:, :n])
+        x, taps = self.model.hidden(self.tokens[:, :n], pos, caches, keep_taps=True)
+        h = self.model.head_state(x, taps)
         self.head_state[:, :n] = h
-        self.newest.copy_(lens)
-        # the heads' caches; the last positions are redone later
         for d in range(1, self.depths + 1):
             h = self.model.head_forward(self.schedule[d - 1], h, self.tokens[:, d:n + d], pos,
                                         self.depth_caches[d - 1])
-        return [Step([t], 0, 0, [0]) for t in nxt.tolist()]
+        return self.model.logits(x[self.rows, self.lens - 1])
 
 
 class HeadDrafts(HeadStrategy):
@@ -126,13 +131,13 @@ class HeadDrafts(HeadStrategy):
                  compile=False):
         super().__init__(model, batch_size, max_len, depths + 1, depths, schedule, draft_ids,
                          sampling, generator, graphs, compile, "mtp")
-        self.rows = torch.arange(batch_size, device=self.device)[:, None]            # (B, 1)
         # each row's next L
         self.advanced = torch.zeros_like(self.newest)
         self.step_offsets = torch.arange(depths + 1, device=self.device)
         # one graph per depth in use; costs: a DepthRule table given (None: measured at the first
         # step)
         self.rule = DepthRule(depths, costs) if adaptive else None
+        self.runs_ahead = self.device.type == "cuda" and sampling.greedy and not adaptive
         self.greedy_steps = {k: Graph(partial(self._greedy_step, k),
                                       self.graphs and sampling.greedy)
                              for k in (range(depths + 1) if adaptive else [depths])}
@@ -183,14 +188,14 @@ class HeadDrafts(HeadStrategy):
         pos = self.newest[:, None] + self.step_offsets[:depth + 1]   # (B, depth+1)
         logits, h = self.forward(self.tokens.gather(1, pos), self.positions(pos), self.caches,
                                  return_head_state=True)
-        self.head_state[self.rows, pos] = h
+        self.head_state[self.rows[:, None], pos] = h
         return logits
 
     def accept(self, n, nxt):
         """3) Accept: each row's accepted count n (B,) and next token nxt (B,): writes t[L+n+1]
         and the row's L after the step (a finished row stops at max_len: its buffers never
         overflow)."""
-        self.tokens[self.rows[:, 0], self.newest + n + 1] = nxt
+        self.tokens[self.rows, self.newest + n + 1] = nxt
         torch.clamp_max(self.newest + n + 1, self.max_len, out=self.advanced)
 
     def _greedy_step(self, depth):
@@ -209,9 +214,13 @@ class HeadDrafts(HeadStrategy):
             self.rule.costs = self.measure_costs()
         depth = self.depths if self.rule is None else self.rule.choose()
         if self.sampling.greedy:
-            # (B, 1 + depth+1): n, t[L+1..]; one read-back
-            out = self.greedy_steps[depth]().tolist()
-            ns, new = [r[0] for r in out], [r[1:r[0] + 2] for r in out]
+            out = self.greedy_steps[depth]()            # (B, 1 + depth+1): n, t[L+1..]
+            # outside the graph: it reads newest and must stay idempotent
+            self.newest.copy_(self.advanced)
+            pending = Pending(out, lambda rows: [drafted(r[1:r[0] + 2], depth) for r in rows])
+            if self.rule is None:
+                return pending
+            steps = pending.result()                    # the rule's next choice needs them
         else:
             drafts, q = self.draft(depth)
             logits = self.check(depth)
@@ -219,12 +228,11 @@ class HeadDrafts(HeadStrategy):
                                    # q: None at depth 0
                                    self.generator) for b in range(len(drafts))))
             self.accept(torch.tensor(ns, device=self.device), torch.tensor(nxt, device=self.device))
-            new = [row[:n] + [t] for row, n, t in zip(drafts.tolist(), ns, nxt)]
-        # outside the graph: it reads newest and must stay idempotent
-        self.newest.copy_(self.advanced)
+            self.newest.copy_(self.advanced)
+            steps = [drafted(row[:n] + [t], depth) for row, n, t in zip(drafts.tolist(), ns, nxt)]
         if self.rule is not None:
-            self.rule.observe(depth, [n for n, alive in zip(ns, live) if alive])
-        return [drafted(tokens, depth) for tokens in new]
+            self.rule.observe(depth, [s.accepted for s, alive in zip(steps, live) if alive])
+        return Ready(steps)
 
     def measure_costs(self):
         """Wall time of a greedy step of every depth, its read-back included, over that of depth 0;

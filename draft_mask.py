@@ -11,7 +11,7 @@ Paper A's mask-token decoding: k-1 mask tokens after the text make one forward p
 
 import torch
 
-from engine import Graph, Sampling, Strategy, Step, drafted, predicted, verify
+from engine import Graph, Ready, Sampling, Strategy, Step, drafted, predicted, verify
 
 K_MAX = 16        # ConfAdapt's k (Paper A's k_max) where the mask-token model does not name its own
 
@@ -59,16 +59,21 @@ class MaskDrafts(Strategy):
         return self.step_logits()[:n]
 
     def prefill(self, prompts):
-        # verified@K prefills the prompt alone, as plain decoding does: its cache rows match ar's
-        # bitwise
         (prompt,) = prompts
+        self.drafts, self.q = [], None
+        if self.verified:
+            # the prompt alone, as plain decoding prefills it: its cache rows match ar's bitwise
+            nxt = self.prefill_rows(prompts, self.caches).tolist()
+            self.newest.copy_(self.lens)
+            self.fed = nxt
+            return [Step(nxt, 0, 0, [0])]
         self.newest.zero_()
-        self.fed, self.drafts, self.q = list(prompt), [], None
-        tokens = self.advance(masks=[] if self.verified else self.mask_ids).tokens
+        self.fed = list(prompt)
+        tokens = self.advance(self.mask_ids).tokens
         return [Step(tokens, 0, 0, list(range(len(tokens))))]
 
     def step(self, live):
-        return [self.advance(self.mask_ids)]
+        return Ready([self.advance(self.mask_ids)])
 
     def advance(self, masks):
         """One forward of the fed tokens and `masks`; returns the row's Step."""

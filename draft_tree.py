@@ -14,7 +14,7 @@ import itertools
 import torch
 
 from draft_heads import HeadStrategy
-from engine import MAX_DRAFTS, MAX_QUERY, Graph, Sampling, drafted
+from engine import MAX_DRAFTS, MAX_QUERY, Graph, Pending, Sampling, drafted
 
 AUTO_DEPTH, AUTO_TOPK = 4, 4   # tree@autoN: depths drafted, tokens each frontier node proposes
 # nodes proposed per step: N's maximum
@@ -97,6 +97,7 @@ class TreeDrafts(HeadStrategy):
         self.scratch = self.cache_len - MAX_QUERY + torch.arange(self.query_len, device=self.device)
         self.path_offsets = torch.arange(depths + 1, device=self.device)
         self.greedy_step = Graph(self._greedy_step, self.graphs)
+        self.runs_ahead = self.device.type == "cuda"
 
     def draft(self):
         """1) Draft: per depth d, one head call over the window (positions L-1-2D..L-2, recomputed
@@ -169,11 +170,9 @@ class TreeDrafts(HeadStrategy):
 
     def step(self, live):
         """One graphed draft-and-verify step of the one row."""
-        # the step's one host read-back
-        out = self.greedy_step().tolist()
-        n = out[0]
-        self.newest += n + 1
-        return [drafted(out[1:n + 2], self.depths)]
+        out = self.greedy_step()                          # n, t[L+1..L+D+1]
+        self.newest += out[0] + 1
+        return Pending(out, lambda rows: [drafted(rows[1:rows[0] + 2], self.depths)])
 
 
 class AutoTreeDrafts(TreeDrafts):

@@ -10,9 +10,12 @@ The fixed-shape step machinery every decoding method stands on.
 Every strategy keeps a static KV cache (model.py): a token's keys live in slot = its position and a
 query sees slots up to its own position, so rejected drafts, mask tokens and padding need no
 rollback: they are overwritten later. A strategy feeds its forward `query_len` tokens at a time,
-padding with tokens beyond the position that nothing sees, so every step has one shape. On CUDA a
-step costs one graph replay and one host read-back instead of ~1,200 kernel launches. Prefill runs
-eagerly; on the CPU everything does.
+padding with tokens beyond the position that nothing sees, so every step has one shape, and pads
+prompts to one of PREFILL_LENGTHS, so prefills have few. On CUDA a step costs one graph replay
+instead of ~1,500 kernel launches, and its one read-back to the host (`Pending`) is a copy the host
+waits for only when it needs the tokens: a strategy whose steps need nothing from the host
+(`runs_ahead`) has its next step queued first, so the GPU never waits for Python. On the CPU
+everything runs eagerly.
 
 bf16: a token's logits from a 1-token forward and from a 4-token forward round differently. Rows are
 bitwise identical when the query length is the same, so `ar@Q`, padded to a method's query length Q,
@@ -32,6 +35,9 @@ import torch
 # in bf16).
 MAX_QUERY = 64
 MAX_DRAFTS = 16   # mtp@D's D, a tree's depth, static/verified@K's K: far beyond what drafts reach
+# Prompts are padded to the first of these that fits (capped at the strategy's max_len), each length
+# replayed from its own graph; a longer prompt runs eagerly at its own length.
+PREFILL_LENGTHS = (16, 32, 64, 128, 256, 512)
 
 
 @dataclass
@@ -99,6 +105,35 @@ class Step(NamedTuple):
     labels: list
 
 
+class Pending:
+    """One step's result on its way to the host. On CUDA the device tensor is copied to pinned
+    memory without waiting, so the host can queue more work meanwhile; `result()` waits for that
+    copy alone and builds the step's `Step`s from its rows (`build`: a list of rows -> Steps)."""
+
+    def __init__(self, tensor, build):
+        self.build, self.copied = build, None
+        self.host = tensor
+        if tensor.is_cuda:
+            # a copy, not the tensor: a graph's output is rewritten by its next replay
+            self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self.host.copy_(tensor, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+
+    def result(self):
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.build(self.host.tolist())
+
+
+class Ready(NamedTuple):
+    """A step the host has finished itself (its tokens were needed there): `Pending`'s interface."""
+    steps: list
+
+    def result(self):
+        return self.steps
+
+
 def drafted(tokens, checked):
     """A verification step's record: the accepted drafts first, the main model's own token last."""
     return Step(tokens, checked, len(tokens) - 1, list(range(1, len(tokens))) + [0])
@@ -151,9 +186,12 @@ def compiled(model):
 
 class Strategy:
     """What every method shares: the static buffers, the model's (possibly compiled) functions,
-    graph or eager, and the one interface: `prefill(prompts)` and `step(live)` each return one
-    `Step` per row. `batches`: whether it decodes B prompts as B rows; the others take one prompt at
-    a time."""
+    graph or eager, the prefill, and the one interface: `prefill(prompts)` returns one `Step` per
+    row, `step(live)` a `Pending` (or `Ready`) whose result() is one `Step` per row. `batches`:
+    whether it decodes B prompts as B rows; the others take one prompt at a time. `runs_ahead`: its
+    next step needs nothing from this one's result on the host, so generate queues it before
+    waiting for this one (on CUDA; on the CPU nothing overlaps, and a stop token would waste the
+    step queued)."""
     batches = False
 
     def __init__(self, model, batch_size, max_len, query_len, sampling, generator, graphs, compile):
@@ -169,9 +207,13 @@ class Strategy:
         self.tokens = torch.zeros(batch_size, self.cache_len, dtype=torch.long, device=self.device)
         # each row's newest
         self.newest = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        self.rows = torch.arange(batch_size, device=self.device)
+        self.lens = torch.zeros(batch_size, dtype=torch.long, device=self.device)   # prompts'
         self.forward, self.head_forward = (compiled(model) if compile
                                            else (model.forward, model.head_forward))
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
+        self.runs_ahead = False
+        self.prefills = {}    # padded prompt length -> its Graph
 
     @property
     def batch_size(self):
@@ -181,18 +223,28 @@ class Strategy:
         return pos.clamp_max(self.last_pos)
 
     def prefill_rows(self, prompts, caches):
-        """B prompts right-padded into one eager forward over `caches`; the pads lie beyond each
-        row's last position, so nothing sees them. Writes each row's first new token after its
-        prompt. Returns (the head state of every position (B, T, C), positions (B, T), prompt
-        lengths (B,), first new tokens (B,))."""
+        """B prompts right-padded to one length (PREFILL_LENGTHS) in one forward over `caches`,
+        replayed from a graph per length; the pads lie beyond each row's last position, so nothing
+        sees them. Writes each row's prompt, and after it the first new token, which it returns
+        (B,)."""
         assert len(prompts) == self.batch_size, (len(prompts), self.batch_size)
-        lens = torch.tensor([len(p) for p in prompts], device=self.device)
+        lens = [len(p) for p in prompts]
+        n = min(next((n for n in PREFILL_LENGTHS if n >= max(lens)), max(lens)), self.max_len)
+        padded = torch.zeros(len(prompts), n, dtype=torch.long)
         for b, p in enumerate(prompts):
-            self.tokens[b, :len(p)] = torch.tensor(p, device=self.device)
-        n = int(lens.max())
+            padded[b, :len(p)] = torch.tensor(p)
+        self.tokens[:, :n] = padded.to(self.device)
+        self.lens.copy_(torch.tensor(lens))
+        if n not in self.prefills:
+            graphed = self.graphs and n <= PREFILL_LENGTHS[-1]
+            self.prefills[n] = Graph(lambda: self.prefill_forward(n, caches), graphed)
+        nxt = self.sampling.pick(self.prefills[n](), self.generator)
+        self.tokens[self.rows, self.lens] = nxt
+        return nxt
+
+    def prefill_forward(self, n, caches):
+        """The forward of every row's first n positions over `caches`; returns the logits after
+        each prompt (B, V). Head strategies extend it to the heads' caches."""
         pos = self.model.default_pos(self.tokens[:, :n])
-        x, taps = self.model.hidden(self.tokens[:, :n], pos, caches, keep_taps=True)
-        rows = torch.arange(len(prompts), device=self.device)
-        nxt = self.sampling.pick(self.model.logits(x[rows, lens - 1]), self.generator)
-        self.tokens[rows, lens] = nxt
-        return self.model.head_state(x, taps), pos, lens, nxt
+        x = self.model.hidden(self.tokens[:, :n], pos, caches)
+        return self.model.logits(x[self.rows, self.lens - 1])

@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# queries up to this long (a decoding step's) attend by plain matmuls, longer ones by SDPA's kernels
+SHORT_QUERY = 64
 
 @dataclass
 class Config:
@@ -80,9 +82,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        # normalised in float32, scaled in the input's dtype (Hugging Face's order)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * self.weight.float()).type_as(x)
+        return self.weight * x32.to(x.dtype)
 
 
 def make_norm(cfg):
@@ -173,14 +176,18 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
-def visibility(pos, cache=None, visible=None):
-    """The (B, T, S) "may attend" matrix: `visible` when given, else a query sees the keys at or
-    before its position (the cache's slots, or the other inputs when there is no cache). Built once
-    per forward, shared by the layers."""
-    if visible is not None:
-        return visible
-    key_pos = pos if cache is None else torch.arange(cache.k.size(1), device=pos.device)[None, :]
-    return key_pos[:, None, :] <= pos[:, :, None]
+def visibility(cfg, pos, cache=None, visible=None):
+    """The "may attend" matrix, built once per forward and shared by the layers: `visible` (B, T, S)
+    when given, else a query sees the keys at or before its position (the cache's slots, or the
+    other inputs when there is no cache). Returned grouped as Attention takes it, (B, 1, g*T, S):
+    row i*T + t is query t, repeated for each of the g = n_head / n_kv_head query heads of a
+    group."""
+    if visible is None:
+        key_pos = pos if cache is None else torch.arange(cache.k.size(1), device=pos.device)[None]
+        visible = key_pos[:, None, :] <= pos[:, :, None]
+    B, T, S = visible.shape
+    g = cfg.n_head // cfg.n_kv_head
+    return visible[:, None, None].expand(-1, -1, g, -1, -1).reshape(B, 1, g * T, S)
 
 
 def make_caches(cfg, n_layer, batch_size, max_len, device, dtype):
@@ -228,10 +235,15 @@ class Attention(nn.Module):
         kv, g = self.cfg.n_kv_head, self.cfg.n_head // self.cfg.n_kv_head
         # (B, kv, g*T, hd)
         q = q.view(B, T, kv, g, hd).permute(0, 2, 3, 1, 4).reshape(B, kv, g * T, hd)
-        # (B, 1, g*T, S)
-        visible = visible[:, None, None].expand(-1, -1, g, -1, -1).reshape(B, 1, g * T, -1)
-        y = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=visible)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)       # (B, kv, S, hd)
+        if T <= SHORT_QUERY:
+            # A decoding step's few queries: two matmuls and a softmax. The fused kernels tile for
+            # long queries and leave most of their tile idle here (3x slower per layer on an H200).
+            scores = (q * hd ** -0.5) @ k.transpose(-1, -2)
+            scores = torch.where(visible, scores, float("-inf"))
+            y = torch.softmax(scores, -1, dtype=torch.float32).to(q.dtype) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
         y = y.view(B, kv, g, T, hd).permute(0, 3, 1, 2, 4)  # (B, T, kv, g, hd)
         return self.o_proj(y.reshape(B, T, -1), gate)
 
@@ -354,7 +366,7 @@ class Transformer(nn.Module):
         rope = self.rope(pos)
         gate = self.lora_gate(idx)
         visible = None if causal else visibility(
-            pos, None if caches is None else caches[0], visible)
+            self.cfg, pos, None if caches is None else caches[0], visible)
         taps = []
         for i, block in enumerate(self.blocks):
             x = block(x, pos if slots is None else slots, rope,
@@ -452,7 +464,7 @@ class Transformer(nn.Module):
         depth's hidden state at positions pos, next_idx (B, T) the token one step further; slots as
         in hidden(). Returns this depth's hidden state."""
         return self.heads[module](h_prev, self.embed(next_idx), pos if slots is None else slots,
-                                  self.rope(pos), cache, visibility(pos, cache, visible))
+                                  self.rope(pos), cache, visibility(self.cfg, pos, cache, visible))
 
     def make_caches(self, batch_size, max_len=None, n_depths=0, device=None, dtype=None):
         """KV caches for the backbone and, if n_depths > 0, one single-layer cache per draft

@@ -68,6 +68,14 @@ def table(res):
                  if r.get("speedup_mtp1") is not None and name != "mtp@1"]
     if over_mtp1:   # Paper B's own reference
         lines.append("speedup over mtp@1: " + " | ".join(over_mtp1))
+    bare = res.get("bare_forward_ms", {})
+    per_forward = [f"{name} {r['ms_per_forward']:.2f} / {bare[r['query_len']]:.2f} "
+                   f"({bare[r['query_len']] / r['ms_per_forward']:.2f})"
+                   for name, r in res["methods"].items() if r.get("query_len") in bare]
+    if per_forward:   # the overhead every method pays on top of the model itself
+        lines.append("ms per forward (wall / forwards, prefills included) / the bare forward of the "
+                     "same query length (the model's own, one graph replayed back to back): " +
+                     " | ".join(per_forward))
     hists = [f"{name} {' '.join(map(str, r['accepted_lengths']))}"
              for name, r in res["methods"].items() if r.get("accepted_lengths")]
     if hists:   # the acceptance histogram beside the rates: steps that accepted n = 0, 1, 2, ...

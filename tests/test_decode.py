@@ -18,7 +18,7 @@ import decode   # the repository is on sys.path through conftest.py
 import draft_heads
 import draft_mask
 import engine
-from decode import Method, Stats, generate
+from decode import Method, Stats, generate, make_strategy
 from engine import Sampling
 from helpers import MODELS, V, assert_exercised, case, head_start, prompt, tiny, with_mask_oracle
 
@@ -70,9 +70,9 @@ def test_stop_token_inside_accepted_run(monkeypatch):
     step = draft_heads.HeadDrafts.step
 
     def recording_step(self, live):
-        rows = step(self, live)
+        rows = step(self, live).result()
         chunks.append(rows[0].tokens)   # batch 1: the one row
-        return rows
+        return engine.Ready(rows)
     monkeypatch.setattr(draft_heads.HeadDrafts, "step", recording_step)
     inside = 0
     for seed in (1, 5):
@@ -346,3 +346,56 @@ def test_graphed_steps_are_idempotent(monkeypatch):
             assert generate(m, [p], 24, method=meth, mask_ids=[V - 1]) == ref, meth
     for meth, outs in lossy.items():
         assert [generate(m, [p], 24, method=meth, mask_ids=[V - 1])[0] for p, _ in cases] == outs, meth
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the engine's host side: padded prefill, steps queued ahead, one read-back per step
+
+def test_prefill_pads_are_invisible():
+    """Prompts are padded to engine.PREFILL_LENGTHS (longer ones run unpadded): on both sides of a padded length
+    and past the last, ar's output is greedy decoding recomputed without a cache."""
+    m = tiny(0, max_seq_len=600)
+    assert engine.PREFILL_LENGTHS[-1] < 530
+    for n in (1, 15, 16, 17, 530):
+        text = prompt(n, n)
+        with torch.no_grad():
+            for _ in range(6):
+                text.append(int(m(torch.tensor([text]))[0, -1].argmax()))
+        assert generate(m, [text[:n]], 6)[0] == text[n:], n
+
+
+@pytest.mark.parametrize("method,batch", [("ar", 3), ("ar@4", 1), ("mtp@3", 3), ("tree@3x4", 1)])
+def test_a_step_queued_ahead_changes_nothing(method, batch):
+    """generate queues a strategy's next step before the current one's tokens reach the host where the steps need
+    nothing from it (on CUDA): the outputs and every count are those of waiting for each step, at max_new_tokens and
+    at stop tokens."""
+    m, cases = case(1, 0.01)
+    prompts = [p for p, _ in cases] + [prompt(7, 9)]
+    groups = [prompts[:batch]] if batch > 1 else [[p] for p in prompts]
+    full = generate(m, prompts[:1], 24)[0]
+    for stop_ids in ([], [full[3]], [full[10], full[11]]):
+        results = []
+        for ahead in (False, True):
+            strategy = make_strategy(m, method, 60, batch_size=batch)
+            strategy.runs_ahead = ahead
+            stats = Stats()
+            outs = [generate(m, g, 24, stop_ids=stop_ids, method=strategy, stats=stats) for g in groups]
+            results.append((outs, stats))
+        assert results[0] == results[1], (method, stop_ids)
+
+
+@pytest.mark.parametrize("method", ["ar", "mtp@3", "tree@3x4"])
+def test_one_read_back_per_step(monkeypatch, method):
+    """A greedy ar, mtp or tree step reads the device once (the host waits for nothing else), the prefill once."""
+    m, cases = case(1, 0.01)
+    strategy = make_strategy(m, method, 60)
+    strategy.runs_ahead = True
+    reads = [0]
+    for name in ("tolist", "item", "__int__", "__bool__", "__float__", "__index__"):
+        def counted(self, *args, _real=getattr(torch.Tensor, name)):
+            reads[0] += 1
+            return _real(self, *args)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    stats = Stats()
+    generate(m, [cases[0][0]], 24, method=strategy, stats=stats)
+    assert reads[0] == stats.forwards, (reads[0], stats.forwards)   # prefill + steps

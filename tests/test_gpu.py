@@ -60,7 +60,7 @@ def test_tree_graph_equals_eager_step_by_step():
         for s in (graphed, eager):
             s.prefill([p])
         for _ in range(12):
-            assert graphed.step([True]) == eager.step([True]), method
+            assert graphed.step([True]).result() == eager.step([True]).result(), method
             L = int(eager.newest)
             assert torch.equal(graphed.tokens[:, :L + 1], eager.tokens[:, :L + 1])
             torch.testing.assert_close(graphed.head_state[:, :L], eager.head_state[:, :L])

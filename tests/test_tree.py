@@ -170,9 +170,9 @@ def test_tree_accepts_off_chain_and_beats_the_chain(monkeypatch):
     def recording_step(self, live):
         self.draft()                                   # idempotent: the step drafts the same tree again
         top1 = int(self.nodes[1])                      # the chain's depth-1 draft
-        (row,) = step(self, live)
+        (row,) = step(self, live).result()
         off_chain[0] += row.accepted > 0 and row.tokens[0] != top1
-        return [row]
+        return engine.Ready([row])
     monkeypatch.setattr(TreeDrafts, "step", recording_step)
     chain, tree, auto = Stats(), Stats(), Stats()
     for seed, residual in MODELS[1:]:
