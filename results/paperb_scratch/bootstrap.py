@@ -7,7 +7,10 @@ first (the same resampled prompts for both).
         --runs beta0=out/paperb/chat_beta0,beta1=out/paperb/chat_beta1 \
         --out results/paperb_scratch/chat.json
 
-Decoding is bench.py's (decode.generate, batch 1, float32 on the CPU). A rate is pooled over
+Decoding is bench.py's (decode.generate, batch 1; float32 on the CPU unless --device/--dtype say
+otherwise, e.g. cuda bfloat16: acceptance counts need no bit-exactness). A prompt is a chat message
+put into the tokenizer's chat template (prompts.encode_prompt), or with --raw plain text encoded as
+it is (source code to continue). A rate is pooled over
 prompts (accepted drafts / checked drafts, as decode.Stats), so a resample weighs each prompt by its
 steps. A difference is called significant when its 95% interval leaves out 0.
 """
@@ -18,6 +21,7 @@ import os
 import sys
 
 import numpy as np
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -26,16 +30,20 @@ from load import load  # noqa: E402
 from prompts import encode_prompt, read_prompts  # noqa: E402
 
 
-def counts(path, prompts, method, max_new_tokens):
+def counts(path, prompts, method, max_new_tokens, device, dtype, raw):
     """(prompts, 2 D + 2) counts: checked drafts per depth, accepted drafts per depth, tokens and
     forwards (without the prefill forward and its token, as decode.Stats.tokens_per_forward)."""
-    model, tokenizer = load(path)
+    model, tokenizer = load(path, device, getattr(torch, dtype))
     depth = decode.Method.parse(method).k
+    ids = [tokenizer.encode(row["prompt"]) if raw else encode_prompt(tokenizer, row["prompt"])
+           for row in prompts]
+    # one strategy for all prompts, as bench.py: its buffers and CUDA graphs are built once
+    strategy = decode.make_strategy(model, method, max(map(len, ids)) + max_new_tokens)
     rows = []
-    for row in prompts:
+    for p in ids:
         s = decode.Stats()
-        decode.generate(model, [encode_prompt(tokenizer, row["prompt"])], max_new_tokens,
-                        stop_ids=tokenizer.stop_ids, method=method, stats=s)
+        decode.generate(model, [p], max_new_tokens, stop_ids=tokenizer.stop_ids, method=strategy,
+                        stats=s)
         checked, accepted = (s.proposed + [0] * depth)[:depth], (s.accepted + [0] * depth)[:depth]
         rows.append(checked + accepted + [s.tokens - s.prefill_tokens, s.forwards - s.prefills])
     return np.array(rows, dtype=np.float64)
@@ -61,19 +69,23 @@ def main():
     p.add_argument("--num_prompts", type=int, default=200)
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--resamples", type=int, default=2000)
+    p.add_argument("--raw", action="store_true", help="prompts are plain text, not chat messages")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--out", required=True, help="JSON file of the results")
     args = p.parse_args()
     prompts = read_prompts(args.prompts)[:args.num_prompts]
     runs = dict(r.split("=", 1) for r in args.runs.split(","))
     depth = decode.Method.parse(args.method).k
-    c = {name: counts(path, prompts, args.method, args.max_new_tokens)
-         for name, path in runs.items()}
+    c = {name: counts(path, prompts, args.method, args.max_new_tokens, args.device, args.dtype,
+                      args.raw) for name, path in runs.items()}
     pick = np.random.default_rng(0).integers(0, len(prompts), (args.resamples, len(prompts)))
     boot = {name: rates(v[pick].sum(1), depth) for name, v in c.items()}   # (resamples, D + 1)
     point = {name: rates(v.sum(0), depth) for name, v in c.items()}
     labels = [f"AR{d}" for d in range(1, depth + 1)] + ["tok/fwd"]
     result = {"prompts": args.prompts, "n_prompts": len(prompts), "method": args.method,
-              "max_new_tokens": args.max_new_tokens, "labels": labels, "runs": runs,
+              "max_new_tokens": args.max_new_tokens, "raw": args.raw, "device": args.device,
+              "dtype": args.dtype, "labels": labels, "runs": runs,
               "rate": {}, "diff": {}}
     print(f"{'':<14}" + "".join(f"{label:>23}" for label in labels))
     for name in c:
