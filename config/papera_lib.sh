@@ -18,12 +18,12 @@ T0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - T0 )); }
 left() { echo $(( BUDGET_S - $(elapsed) )); }
 
-# run NAME CMD...: CMD's output to $RESULTS/NAME.log, its last lines and its time on the screen; returns 1 on failure
-# (which stops the script in the foreground, and only that branch in a background subshell)
+# run NAME CMD...: CMD's output to $RESULTS/NAME.log, its last lines and its time on the screen. Returns 1 on failure
+# (which stops the script in the foreground), 2 when a `timeout` in CMD stopped it at the end of the budget
 run() {
   local name=$1 t=$(date +%s) rc=0; shift
   "$@" > "$RESULTS/$name.log" 2>&1 || rc=$?
-  if (( rc == 124 )); then echo "OUT OF TIME: $name stopped at $(elapsed) s"; return 1; fi
+  if (( rc == 124 )); then echo "OUT OF TIME: $name stopped at $(elapsed) s"; return 2; fi
   if (( rc )); then tail -20 "$RESULTS/$name.log"; echo "FAILED: $name (log: $RESULTS/$name.log)"; return 1; fi
   grep -v '^{' "$RESULTS/$name.log" | tail -3 || true     # the bench JSON line is kept apart
   echo "== $name: $(( $(date +%s) - t )) s (total $(elapsed) s)"
@@ -35,6 +35,6 @@ bench() {
   local name=$1; shift
   if (( $(left) < 60 )); then echo "skipped: bench_$name, $(left) s of the budget left"; return 0; fi
   run "bench_$name" timeout "$(left)" "$PY" bench.py --prompts "$DATA/test_prompts.jsonl" --num_prompts "$PROMPTS" \
-    --max_new_tokens "$NEW" --device "$DEV" --dtype float32 --json "$@" || return 1
+    --max_new_tokens "$NEW" --device "$DEV" --dtype float32 --json "$@" || return
   grep "^{" "$RESULTS/bench_$name.log" | tail -1 > "$RESULTS/bench_$name.json"
 }

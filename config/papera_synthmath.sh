@@ -7,10 +7,10 @@
 #      cannot be damaged), full fine-tuning at lr 3e-5 and 1e-4 (Paper A's own recipe: the same weights decode with
 #      no gate), and Paper A's four ablations, each one change to the gated run: soft or ground-truth targets,
 #      fixed k = k_max, distinct mask tokens;
-#   4. benches on the 512 test problems, each model's as soon as its training ends: ar of the teacher; for gated
-#      and both full fine-tunes ar, static@3, verified@4, ConfAdapt at tau 0.5..0.99 (gated also static@2/4); for
-#      each ablation ar, static@3, confadapt@0.9/0.95, verified@4; a k_max sweep (4, 8, 16) of the gated model on
-#      128 problems;
+#   4. benches on the 512 test problems, in priority order, a few at once: ar of the teacher (beside the
+#      trainings); for gated ar, static@2/3/4, verified@4 and ConfAdapt at tau 0.5..0.99; the same less static@2/4
+#      for the full fine-tune of lower validation loss; ar, static@3, confadapt@0.9/0.95, verified@4 for each
+#      ablation and the other full fine-tune; a k_max sweep (4, 8, 16) of the gated model on 128 problems;
 #   5. config/papera_table.py: the table beside Paper A's numbers, and the accuracy/tokens-per-forward plot.
 # Raw logs and bench JSON go to $RESULTS (default results/papera) as each step ends. Steps still running when
 # BUDGET_S (default 540) is spent are stopped, those not started are skipped, both with a printed line, and the
@@ -19,6 +19,7 @@
 #
 #   bash config/papera_synthmath.sh                          # on a GPU machine, from the project root
 #   RESULTS=/tmp/papera bash config/papera_synthmath.sh      # results elsewhere
+#   BENCH_SLOTS=12 bash config/papera_synthmath.sh           # more benches at once (e.g. under CUDA MPS)
 #   bash config/papera_synthmath.sh --smoke                  # the same pipeline, tiny, on the CPU
 set -euo pipefail
 source "$(dirname "$0")/papera_lib.sh"
@@ -41,46 +42,62 @@ run train_teacher "$PY" train.py --mode scratch --data "$DATA" --out "$RUNS/teac
   --schedule cosine --eval_every "$TEACHER_STEPS" --save_every "$TEACHER_STEPS"
 cp "$RUNS/teacher.log.jsonl" "$RESULTS/"
 
-# up to 22 processes share the machine below: cap each one's CPU threads so that together they fit its 16 cores
+# processes run side by side below: cap each one's CPU threads so that together they fit the machine's 16 cores
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 CONVERT="--mode mask_tokens --init_from $RUNS/teacher --data $DATA --device $DEV --overwrite --k_max 8 --target hard
   --batch_size $BATCH --seq_len 256 --max_steps $CONVERT_STEPS --warmup 100 --eval_every $EVAL
   --save_every $CONVERT_STEPS"
 GATED="--lora_rank 64 --gated --lr 1e-3 --schedule cosine --weight_decay 0"
-LO=confadapt@0.5,confadapt@0.6,confadapt@0.7,confadapt@0.8
-HI=confadapt@0.9,confadapt@0.95,confadapt@0.99
-KMAX=ar$(for k in 4 8 16; do for t in 0.8 0.9 0.95; do printf ",confadapt@%s:%s" "$t" "$k"; done; done)
-
-# convert NAME "TRAIN OPTIONS" "METHODS [PROMPTS]"...: train NAME from the teacher, then bench it, one process per
-# methods list, side by side (each with its own ar, the reference of its speedups), as bench_NAME.1.json, ...
-convert() {
-  local name=$1 options=$2 part=0 methods n pids=(); shift 2
-  run "convert_$name" timeout "$(left)" "$PY" train.py $CONVERT $options --out "$RUNS/$name" || return 1
-  cp "$RUNS/$name.log.jsonl" "$RESULTS/"
-  for spec in "$@"; do
-    read -r methods n <<< "$spec"
-    part=$((part + 1))
-    bench "$name.$part" --init_from "$RUNS/$name" --methods "$methods" --num_prompts "${n:-$PROMPTS}" &
-    pids+=($!)
-  done
-  for pid in "${pids[@]}"; do wait "$pid" || return 1; done
-}
-
-# everything from here runs at once: the small model leaves the GPU mostly idle, so accuracy and tokens per forward
-# are as measured alone, but speedups are measured under this shared load (the table says so)
-pids=()
-bench teacher --init_from "$RUNS/teacher" --methods ar & pids+=($!)
-convert gated "$GATED" ar,static@2,static@3,static@4 ar,verified@4 "ar,$LO" "ar,$HI" "$KMAX $SWEEP_PROMPTS" &
-pids+=($!)
-for lr in 3e-5 1e-4; do
-  convert "full_lr$lr" "--lr $lr --schedule constant" ar,static@3,verified@4 "ar,$LO" "ar,$HI" & pids+=($!)
-done
-for ablation in "soft:--target soft" "data:--target data" "fixedk:--k_fixed" "distinct:--distinct_masks"; do
-  convert "ablation_${ablation%%:*}" "$GATED ${ablation#*:}" ar,static@3,confadapt@0.9,confadapt@0.95,verified@4 &
-  pids+=($!)
-done
+ABLATIONS=("soft:--target soft" "data:--target data" "fixedk:--k_fixed" "distinct:--distinct_masks")
+# a failed step stops its branch only; the script still makes the table of what finished, then exits 1
 failed=0
-for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+# reap: wait for the next background step to end; returns 1 once none is left
+reap() { local rc=0; wait -n || rc=$?; (( rc == 1 )) && failed=1; (( rc != 127 )); }
+
+# the seven conversions and the teacher's bench at once: the small model leaves the GPU mostly idle
+convert() {
+  run "convert_$1" timeout "$(left)" "$PY" train.py $CONVERT $2 --out "$RUNS/$1" && cp "$RUNS/$1.log.jsonl" "$RESULTS/"
+}
+bench teacher --init_from "$RUNS/teacher" --methods ar &
+convert gated "$GATED" &
+for lr in 3e-5 1e-4; do convert "full_lr$lr" "--lr $lr --schedule constant" & done
+for a in "${ABLATIONS[@]}"; do convert "ablation_${a%%:*}" "$GATED ${a#*:}" & done
+while reap; do :; done
+# both full fine-tunes are benched; the one of lower final validation loss (hard CE against the teacher over all k
+# positions) gets the whole tau sweep, the other the ablations' methods
+FULL=$("$PY" -c '
+import json, sys
+def val_loss(run):
+    lines = [json.loads(l) for l in open(f"{sys.argv[1]}/{run}.log.jsonl") if "\"val\"" in l]
+    return lines[-1]["val"]["loss"] if lines else float("inf")
+print(min(sys.argv[2:], key=val_loss))' "$RUNS" full_lr3e-5 full_lr1e-4) || FULL=full_lr1e-4
+OTHER=$([[ $FULL == full_lr1e-4 ]] && echo full_lr3e-5 || echo full_lr1e-4)
+echo "full fine-tune of lower validation loss: $FULL" | tee "$RESULTS/chosen.txt"
+
+# the benches, most wanted first, at most BENCH_SLOTS at once: processes share the GPU by time slices, and a few
+# already keep it busy, so more at once gain little and would all be cut half done when the budget runs out; this
+# way the budget cuts the end of the list. Lists are short for the same reason. Each process has its own ar (its
+# speedups' reference), and its speedups are measured under the load of the others.
+SLOTS=${BENCH_SLOTS:-4}
+# queue NAME MODEL METHODS [PROMPTS]: bench MODEL as bench_NAME once a slot is free (skipped if MODEL did not train)
+queue() {
+  if [[ ! -f $RUNS/$2/config.json ]]; then echo "skipped: bench_$1, no model $RUNS/$2"; return; fi
+  while (( $(jobs -rp | wc -l) >= SLOTS )); do reap; done
+  bench "$1" --init_from "$RUNS/$2" --methods "$3" --num_prompts "${4:-$PROMPTS}" &
+}
+HI=ar,confadapt@0.9,confadapt@0.95,confadapt@0.99
+LO=ar,confadapt@0.5,confadapt@0.6,confadapt@0.7,confadapt@0.8
+SHORT=ar,static@3,confadapt@0.9,confadapt@0.95,verified@4
+queue gated.1 gated ar,static@2,static@3,static@4,verified@4
+queue gated.2 gated "$HI"
+queue gated.3 gated "$LO"
+queue "$FULL.1" "$FULL" ar,static@3,verified@4
+queue "$FULL.2" "$FULL" "$HI"
+queue "$FULL.3" "$FULL" "$LO"
+for a in "${ABLATIONS[@]}"; do queue "ablation_${a%%:*}" "ablation_${a%%:*}" "$SHORT"; done
+queue "$OTHER" "$OTHER" "$SHORT"
+queue gated_kmax gated "ar$(for k in 4 8 16; do printf ",confadapt@%s:$k" 0.8 0.9 0.95; done)" "$SWEEP_PROMPTS"
+while reap; do :; done
 
 run table "$PY" config/papera_table.py "$RESULTS"
 cat "$RESULTS/papera_table.md"
