@@ -1,6 +1,6 @@
-# What config/papera_synthmath.sh and config/papera_ablations.sh share (sourced, not run): the --smoke switch, where
-# data, runs and results go, and the helpers that run a step with its log and time. Sets SMOKE, PY, RESULTS, RUNS,
-# DATA, DEV; defines elapsed, run and bench.
+# What config/papera_synthmath.sh needs around its steps (sourced, not run): the --smoke switch, where data, runs
+# and results go, the time budget, and the helpers that run a step with its log and time. Sets SMOKE, PY, RESULTS,
+# RUNS, DATA, DEV, T0; defines elapsed, left, run and bench (bench also needs BUDGET_S, PROMPTS and NEW).
 SMOKE=0
 case "${1:-}" in
   --smoke) SMOKE=1 ;;
@@ -16,21 +16,25 @@ else
 fi
 T0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - T0 )); }
+left() { echo $(( BUDGET_S - $(elapsed) )); }
 
-# run NAME CMD...: CMD's output to $RESULTS/NAME.log, its last lines and its time on the screen; stops on failure
+# run NAME CMD...: CMD's output to $RESULTS/NAME.log, its last lines and its time on the screen. Returns 1 on failure
+# (which stops the script in the foreground), 2 when a `timeout` in CMD stopped it at the end of the budget
 run() {
-  local name=$1 t=$(date +%s); shift
-  if ! "$@" > "$RESULTS/$name.log" 2>&1; then
-    tail -20 "$RESULTS/$name.log"; echo "FAILED: $name (log: $RESULTS/$name.log)"; exit 1
-  fi
+  local name=$1 t=$(date +%s) rc=0; shift
+  "$@" > "$RESULTS/$name.log" 2>&1 || rc=$?
+  if (( rc == 124 )); then echo "OUT OF TIME: $name stopped at $(elapsed) s"; return 2; fi
+  if (( rc )); then tail -20 "$RESULTS/$name.log"; echo "FAILED: $name (log: $RESULTS/$name.log)"; return 1; fi
   grep -v '^{' "$RESULTS/$name.log" | tail -3 || true     # the bench JSON line is kept apart
   echo "== $name: $(( $(date +%s) - t )) s (total $(elapsed) s)"
 }
 
-# bench NAME ARGS...: a bench run on the test problems whose JSON (its last line) is kept as $RESULTS/bench_NAME.json
+# bench NAME ARGS...: a bench run on the test problems whose JSON (its last line) is kept as $RESULTS/bench_NAME.json;
+# stopped when the budget is spent (then no JSON: bench writes it at the end), not started with under a minute left
 bench() {
   local name=$1; shift
-  run "bench_$name" "$PY" bench.py --prompts "$DATA/test_prompts.jsonl" --max_new_tokens "$NEW" --device "$DEV" \
-    --dtype float32 --json "$@"
+  if (( $(left) < 60 )); then echo "skipped: bench_$name, $(left) s of the budget left"; return 0; fi
+  run "bench_$name" timeout "$(left)" "$PY" bench.py --prompts "$DATA/test_prompts.jsonl" --num_prompts "$PROMPTS" \
+    --max_new_tokens "$NEW" --device "$DEV" --dtype float32 --json "$@" || return
   grep "^{" "$RESULTS/bench_$name.log" | tail -1 > "$RESULTS/bench_$name.json"
 }

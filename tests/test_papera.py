@@ -86,15 +86,21 @@ def test_papera_table(tmp_path):
     gated = fake_result(0.8, ar={}, **{
         "static@3": dict(lossy=True, tokens_per_forward=2.9, speedup=2.5, accuracy=0.6),
         "confadapt@0.9": dict(lossy=True, tokens_per_forward=3.4, speedup=3.0, accuracy=0.76, k_max=8)})
-    (tmp_path / "bench_gated.json").write_text(json.dumps(gated))
+    (tmp_path / "bench_gated.1.json").write_text(json.dumps(gated))
+    sweep = fake_result(0.5, ar={}, **{"confadapt@0.9:16": dict(lossy=True, k_max=16)})
+    (tmp_path / "bench_gated.2.json").write_text(json.dumps(sweep))    # a second part, merged
     papera_table.main([str(tmp_path)])
     md = (tmp_path / "papera_table.md").read_text()
     assert "Teacher (ar): accuracy 0.800" in md
     rows = {line.split(" | ")[1]: line.split(" | ") for line in md.splitlines() if line.startswith("| gated")}
-    assert rows["confadapt@0.9 (LOSSY)"][2:] == ["<=8", "3.40", "0.760", report.interval(gated["methods"]
-                                                 ["confadapt@0.9"]), "3.00x", "1.00", "+5.0% |"]
-    assert rows["static@3 (LOSSY)"][2] == "3" and rows["static@3 (LOSSY)"][-1] == "+25.0% |"
-    assert rows["ar"][-1] == "+0.0% |"
+    assert list(rows) == ["ar", "static@3 (LOSSY)", "confadapt@0.9 (LOSSY)", "confadapt@0.9:16 (LOSSY)"]
+    assert rows["confadapt@0.9 (LOSSY)"][2:] == ["<=8", "-", "3.40", "0.760", report.interval(gated["methods"]
+                                                 ["confadapt@0.9"]), "3.00x", "1.00", "+5.0%", "+5.0%",
+                                                 "64.1@3.3 / 83.6@3.1 |"]
+    assert rows["static@3 (LOSSY)"][2] == "3" and rows["static@3 (LOSSY)"][-3:] == ["+25.0%", "+25.0%", " |"]
+    assert rows["ar"][5] == "0.800" and rows["ar"][-1] == "66.0 / 89.1 |"     # the first part's ar is kept
+    assert rows["confadapt@0.9:16 (LOSSY)"][2] == "<=16"
+    assert "| teacher | ar |" in md
 
 
 @pytest.mark.parametrize("files, message", [({}, "no bench_teacher.json"),
