@@ -199,13 +199,14 @@ def run(model, tokenizer, methods, prompts, max_new_tokens=128, original=None, o
         return decode.generate(model, [prompt], n, stop_ids=stop_ids, method=strategies[method],
                                stats=stats)[0]
 
-    # warm-up (graph capture, compilation), untimed; then a prefill of every prompt, which captures
-    # the graph of every padded prompt length the timed runs meet
+    # warm-up (graph capture, compilation), untimed; with graphs, then a prefill of every prompt,
+    # which captures the graph of every padded prompt length the timed runs meet
     for method in methods:
         for p in ids[:max(warmup, 1)]:
             generate(method, p, max_new_tokens if warmup else 1)
-        for p in ids:
-            generate(method, p, 1)
+        if method != HF and strategies[method].graphs:
+            for p in ids:
+                generate(method, p, 1)
     # timed prompt by prompt, every method in turn: clock ramps and first-time costs fall on no
     # method alone
     stats, outs = {m: decode.Stats() for m in methods}, {m: [] for m in methods}
@@ -271,12 +272,14 @@ def bare_forward_ms(model, query_lens, max_len, compile=False, replays=100):
     query_lens), ar@Q's step replayed from its graph back to back with nothing read back (eagerly on
     the CPU, fewer times). {Q: ms per forward}."""
     device = model.embed.weight.device
-    replays = replays if device.type == "cuda" else max(1, replays // 10)
+    gpu = device.type == "cuda"
+    replays = replays if gpu else max(1, replays // 20)
     out = {}
     for q in sorted(query_lens):
         strategy = decode.make_strategy(model, f"ar@{q}", max_len, compile=compile)
         strategy.prefill([[0]])
-        strategy.next()                          # warm-up: capture, compilation
+        for _ in range(10 if gpu else 1):        # warm-up: capture, compilation, the first replays
+            strategy.next()
         out[q] = 1000 * timed(device, lambda: [strategy.next() for _ in range(replays)])[1] / replays
     return out
 
@@ -346,7 +349,7 @@ def run_batches(model, tokenizer, methods, prompts, batch_sizes, max_new_tokens=
                                                compile=compile, **options)
         rules = {m: getattr(strategies[m], "rule", None) for m in methods}   # mtp@auto's DepthRule
         # their caches and graphs before the next, larger size
-        del strategies
+        strategies = None
         for m in methods:
             tokens = sum(map(len, outs[m]))
             results[m].append({

@@ -35,8 +35,8 @@ import torch
 # in bf16).
 MAX_QUERY = 64
 MAX_DRAFTS = 16   # mtp@D's D, a tree's depth, static/verified@K's K: far beyond what drafts reach
-# Prompts are padded to the first of these that fits (capped at the strategy's max_len), each length
-# replayed from its own graph; a longer prompt runs eagerly at its own length.
+# With graphs, prompts are padded to the first of these that fits (capped at the strategy's max_len),
+# each length replayed from its own graph; a longer prompt runs eagerly at its own length.
 PREFILL_LENGTHS = (16, 32, 64, 128, 256, 512)
 
 
@@ -213,6 +213,8 @@ class Strategy:
                                            else (model.forward, model.head_forward))
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
         self.runs_ahead = False
+        # padding bounds the graphs to capture; run eagerly, a prompt is cheapest at its own length
+        self.prefill_lengths = PREFILL_LENGTHS if self.graphs else ()
         self.prefills = {}    # padded prompt length -> its Graph
 
     @property
@@ -223,13 +225,13 @@ class Strategy:
         return pos.clamp_max(self.last_pos)
 
     def prefill_rows(self, prompts, caches):
-        """B prompts right-padded to one length (PREFILL_LENGTHS) in one forward over `caches`,
-        replayed from a graph per length; the pads lie beyond each row's last position, so nothing
-        sees them. Writes each row's prompt, and after it the first new token, which it returns
+        """B prompts right-padded to one length (with graphs, one of PREFILL_LENGTHS) in one forward
+        over `caches`, replayed from a graph per length; the pads lie beyond each row's last
+        position, so nothing sees them. Writes each row's prompt, and after it the first new token, which it returns
         (B,)."""
         assert len(prompts) == self.batch_size, (len(prompts), self.batch_size)
         lens = [len(p) for p in prompts]
-        n = min(next((n for n in PREFILL_LENGTHS if n >= max(lens)), max(lens)), self.max_len)
+        n = min(next((n for n in self.prefill_lengths if n >= max(lens)), max(lens)), self.max_len)
         padded = torch.zeros(len(prompts), n, dtype=torch.long)
         for b, p in enumerate(prompts):
             padded[b, :len(p)] = torch.tensor(p)

@@ -351,17 +351,22 @@ def test_graphed_steps_are_idempotent(monkeypatch):
 # ----------------------------------------------------------------------------------------------------------------
 # the engine's host side: padded prefill, steps queued ahead, one read-back per step
 
-def test_prefill_pads_are_invisible():
-    """Prompts are padded to engine.PREFILL_LENGTHS (longer ones run unpadded): on both sides of a padded length
-    and past the last, ar's output is greedy decoding recomputed without a cache."""
-    m = tiny(0, max_seq_len=600)
+@pytest.mark.parametrize("method", ["ar", "mtp@3", "verified@3"])
+def test_prefill_pads_are_invisible(method):
+    """With graphs, prompts are padded to engine.PREFILL_LENGTHS (longer ones run unpadded; here padded on the CPU
+    too): on both sides of a padded length and past the last, the output is greedy decoding recomputed without a
+    cache."""
+    m = tiny(0, heads=2, max_seq_len=600)
+    strategy = make_strategy(m, method, 536, mask_ids=[V - 1])
+    strategy.prefill_lengths = engine.PREFILL_LENGTHS
     assert engine.PREFILL_LENGTHS[-1] < 530
     for n in (1, 15, 16, 17, 530):
         text = prompt(n, n)
         with torch.no_grad():
             for _ in range(6):
                 text.append(int(m(torch.tensor([text]))[0, -1].argmax()))
-        assert generate(m, [text[:n]], 6)[0] == text[n:], n
+        assert generate(m, [text[:n]], 6, method=strategy)[0] == text[n:], (method, n)
+    assert sorted(strategy.prefills) == [16, 32, 530]         # the lengths the prompts were padded to
 
 
 @pytest.mark.parametrize("method,batch", [("ar", 3), ("ar@4", 1), ("mtp@3", 3), ("tree@3x4", 1)])

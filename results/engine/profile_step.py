@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from decode import DECODE_ATTENTION, make_strategy  # noqa: E402
+from decode import DECODE_ATTENTION, generate, make_strategy  # noqa: E402
 from engine import Graph  # noqa: E402
 from model import Config, Transformer  # noqa: E402
 
@@ -139,7 +139,12 @@ def main():
             r["replay_ms"] = timed(lambda: graph(), args.steps)
             r["replay_readback_ms"] = timed(lambda: graph().tolist(), args.steps)
             s.prefill([prompt])
-            r["step_ms"] = timed(lambda: s.step([True]), args.steps)
+            # the step and its read-back, waited for (the code before Pending returned lists)
+            r["step_ms"] = timed(lambda: getattr(s.step([True]), "result", list)(), args.steps)
+            s.prefill([prompt])
+            new = 128
+            ms = timed(lambda: generate(model, [prompt], new, method=s), 3)
+            r["generate_tok_s"] = new / ms * 1e3
             t0 = time.perf_counter()
             s.prefill([prompt])
             torch.cuda.synchronize()
