@@ -260,27 +260,26 @@ def run(model, tokenizer, methods, prompts, max_new_tokens=128, original=None, o
             "sample": texts[0][:200],
         }
     add_speedups({m: [r] for m, r in results.items()})
-    bare = bare_forward_ms(model, {1} | {s.query_len for s in strategies.values()}, max_len,
-                           compile)
+    # on a GPU only: eagerly, a forward's time is its launches, which the row would not isolate
+    bare = (bare_forward_ms(model, {1} | {s.query_len for s in strategies.values()}, max_len,
+                            compile) if device.type == "cuda" else {})
     return {"device": str(device), "dtype": str(model.embed.weight.dtype).replace("torch.", ""),
             "num_prompts": len(ids), "max_new_tokens": max_new_tokens, "temperature": temperature,
             "nll_key": nll_key, "methods": results, "bare_forward_ms": bare, "notes": []}
 
 
 def bare_forward_ms(model, query_lens, max_len, compile=False, replays=100):
-    """The floor under every method's time: the model's own forward over Q tokens (for each Q in
-    query_lens), ar@Q's step replayed from its graph back to back with nothing read back (eagerly on
-    the CPU, fewer times). {Q: ms per forward}."""
-    device = model.embed.weight.device
-    gpu = device.type == "cuda"
-    replays = replays if gpu else max(1, replays // 20)
+    """The floor under every method's time on a GPU: the model's own forward over Q tokens (for
+    each Q in query_lens), ar@Q's step replayed from its graph back to back with nothing read back.
+    {Q: ms per forward}."""
     out = {}
     for q in sorted(query_lens):
         strategy = decode.make_strategy(model, f"ar@{q}", max_len, compile=compile)
         strategy.prefill([[0]])
-        for _ in range(10 if gpu else 1):        # warm-up: capture, compilation, the first replays
+        for _ in range(10):                      # warm-up: capture, compilation, the first replays
             strategy.next()
-        out[q] = 1000 * timed(device, lambda: [strategy.next() for _ in range(replays)])[1] / replays
+        seconds = timed("cuda", lambda: [strategy.next() for _ in range(replays)])[1]
+        out[q] = 1000 * seconds / replays
     return out
 
 

@@ -10,11 +10,11 @@ The fixed-shape step machinery every decoding method stands on.
 Every strategy keeps a static KV cache (model.py): a token's keys live in slot = its position and a
 query sees slots up to its own position, so rejected drafts, mask tokens and padding need no
 rollback: they are overwritten later. A strategy feeds its forward `query_len` tokens at a time,
-padding with tokens beyond the position that nothing sees, so every step has one shape, and pads
-prompts to one of PREFILL_LENGTHS, so prefills have few. On CUDA a step costs one graph replay
-instead of ~1,500 kernel launches, and its one read-back to the host (`Pending`) is a copy the host
-waits for only when it needs the tokens: a strategy whose steps need nothing from the host
-(`runs_ahead`) has its next step queued first, so the GPU never waits for Python. On the CPU
+padding with tokens beyond the position that nothing sees, so every step has one shape; with
+graphs it pads prompts to one of PREFILL_LENGTHS, so prefills have few. On CUDA a step costs one
+graph replay instead of ~1,500 kernel launches, and its one read-back to the host (`Pending`) is a
+copy the host waits for only when it needs the tokens: a strategy whose steps need nothing from the
+host (`runs_ahead`) has its next step queued first, so the GPU never waits for Python. On the CPU
 everything runs eagerly.
 
 bf16: a token's logits from a 1-token forward and from a 4-token forward round differently. Rows are
@@ -35,8 +35,8 @@ import torch
 # in bf16).
 MAX_QUERY = 64
 MAX_DRAFTS = 16   # mtp@D's D, a tree's depth, static/verified@K's K: far beyond what drafts reach
-# With graphs, prompts are padded to the first of these that fits (capped at the strategy's max_len),
-# each length replayed from its own graph; a longer prompt runs eagerly at its own length.
+# With graphs, prompts are padded to the first of these that fits (capped at the strategy's
+# max_len), each length replayed from its own graph; a longer prompt runs eagerly at its own length.
 PREFILL_LENGTHS = (16, 32, 64, 128, 256, 512)
 
 
@@ -111,8 +111,7 @@ class Pending:
     copy alone and builds the step's `Step`s from its rows (`build`: a list of rows -> Steps)."""
 
     def __init__(self, tensor, build):
-        self.build, self.copied = build, None
-        self.host = tensor
+        self.build, self.host, self.copied = build, tensor, None
         if tensor.is_cuda:
             # a copy, not the tensor: a graph's output is rewritten by its next replay
             self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
@@ -227,8 +226,8 @@ class Strategy:
     def prefill_rows(self, prompts, caches):
         """B prompts right-padded to one length (with graphs, one of PREFILL_LENGTHS) in one forward
         over `caches`, replayed from a graph per length; the pads lie beyond each row's last
-        position, so nothing sees them. Writes each row's prompt, and after it the first new token, which it returns
-        (B,)."""
+        position, so nothing sees them. Writes each row's prompt and, after it, the first new token,
+        which it returns (B,)."""
         assert len(prompts) == self.batch_size, (len(prompts), self.batch_size)
         lens = [len(p) for p in prompts]
         n = min(next((n for n in self.prefill_lengths if n >= max(lens)), max(lens)), self.max_len)

@@ -73,8 +73,8 @@ def table(res):
                    f"({bare[r['query_len']] / r['ms_per_forward']:.2f})"
                    for name, r in res["methods"].items() if r.get("query_len") in bare]
     if per_forward:   # the overhead every method pays on top of the model itself
-        lines.append("ms per forward (wall / forwards, prefills included) / the bare forward of the "
-                     "same query length (the model's own, one graph replayed back to back): " +
+        lines.append("ms per forward (wall / forwards, prefills included) / the bare forward of "
+                     "the same query length (the model's own, one graph replayed back to back): " +
                      " | ".join(per_forward))
     hists = [f"{name} {' '.join(map(str, r['accepted_lengths']))}"
              for name, r in res["methods"].items() if r.get("accepted_lengths")]
