@@ -32,6 +32,7 @@ import torch.nn.functional as F
 # queries up to this long (a decoding step's) attend by plain matmuls, longer ones by SDPA's kernels
 SHORT_QUERY = 64
 
+
 @dataclass
 class Config:
     # "llama" (RMSNorm, SwiGLU, RoPE) or "gpt2" (LayerNorm, GELU, learned positions)
@@ -180,8 +181,7 @@ def visibility(cfg, pos, cache=None, visible=None):
     """The "may attend" matrix, built once per forward and shared by the layers: `visible` (B, T, S)
     when given, else a query sees the keys at or before its position (the cache's slots, or the
     other inputs when there is no cache). Returned grouped as Attention takes it, (B, 1, g*T, S):
-    row i*T + t is query t, repeated for each of the g = n_head / n_kv_head query heads of a
-    group."""
+    row j*T + t is query t for the j-th of the g = n_head / n_kv_head query heads of a group."""
     if visible is None:
         key_pos = pos if cache is None else torch.arange(cache.k.size(1), device=pos.device)[None]
         visible = key_pos[:, None, :] <= pos[:, :, None]
@@ -209,6 +209,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(hd, cfg.norm_eps)
 
     def forward(self, x, slots, rope, cache, visible, gate=None):
+        # visible: grouped as visibility() returns it, or None for causal attention over x alone
         B, T, _ = x.shape
         hd = self.cfg.head_dim
         q = self.q_proj(x, gate).view(B, T, self.cfg.n_head, hd)
@@ -238,7 +239,8 @@ class Attention(nn.Module):
         k, v = k.transpose(1, 2), v.transpose(1, 2)       # (B, kv, S, hd)
         if T <= SHORT_QUERY:
             # A decoding step's few queries: two matmuls and a softmax. The fused kernels tile for
-            # long queries and leave most of their tile idle here (3x slower per layer on an H200).
+            # long queries and leave most of their tile idle here (about 5x slower per layer on an
+            # H200, results/engine/).
             scores = (q * hd ** -0.5) @ k.transpose(-1, -2)
             scores = torch.where(visible, scores, float("-inf"))
             y = torch.softmax(scores, -1, dtype=torch.float32).to(q.dtype) @ v
