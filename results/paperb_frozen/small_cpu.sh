@@ -15,6 +15,7 @@ OUT=${OUT:-out/paperb_small}
 RESULTS=${RESULTS:-results/paperb_frozen/small}
 MAIN_STEPS=${MAIN_STEPS:-900}
 HEAD_STEPS=${HEAD_STEPS:-600}
+SEED=${SEED:-0}
 mkdir -p "$OUT" "$RESULTS"
 if [ ! -f data/paperb_chat/train.bin ]; then
     $PY results/paperb_scratch/make_texts.py --chat data/chat --out data/paperb_texts
@@ -22,7 +23,7 @@ if [ ! -f data/paperb_chat/train.bin ]; then
         --out data/paperb_chat
 fi
 model="--n_layer 4 --n_head 4 --n_kv_head 4 --n_embd 128 --batch_size 8 --seq_len 256 --lr 2e-3
-       --device cpu --overwrite --data data/paperb_chat"
+       --device cpu --overwrite --data data/paperb_chat --seed $SEED"
 OMP_NUM_THREADS=2 $PY train.py --mode scratch $model --n_mtp_heads 0 --max_steps $MAIN_STEPS \
     --warmup 50 --eval_every $MAIN_STEPS --eval_batches 4 --save_every $MAIN_STEPS --out "$OUT/main" \
     > "$OUT/main.stdout" 2>&1
