@@ -117,6 +117,19 @@ def test_table_columns_stay_put():
     assert " ..." in lines[1]
 
 
+def test_table_sets_each_method_against_the_bare_forward_of_its_query_length():
+    """On a GPU bench measures the model's bare forward per query length; each method's ms per forward is printed
+    against the one of its own query length, and with no bare forward (the CPU) the line is left out."""
+    row = dict(implementation="nanoMTP", lossy=False, tok_s=1.0, speedup=1.0, tokens_per_forward=1.0, exact_match=1.0,
+               nll=0.5, accuracy=None, ttft_ms=1.0, wall_s=1.0, acceptance_rate=[])
+    res = {"num_prompts": 1, "max_new_tokens": 4, "temperature": 0.0, "device": "cuda:0", "dtype": "bfloat16",
+           "nll_key": "nll", "notes": [], "bare_forward_ms": {1: 3.0, 4: 3.5}, "methods": {
+               "ar": {**row, "ms_per_forward": 3.2, "query_len": 1},
+               "mtp@3": {**row, "ms_per_forward": 5.0, "query_len": 4}}}
+    assert "ar 3.20 / 3.00 (0.94) | mtp@3 5.00 / 3.50 (0.70)" in report.table(res)
+    assert "bare forward" not in report.table({**res, "bare_forward_ms": {}})
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the decoding setup: only what the methods use, the draft vocabulary, the NLL judge
 
