@@ -13,16 +13,14 @@ import json
 import os
 import random
 import sys
-import sysconfig
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "paperb_scratch"))
 
-from make_texts import ascii_text  # noqa: E402
+from make_texts import STDLIB_CHARS, stdlib_sources  # noqa: E402
 
 PREFIX_CHARS = 256         # prompt length: some context, short against seq_len 512
 MIN_CHARS = 768            # a held-out file shorter than a prefix and a continuation is skipped
 HOLDOUT = 10               # one file in HOLDOUT is held out: ~150 long enough for a prompt
-STDLIB_CHARS = 24_000_000  # cap of the training text: ~7M tokens, more than one run reads
 
 
 def main():
@@ -32,13 +30,7 @@ def main():
     p.add_argument("--n_prompts", type=int, default=100, help="held-out prompts")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    root = sysconfig.get_paths()["stdlib"]
-    files = sorted(os.path.join(d, n) for d, _, names in os.walk(root) for n in names
-                   if n.endswith(".py") and "site-packages" not in d)
-    texts = []
-    for path in files:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            texts.append(ascii_text(f.read()))
+    texts = stdlib_sources()
     train = [t for i, t in enumerate(texts) if i % HOLDOUT]
     with open(f"{args.out}/stdlib.txt", "w") as f:
         f.write("\n\n".join(train)[:STDLIB_CHARS])

@@ -45,14 +45,9 @@ cat "$RESULTS/chat_table.txt"
 OMP_NUM_THREADS=2 $PY - "$OUT/main" > "$RESULTS/loops.txt" <<'PY'
 import sys
 sys.path.insert(0, "results/paperb_scratch")
-import decode
-from load import load
-from loops import period
-from prompts import read_prompts
-model, tokenizer = load(sys.argv[1])
-prompts = read_prompts("data/paperb_texts/chat_prompts.jsonl")[:152]
-outs = decode.generate(model, [tokenizer.encode(p["prompt"]) for p in prompts], 128)
-looping = sum(period(tokenizer.decode(o)[-64:]) > 0 for o in outs)
-print(f"{looping} of {len(outs)} greedy outputs end in a loop of period <= 16")
+from loops import greedy_tails, period
+tails = greedy_tails(sys.argv[1], "data/paperb_texts/chat_prompts.jsonl", 152)
+looping = sum(period(t) > 0 for t in tails)
+print(f"{looping} of {len(tails)} greedy outputs end in a loop of period <= 16")
 PY
 cat "$RESULTS/loops.txt"

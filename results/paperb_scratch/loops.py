@@ -21,13 +21,19 @@ def period(s, longest=16):
     return next((k for k in range(1, longest + 1) if s[k:] == s[:-k]), 0)
 
 
+def greedy_tails(run, prompts_file, n):
+    """The last 64 characters of the greedy outputs (128 new characters) of the model in folder
+    `run` after the first n prompts of prompts_file."""
+    prompts = read_prompts(prompts_file)[:n]
+    model, tokenizer = load(run)
+    outs = decode.generate(model, [tokenizer.encode(p["prompt"]) for p in prompts], 128)
+    return [tokenizer.decode(o)[-64:] for o in outs]
+
+
 def main(runs):
     for run in runs:
         text = run.split("_")[0]
-        prompts = read_prompts(f"data/paperb_texts/{text}_prompts.jsonl")[:50]
-        model, tokenizer = load(f"out/paperb/{run}")
-        outs = decode.generate(model, [tokenizer.encode(p["prompt"]) for p in prompts], 128)
-        tails = [tokenizer.decode(o)[-64:] for o in outs]
+        tails = greedy_tails(f"out/paperb/{run}", f"data/paperb_texts/{text}_prompts.jsonl", 50)
         print(f"{run}: {sum(period(t) > 0 for t in tails)}/50 end in a loop; "
               f"first: {tails[0][-40:]!r}")
 

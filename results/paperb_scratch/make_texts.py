@@ -29,6 +29,18 @@ def ascii_text(s):
     return "".join(c for c in s if c == "\n" or 32 <= ord(c) < 127)
 
 
+def stdlib_sources():
+    """The ASCII text of every .py file of this Python's standard library, in sorted path order."""
+    root = sysconfig.get_paths()["stdlib"]
+    files = sorted(os.path.join(d, n) for d, _, names in os.walk(root) for n in names
+                   if n.endswith(".py") and "site-packages" not in d)
+    texts = []
+    for path in files:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            texts.append(ascii_text(f.read()))
+    return texts
+
+
 def answers(path):
     with open(path, encoding="utf-8") as f:
         return [ascii_text(json.loads(line)["answer"]).strip() for line in f if line.strip()]
@@ -64,13 +76,7 @@ def main():
     test = answers(f"{args.chat}/test_prompts.jsonl")
     write_prompts(f"{args.out}/chat_prompts.jsonl", test, args.n_prompts, 0)
 
-    root = sysconfig.get_paths()["stdlib"]
-    files = sorted(os.path.join(d, n) for d, _, names in os.walk(root) for n in names
-                   if n.endswith(".py") and "site-packages" not in d)
-    texts = []
-    for path in files:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            texts.append(ascii_text(f.read()))
+    texts = stdlib_sources()
     train = [t for i, t in enumerate(texts) if i % HOLDOUT]
     with open(f"{args.out}/stdlib.txt", "w") as f:
         f.write("\n\n".join(train)[:STDLIB_CHARS])
