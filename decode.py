@@ -215,11 +215,6 @@ class Autoregressive(Strategy):
         self.tokens[self.rows, self.newest + 1] = nxt
         return nxt
 
-    def prefill(self, prompts):
-        nxt = self.prefill_rows(prompts, self.caches)
-        self.newest.copy_(self.lens)
-        return [Step([t], 0, 0, [0]) for t in nxt.tolist()]
-
     def step(self, live):
         """Every row's next token, stopped rows included."""
         if self.sampling.greedy:

@@ -15,7 +15,7 @@ from functools import partial
 
 import torch
 
-from engine import Graph, Pending, Ready, Sampling, Strategy, Step, drafted, verify
+from engine import Graph, Pending, Ready, Sampling, Strategy, drafted, verify
 from model import looped_head
 
 COST_REPEATS = 5       # timed replays per depth when HeadDrafts measures its step costs
@@ -100,16 +100,11 @@ class HeadStrategy(Strategy):
                                                            n_depths=depths)
         self.window_offsets = torch.arange(self.window, device=self.device)
 
-    def prefill(self, prompts):
-        nxt = self.prefill_rows(prompts, self.caches)
-        self.newest.copy_(self.lens)
-        return [Step([t], 0, 0, [0]) for t in nxt.tolist()]
-
-    def prefill_forward(self, n, caches):
+    def prefill_forward(self, n):
         """The main model and then every depth over each row's first n positions. The heads' last
         positions read tokens not written yet: every step redoes them (HeadDrafts.draft)."""
         pos = self.model.default_pos(self.tokens[:, :n])
-        x, taps = self.model.hidden(self.tokens[:, :n], pos, caches, keep_taps=True)
+        x, taps = self.model.hidden(self.tokens[:, :n], pos, self.caches, keep_taps=True)
         h = self.model.head_state(x, taps)
         self.head_state[:, :n] = h
         for d in range(1, self.depths + 1):

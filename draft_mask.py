@@ -63,10 +63,9 @@ class MaskDrafts(Strategy):
         self.drafts, self.q = [], None
         if self.verified:
             # the prompt alone, as plain decoding prefills it: its cache rows match ar's bitwise
-            nxt = self.prefill_rows(prompts, self.caches).tolist()
-            self.newest.copy_(self.lens)
-            self.fed = nxt
-            return [Step(nxt, 0, 0, [0])]
+            steps = super().prefill(prompts)
+            self.fed = list(steps[0].tokens)
+            return steps
         self.newest.zero_()
         self.fed = list(prompt)
         tokens = self.advance(self.mask_ids).tokens

@@ -2,8 +2,9 @@
 The fixed-shape step machinery every decoding method stands on.
 
 - `Sampling` and `verify`: the distribution a method samples from, and speculative verification.
-- `Strategy`: the base of every method: static buffers, one KV cache written at positions, the one
-  interface (`prefill(prompts)` and `step(live)`, each returning one `Step` per row).
+- `Strategy`: the base of every method: static buffers, one KV cache written at positions, the
+  prefill, the one interface (`prefill(prompts)`: one `Step` per row; `step(live)`: a `Pending` of
+  them).
 - `Graph`: a step captured once into a CUDA graph and replayed; `compiled`: torch.compile, once per
   model.
 
@@ -223,11 +224,12 @@ class Strategy:
     def positions(self, pos):
         return pos.clamp_max(self.last_pos)
 
-    def prefill_rows(self, prompts, caches):
+    def prefill(self, prompts):
         """B prompts right-padded to one length (with graphs, one of PREFILL_LENGTHS) in one forward
-        over `caches`, replayed from a graph per length; the pads lie beyond each row's last
-        position, so nothing sees them. Writes each row's prompt and, after it, the first new token,
-        which it returns (B,)."""
+        over the main model's caches (`self.caches`, which each strategy builds), replayed from a
+        graph per length; the pads lie beyond each row's last position, so nothing sees them.
+        Writes each row's prompt and, after it, the first new token, its newest. Returns one Step
+        per row: that token."""
         assert len(prompts) == self.batch_size, (len(prompts), self.batch_size)
         lens = [len(p) for p in prompts]
         n = min(next((n for n in self.prefill_lengths if n >= max(lens)), max(lens)), self.max_len)
@@ -238,14 +240,15 @@ class Strategy:
         self.lens.copy_(torch.tensor(lens))
         if n not in self.prefills:
             graphed = self.graphs and n <= PREFILL_LENGTHS[-1]
-            self.prefills[n] = Graph(lambda: self.prefill_forward(n, caches), graphed)
+            self.prefills[n] = Graph(lambda: self.prefill_forward(n), graphed)
         nxt = self.sampling.pick(self.prefills[n](), self.generator)
         self.tokens[self.rows, self.lens] = nxt
-        return nxt
+        self.newest.copy_(self.lens)
+        return [Step([t], 0, 0, [0]) for t in nxt.tolist()]
 
-    def prefill_forward(self, n, caches):
-        """The forward of every row's first n positions over `caches`; returns the logits after
+    def prefill_forward(self, n):
+        """The forward of every row's first n positions over the caches; returns the logits after
         each prompt (B, V). Head strategies extend it to the heads' caches."""
         pos = self.model.default_pos(self.tokens[:, :n])
-        x = self.model.hidden(self.tokens[:, :n], pos, caches)
+        x = self.model.hidden(self.tokens[:, :n], pos, self.caches)
         return self.model.logits(x[self.rows, self.lens - 1])
