@@ -1,19 +1,20 @@
-# What config/papera_synthmath.sh needs around its steps (sourced, not run): the --smoke switch, where data, runs
-# and results go, the time budget, and the helpers that run a step with its log and time. Sets SMOKE, PY, RESULTS,
-# RUNS, DATA, DEV, T0; defines elapsed, left, run and bench (bench also needs BUDGET_S, PROMPTS and NEW).
-SMOKE=0
+# What config/papera_synthmath.sh needs around its steps (sourced, not run): the scale switch, where data, runs
+# and results go, the time budget, and the helpers that run a step with its log and time. Sets SCALE (gpu, cpu or
+# smoke), PY, RESULTS, RUNS, DATA, DEV, T0; defines elapsed, left, run and bench (bench also needs BUDGET_S, PROMPTS
+# and NEW).
 case "${1:-}" in
-  --smoke) SMOKE=1 ;;
-  "") ;;
-  *) echo "error: unknown option $1 (expected --smoke or nothing)" >&2; exit 2 ;;
+  "") SCALE=gpu ;;
+  --cpu) SCALE=cpu ;;
+  --smoke) SCALE=smoke ;;
+  *) echo "error: unknown option $1 (expected --cpu, --smoke or nothing)" >&2; exit 2 ;;
 esac
 PY=${PYTHON:-python}
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
-if (( SMOKE )); then
-  RESULTS=${RESULTS:-out/papera_smoke/results}; RUNS=out/papera_smoke; DATA=data/papera_smoke; DEV=cpu
-else
-  RESULTS=${RESULTS:-results/papera}; RUNS=out/papera; DATA=data/papera_synthmath; DEV=cuda
-fi
+case $SCALE in
+  gpu) RESULTS=${RESULTS:-results/papera}; RUNS=out/papera; DATA=data/papera_synthmath; DEV=cuda ;;
+  cpu) RESULTS=${RESULTS:-results/papera_cpu}; RUNS=out/papera_cpu; DATA=data/papera_synthmath; DEV=cpu ;;
+  smoke) RESULTS=${RESULTS:-out/papera_smoke/results}; RUNS=out/papera_smoke; DATA=data/papera_smoke; DEV=cpu ;;
+esac
 T0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - T0 )); }
 left() { echo $(( BUDGET_S - $(elapsed) )); }

@@ -20,20 +20,23 @@
 #   bash config/papera_synthmath.sh                          # on a GPU machine, from the project root
 #   RESULTS=/tmp/papera bash config/papera_synthmath.sh      # results elsewhere
 #   BENCH_SLOTS=12 bash config/papera_synthmath.sh           # more benches at once (e.g. under CUDA MPS)
+#   bash config/papera_synthmath.sh --cpu                    # a smaller miniature on 2 CPU cores, about an hour
 #   bash config/papera_synthmath.sh --smoke                  # the same pipeline, tiny, on the CPU
 set -euo pipefail
 source "$(dirname "$0")/papera_lib.sh"
-if (( SMOKE )); then
-  BUDGET_S=${BUDGET_S:-100000}
-  SIZES="--n_train 200 --n_val 40 --n_test 8"
-  MODEL="--n_layer 2 --n_head 2 --n_kv_head 2 --n_embd 32"
-  TEACHER_STEPS=2; CONVERT_STEPS=2; EVAL=2; BATCH=4; PROMPTS=3; SWEEP_PROMPTS=2; NEW=16
-else
-  BUDGET_S=${BUDGET_S:-540}
-  SIZES="--n_test 512"
-  MODEL="--n_layer 6 --n_head 8 --n_kv_head 8 --n_embd 256"
-  TEACHER_STEPS=2000; CONVERT_STEPS=800; EVAL=200; BATCH=64; PROMPTS=512; SWEEP_PROMPTS=128; NEW=64
-fi
+case $SCALE in
+  gpu)
+    BUDGET_S=${BUDGET_S:-540}; SIZES="--n_test 512"; MODEL="--n_layer 6 --n_head 8 --n_kv_head 8 --n_embd 256"
+    TEACHER_STEPS=2000; CONVERT_STEPS=800; EVAL=200; BATCH=64; PROMPTS=512; SWEEP_PROMPTS=128; NEW=64 ;;
+  cpu)  # the same pipeline on a 2-core machine in about an hour: a smaller teacher, fewer and smaller steps
+    BUDGET_S=${BUDGET_S:-6000}; SIZES="--n_test 512"; MODEL="--n_layer 4 --n_head 4 --n_kv_head 4 --n_embd 128"
+    TEACHER_STEPS=4000; CONVERT_STEPS=400; EVAL=100; BATCH=16; PROMPTS=512; SWEEP_PROMPTS=128; NEW=64
+    BENCH_SLOTS=${BENCH_SLOTS:-2}; SIDE_THREADS=1 ;;
+  smoke)
+    BUDGET_S=${BUDGET_S:-100000}; SIZES="--n_train 200 --n_val 40 --n_test 8"
+    MODEL="--n_layer 2 --n_head 2 --n_kv_head 2 --n_embd 32"
+    TEACHER_STEPS=2; CONVERT_STEPS=2; EVAL=2; BATCH=4; PROMPTS=3; SWEEP_PROMPTS=2; NEW=16 ;;
+esac
 mkdir -p "$RESULTS" "$RUNS"
 run prepare "$PY" data/prepare.py synthmath --out "$DATA" --seed 0 $SIZES --overwrite
 
@@ -42,8 +45,9 @@ run train_teacher "$PY" train.py --mode scratch --data "$DATA" --out "$RUNS/teac
   --schedule cosine --eval_every "$TEACHER_STEPS" --save_every "$TEACHER_STEPS"
 cp "$RUNS/teacher.log.jsonl" "$RESULTS/"
 
-# processes run side by side below: cap each one's CPU threads so that together they fit the machine's 16 cores
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+# processes run side by side below: cap each one's CPU threads so that together they fit the machine (16 cores
+# beside the GPU, 2 for --cpu)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SIDE_THREADS:-2}}
 CONVERT="--mode mask_tokens --init_from $RUNS/teacher --data $DATA --device $DEV --overwrite --k_max 8 --target hard
   --batch_size $BATCH --seq_len 256 --max_steps $CONVERT_STEPS --warmup 100 --eval_every $EVAL
   --save_every $CONVERT_STEPS"
