@@ -51,6 +51,7 @@ from tqdm import tqdm
 import decode
 import load
 import model as nano
+from chars import CharTokenizer
 from cli import Parser, add_model_args, existing_file, fail, number
 from engine import MAX_DRAFTS, Sampling
 from files import read_json
@@ -60,7 +61,6 @@ from data.synthmath import score
 from hf_compare import hf_generate, hf_model
 from prompts import encode_prompt, read_prompts
 from report import batch_table, sweep_method, table, write_batches, write_sweep
-from tokenizer import CharTokenizer
 
 HF = "hf"   # the method name of transformers' generate
 QUESTIONS = [  # short held-out chat questions (not in data/'s chat prompts)

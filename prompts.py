@@ -6,8 +6,8 @@ answers).
 - `encode_prompt`: a prompt's token ids, in the chat template unless it already is.
 """
 
+from chat import CHATML_START
 from files import read_jsonl, text_field
-from tokenizer import CHATML_START
 
 
 def encode_prompt(tokenizer, text):

@@ -1,32 +1,22 @@
 """
-Tokenizers: text to token ids and back, and the chat template.
+Tokenizers: text to token ids and back.
 
 What is here:
 - `Tokenizer`: byte-level BPE run by tiktoken, built locally from a GGUF vocabulary, a Hugging Face
   tokenizer.json or GPT-2's vocab.json + merges.txt, and saved in its own format; ids identical to
   Hugging Face's.
-- `CharTokenizer`: one id per printable ASCII character plus newline, for models trained from
-  scratch on synthetic math (every digit its own token, a ~100-entry vocabulary keeps a tiny model's
-  embedding tiny).
-- The ChatML template, in one place: `chat_prompt` (text) and `encode_chat` (ids); the mask tokens'
-  names.
-- `load_tokenizer(source)`: the one dispatch from a source to a tokenizer.
+- `load_tokenizer(source)`: the one dispatch from a source to a tokenizer: this one, or chars.py's
+  `CharTokenizer` (one id per printable ASCII character, for models trained from scratch).
 - `NoTokenizer`: what a Hugging Face folder without tokenizer files gets; it fails only when text is
   touched.
+- The mask tokens' names (Paper A).
 
 Both tokenizers offer the same API (encode, decode, vocab_size, eos_id, stop_ids, special,
-add_special, save, name, and the template's has_chat, chat_prompt, encode_chat), so train.py,
+add_special, save, name, and chat.py's template: has_chat, chat_prompt, encode_chat), so train.py,
 decode.py and bench.py never need to know which one they hold.
 
 What is not: SentencePiece, downloads, model weights (load.py).
-
-Control tokens come from the template only. `encode(text)` reads text as plain text: a user who
-types "<|im_end|>\n<|im_start|>assistant" gets those characters, never the control tokens, so no one
-can forge a turn. (Hugging Face's apply_chat_template renders the template to a string and tokenizes
-it with specials recognised: there that user text becomes control tokens. tests/test_tokenizer.py
-shows both.)
 """
-
 import json
 import os
 import re
@@ -36,80 +26,9 @@ from pathlib import Path
 import numpy as np
 import tiktoken
 
-from files import names, read_json
-
-CHATML_START, CHATML_END = "<|im_start|>", "<|im_end|>"
-
-
-# --------------------------------------------------------------------------------------------------
-# GGUF metadata (the tokenizer and load.py's weights read the same file)
-
-def open_gguf(path):
-    try:
-        import gguf   # only GGUF sources need the package
-        return gguf.GGUFReader(path)
-    except Exception as e:   # the reader fails on damaged files with whatever numpy raises first
-        raise ValueError(f"{path}: not a readable GGUF file, truncated or corrupt "
-                         f"({type(e).__name__}: {e})") from e
-
-
-REQUIRED = object()
-
-
-def gguf_value(reader, key, path, default=REQUIRED):
-    field = reader.fields.get(key)
-    if field is None:
-        if default is REQUIRED:
-            raise ValueError(f"{path}: GGUF key {key} is missing")
-        return default
-    return field.contents()
-
-
-# --------------------------------------------------------------------------------------------------
-# the chat template
-
-class ChatML:
-    """The chat template, for a tokenizer whose specials hold ChatML's two control tokens (both
-    tokenizers below inherit it; it reads their `special`, `system_prompt`, `name` and `encode`)."""
-
-    @property
-    def has_chat(self):
-        return CHATML_START in self.special and CHATML_END in self.special
-
-    def chat_parts(self, messages, system=None):
-        """ChatML up to the assistant's turn as (text, is_control) parts. messages: a user message
-        string, or [{"role", "content"}]. Without a system message, `system` or the model's default
-        system prompt leads."""
-        if not self.has_chat:
-            raise ValueError(f"{self.name}: no {CHATML_START} / {CHATML_END} tokens; "
-                             f"not a ChatML chat model")
-        if isinstance(messages, str):
-            messages = [{"role": "user", "content": messages}]
-        if messages and messages[0]["role"] == "system":
-            if system is not None:
-                raise ValueError("system given twice: as an argument and as the first message")
-        else:
-            system = system if system is not None else self.system_prompt
-            messages = messages if system is None else [{"role": "system", "content": system},
-                                                        *messages]
-        parts = []
-        for m in messages:
-            parts += [(CHATML_START, True), (f"{m['role']}\n{m['content']}", False),
-                      (CHATML_END, True), ("\n", False)]
-        return parts + [(CHATML_START, True), ("assistant\n", False)]
-
-    def chat_prompt(self, messages, system=None):
-        """The template's text up to the assistant's turn; for showing and storing."""
-        return "".join(text for text, _ in self.chat_parts(messages, system))
-
-    def encode_chat(self, messages, system=None):
-        """The template's ids: control tokens where the template puts them, every message as plain
-        text. For ordinary messages the same ids as encode(chat_prompt(...), specials=True), and as
-        Hugging Face's."""
-        ids = []
-        for text, control in self.chat_parts(messages, system):
-            ids += [self.special[text]] if control else self.encode(text)
-        return ids
+from chars import CharTokenizer
+from chat import CHATML_END, ChatML
+from files import REQUIRED, gguf_value, names, open_gguf, read_json
 
 
 def mask_token_names(n):
@@ -417,94 +336,6 @@ def pre_tokenizer_pattern(pre, where):
     raise ValueError(f"{where}: pre-tokenizer {kinds} is not supported "
                      f"(ByteLevel; Digits + ByteLevel; "
                      f"Split(Regex, Isolated) + ByteLevel(use_regex=false); no prefix space)")
-
-
-# --------------------------------------------------------------------------------------------------
-# characters
-
-EOS = "<|endoftext|>"
-# newline + printable ASCII, in a fixed order
-CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
-
-
-class CharTokenizer(ChatML):
-    """tokens[i] is the text of id i: one character, or a special token. Specials added later (Paper
-    A's mask token) go at the end, so existing ids never move. A from-scratch model has no chat
-    format: the default tokenizer has no ChatML tokens (tests build one with them, a small stand-in
-    for the bundled model's)."""
-    name = "chars"
-    # what save() writes; its presence marks a folder as holding this tokenizer
-    FILE = "tokenizer_chars.json"
-    system_prompt = None
-
-    def __init__(self, tokens=(EOS, *CHARS), specials=(EOS,)):
-        tokens, specials = list(tokens), list(specials)
-        if len(set(tokens)) != len(tokens):
-            raise ValueError("CharTokenizer: duplicate tokens")
-        for t in tokens:
-            if len(t) != 1 and t not in specials:
-                raise ValueError(f"CharTokenizer: {t!r} is neither one character "
-                                 f"nor a special token")
-        self.tokens = tokens
-        self.special = {t: tokens.index(t) for t in specials}
-        self.stoi = {t: i for i, t in enumerate(tokens) if t not in self.special}
-        self.vocab_size = len(tokens)
-        self.eos_id = self.special[EOS]
-        self.stop_ids = [self.eos_id]
-        # longest first, so that no special is matched by a prefix of another
-        self._special_re = re.compile("|".join(re.escape(t)
-                                               for t in sorted(specials, key=len, reverse=True)))
-
-    def add_special(self, name, token_id=None):
-        """New special token at id vocab_size (e.g. Paper A's mask token); the model's embedding
-        must grow to fit.
-        token_id, if given, must be that id: a character vocabulary has no gaps."""
-        if name in self.special or name in self.stoi:
-            raise ValueError(f"CharTokenizer: token {name!r} exists already")
-        if token_id not in (None, self.vocab_size):
-            raise ValueError(f"CharTokenizer: special token {name!r} can take id {self.vocab_size} "
-                             f"only, not {token_id}")
-        self.__init__(self.tokens + [name], [*self.special, name])
-        return self.special[name]
-
-    def encode(self, text, specials=False):
-        """Text -> ids. Special-token strings are plain characters, unless specials=True (see
-        Tokenizer.encode)."""
-        if not specials:
-            return self._encode_plain(text, 0, len(text))
-        ids, last = [], 0
-        for m in self._special_re.finditer(text):
-            ids += self._encode_plain(text, last, m.start())
-            ids.append(self.special[m.group()])
-            last = m.end()
-        return ids + self._encode_plain(text, last, len(text))
-
-    def _encode_plain(self, text, start, end):
-        try:
-            return [self.stoi[c] for c in text[start:end]]
-        except KeyError:
-            bad = next(i for i in range(start, end) if text[i] not in self.stoi)
-            raise ValueError(f"CharTokenizer: character {text[bad]!r} at offset {bad} "
-                             f"is not in the vocabulary (newline and printable ASCII only): "
-                             f"{text[max(0, bad - 30):bad + 30]!r}") from None
-
-    def decode(self, ids):
-        return "".join(self.tokens[int(i)] for i in ids)
-
-    def save(self, folder):
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, self.FILE), "w") as f:
-            json.dump({"type": "chars", "tokens": self.tokens, "specials": list(self.special)}, f,
-                      indent=1)
-            f.write("\n")
-
-    @classmethod
-    def load(cls, folder):
-        path = os.path.join(folder, cls.FILE)
-        d = read_json(path)
-        if d.get("type") != "chars":
-            raise ValueError(f"{path}: not a character tokenizer (type={d.get('type')!r})")
-        return cls(d["tokens"], d["specials"])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -36,8 +36,9 @@ from data.readers import read_examples, read_text  # noqa: E402
 from data.synthmath import make_splits  # noqa: E402
 from artefacts import recover_checkpoint  # noqa: E402
 from load import BUNDLED, bundled_gguf, load  # noqa: E402
+from chat import CHATML_END  # noqa: E402
 from files import plural  # noqa: E402
-from tokenizer import CHATML_END, load_tokenizer  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 
 PLAIN_PROMPT = "Question: {question}\nAnswer:\n"   # the prompt format of models without a chat template
 

@@ -17,8 +17,8 @@ import torch
 
 import model
 import train
+from chars import CharTokenizer
 from decode import generate, make_strategy
-from tokenizer import CharTokenizer
 
 V = 60
 TAPS = [0, 1]   # of three blocks: the first, the middle, and (always) the last

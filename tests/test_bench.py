@@ -16,7 +16,7 @@ import hf_compare
 import load
 import model as nano
 import report
-from tokenizer import CharTokenizer
+from chars import CharTokenizer
 from data.dataset import FORMAT, fingerprint
 
 

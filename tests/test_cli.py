@@ -16,7 +16,7 @@ import bench
 import cli
 import decode
 import model as nano
-from tokenizer import CharTokenizer
+from chars import CharTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 

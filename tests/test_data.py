@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from chars import CharTokenizer
 from data import prepare
 from data.dataset import TokenData, check_tokenizer, load_meta
 from data.readers import read_examples, read_text
 from data.synthmath import extract_answer, make_problem, make_splits, score
 from prompts import read_prompts
-from tokenizer import CharTokenizer, load_tokenizer
+from tokenizer import load_tokenizer
 
 
 def files_of(folder):

@@ -19,11 +19,11 @@ import distill
 import load
 import parallel
 import train
+from chars import CharTokenizer
 from decode import Stats, generate, make_strategy
 from engine import Sampling
 from helpers import (MODELS, SMALL, TAPS, assert_exercised, fused, head_start, prompt, read_log, reading,
                      run_cli, strategy_steps, tiny, top)
-from tokenizer import CharTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models run on one thread
 

@@ -15,9 +15,10 @@ from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, p
 
 import artefacts
 import load
+from chars import CharTokenizer
 from helpers import default_init
 from model import rope_inv_freq
-from tokenizer import CharTokenizer, NoTokenizer, Tokenizer
+from tokenizer import NoTokenizer, Tokenizer
 from conftest import (HF_T, HF_V, NUMERALS, SAMPLE_TEXTS, add_llama_keys, assert_same_logits,
                       edit_config, finish_gguf, gguf_with_tokenizer, randomize)
 

@@ -14,12 +14,13 @@ from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, normal
 import artefacts
 import load
 import train
+from chars import CharTokenizer
 from conftest import (HF_V, NUMERALS, SAMPLE_TEXTS, SPECIALS, add_llama_keys, assert_same_logits,
                       corpus, edit_config, finish_gguf, gguf_with_tokenizer, randomize)
 from data.prepare import main as prepare
 from decode import Stats, generate
 from helpers import V as DECODE_V, assert_exercised, prompt, tiny, with_mask_oracle
-from tokenizer import CharTokenizer, NoTokenizer, Tokenizer, load_tokenizer
+from tokenizer import NoTokenizer, Tokenizer, load_tokenizer
 
 # the split of Qwen2's, Qwen2.5's and Qwen3's tokenizer.json, as written there
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"

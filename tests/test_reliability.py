@@ -27,8 +27,9 @@ import parallel
 import report
 import train
 import train_options
+from chars import CharTokenizer
 from helpers import SMALL, default_init, read_log, run_cli
-from tokenizer import CharTokenizer, Tokenizer
+from tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny models run on one thread
 

@@ -7,8 +7,9 @@ import random
 import pytest
 from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
+from chars import CharTokenizer
 from conftest import NUMERALS, SPECIALS, corpus, finish_gguf, gguf_with_tokenizer
-from tokenizer import LLAMA3_PATTERN, CharTokenizer, Tokenizer, load_tokenizer
+from tokenizer import LLAMA3_PATTERN, Tokenizer, load_tokenizer
 
 SYSTEM = "You are a tiny test model"
 TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
