@@ -15,6 +15,7 @@ import decode
 import hf_compare
 import load
 import model as nano
+import quality
 import report
 from chars import CharTokenizer
 from data.dataset import FORMAT, fingerprint
@@ -162,7 +163,7 @@ def test_setup_attaches_only_what_methods_use(checkpoint):
     m = load.load_for(checkpoint / "model")[0]
     assert len(m.heads) == 0
     m, _, options = load.load_for(checkpoint / "model", heads=heads)
-    assert len(m.heads) == 1 and bench.nll_judge(checkpoint / "model", m, "cpu", torch.float32) is m
+    assert len(m.heads) == 1 and quality.nll_judge(checkpoint / "model", m, "cpu", torch.float32) is m
 
 
 def test_an_ungated_adapter_is_judged_by_the_base_model(tmp_path):
@@ -174,7 +175,7 @@ def test_an_ungated_adapter_is_judged_by_the_base_model(tmp_path):
         base.add_lora(4, gated=gated)
         artefacts.save_mask_adapter(tmp_path / f"a{gated}.safetensors", base, meta={"k_max": 4})
         m = load.load_for(tmp_path / f"base{gated}", adapter=tmp_path / f"a{gated}.safetensors")[0]
-        judge = bench.nll_judge(tmp_path / f"base{gated}", m, "cpu", torch.float32)
+        judge = quality.nll_judge(tmp_path / f"base{gated}", m, "cpu", torch.float32)
         assert (judge is m) == gated
         assert gated or (judge.cfg.mask_token_ids == [] and judge.cfg.lora_rank == 0)
 
@@ -197,7 +198,7 @@ def test_fine_tuned_without_its_original_is_labelled(tmp_path, capsys):
     tiny_checkpoint(tmp_path / "ft", mask_tokens=1, train_args={"init_from": str(tmp_path / "gone"), "k_max": 4})
     m, _, options = load.load_for(tmp_path / "ft", adapter=load.SHIPPED)
     assert options["k_max"] == 4
-    assert bench.nll_judge(tmp_path / "ft", m, "cpu", torch.float32) is None
+    assert quality.nll_judge(tmp_path / "ft", m, "cpu", torch.float32) is None
     assert "warning:" in capsys.readouterr().err
     res = bench.main(["--init_from", str(tmp_path / "ft"), "--methods", "ar,static@2", "--num_prompts", "1",
                       "--max_new_tokens", "3", "--warmup", "0", "--json"])
@@ -207,7 +208,7 @@ def test_fine_tuned_without_its_original_is_labelled(tmp_path, capsys):
     tiny_checkpoint(tmp_path / "orig")       # with its original present, that one judges
     tiny_checkpoint(tmp_path / "ft2", mask_tokens=1, train_args={"init_from": str(tmp_path / "orig")})
     m, _, _ = load.load_for(tmp_path / "ft2", adapter=load.SHIPPED)
-    original = bench.nll_judge(tmp_path / "ft2", m, "cpu", torch.float32)
+    original = quality.nll_judge(tmp_path / "ft2", m, "cpu", torch.float32)
     assert original is not None and original is not m and original.cfg.mask_token_ids == []
 
 

@@ -12,6 +12,7 @@ import torch
 
 import bench
 import decode
+import quality
 import report
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,12 +24,12 @@ spec.loader.exec_module(papera_table)
 @pytest.mark.parametrize("successes, n, low, high", [
     (0, 10, 0.0, 0.2775), (5, 10, 0.2366, 0.7634), (10, 10, 0.7225, 1.0), (81, 100, 0.7222, 0.8749)])
 def test_wilson_known_values(successes, n, low, high):
-    lo, hi = bench.wilson(successes, n)
+    lo, hi = quality.wilson(successes, n)
     assert lo == pytest.approx(low, abs=1e-4) and hi == pytest.approx(high, abs=1e-4)
 
 
 def test_wilson_of_nothing_is_none():
-    assert bench.wilson(0, 0) is None
+    assert quality.wilson(0, 0) is None
 
 
 def test_accuracy_interval_in_results_and_table():
@@ -37,7 +38,7 @@ def test_accuracy_interval_in_results_and_table():
     res = bench.run(m, tokenizer, ["ar"], prompts, max_new_tokens=4, options=options)
     r = res["methods"]["ar"]
     assert r["scored"] == 2                 # the non-numeric answer is not scored
-    assert r["accuracy_ci95"] == bench.wilson(round(r["accuracy"] * 2), 2)
+    assert r["accuracy_ci95"] == quality.wilson(round(r["accuracy"] * 2), 2)
     lo, hi = r["accuracy_ci95"]
     assert f"{lo:.3f}-{hi:.3f}" in report.table(res) and "acc 95%" in report.table(res)
 
@@ -77,7 +78,7 @@ def test_k_maxes_needs_sweep(capsys):
 def fake_result(accuracy, n=100, **methods):
     row = dict(lossy=False, tokens_per_forward=1.0, speedup=1.0, exact_match=1.0, k_max=None)
     return {"methods": {name: {**row, **m, "accuracy": m.get("accuracy", accuracy),
-                               "accuracy_ci95": bench.wilson(round(m.get("accuracy", accuracy) * n), n)}
+                               "accuracy_ci95": quality.wilson(round(m.get("accuracy", accuracy) * n), n)}
                         for name, m in methods.items()}}
 
 

@@ -12,8 +12,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import decode  # noqa: E402
-from bench import read_prompts  # noqa: E402
 from load import load  # noqa: E402
+from prompts import read_prompts  # noqa: E402
 
 
 def period(s, longest=16):
