@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-import load
+import weights
 from files import read_json
 
 
@@ -47,11 +47,11 @@ def hf_model(model, source):
     ours = model.state_dict()
     rows = ("embed.weight", "lm_head.weight")   # their vocabulary has no mask tokens
     state = {theirs: ours[name][:vocab] if name in rows else ours[name]
-             for name, theirs, _ in load.llama_table(cfg)}
+             for name, theirs, _ in weights.llama_table(cfg)}
     hf = transformers.LlamaForCausalLM(hf_cfg).to(dtype=model.embed.weight.dtype)
     result = hf.load_state_dict(state, strict=False)
     if result.unexpected_keys or set(result.missing_keys) - {"lm_head.weight"}:
-        # a bug in load.llama_table, not bad input
+        # a bug in weights.llama_table, not bad input
         raise RuntimeError(f"Llama names do not map: {result}")
     if cfg.tie_embeddings:
         hf.tie_weights()

@@ -17,7 +17,7 @@ import artefacts
 import load
 from chars import CharTokenizer
 from helpers import default_init
-from model import rope_inv_freq
+from model import Config, Transformer, rope_inv_freq
 from tokenizer import NoTokenizer, Tokenizer
 from conftest import (HF_T, HF_V, NUMERALS, SAMPLE_TEXTS, add_llama_keys, assert_same_logits,
                       edit_config, finish_gguf, gguf_with_tokenizer, randomize)
@@ -87,7 +87,7 @@ def test_rope_scaling_matters(tmp_path, tiny_bpe):
     """The scaled-rope tests above would be vacuous if scaling changed nothing at these positions."""
     hf = hf_llama(tmp_path, tiny_bpe, **LLAMAS["llama3-rope"])
     model, _ = load.load(tmp_path)
-    unscaled = load.Transformer(load.Config(**{**model.cfg.to_dict(), "rope_scaling": None}))
+    unscaled = Transformer(Config(**{**model.cfg.to_dict(), "rope_scaling": None}))
     unscaled.load_state_dict(model.state_dict())
     with pytest.raises(AssertionError):
         assert_same_logits(hf, unscaled.eval(), offset=3000)

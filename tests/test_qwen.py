@@ -20,6 +20,7 @@ from conftest import (HF_V, NUMERALS, SAMPLE_TEXTS, SPECIALS, add_llama_keys, as
 from data.prepare import main as prepare
 from decode import Stats, generate
 from helpers import V as DECODE_V, assert_exercised, prompt, tiny, with_mask_oracle
+from model import Config, Transformer
 from tokenizer import NoTokenizer, Tokenizer, load_tokenizer
 
 # the split of Qwen2's, Qwen2.5's and Qwen3's tokenizer.json, as written there
@@ -107,7 +108,7 @@ def test_qwen_parts_matter(tmp_path, qwen_bpe):
                                   {"rope_scaling": None})]:
         hf = hf_qwen(tmp_path / kind, qwen_bpe, kind, **overrides)
         model, _ = load.load(tmp_path / kind)
-        crippled = load.Transformer(load.Config(**{**model.cfg.to_dict(), **off}))
+        crippled = Transformer(Config(**{**model.cfg.to_dict(), **off}))
         crippled.load_state_dict(model.state_dict(), strict=False)   # without the parts switched off
         with pytest.raises(AssertionError):
             assert_same_logits(hf, crippled.eval(), offset=3000)
