@@ -15,7 +15,7 @@ Both tokenizers offer the same API (encode, decode, vocab_size, eos_id, stop_ids
 add_special, save, name, and chat.py's template: has_chat, chat_prompt, encode_chat), so train.py,
 decode.py and bench.py never need to know which one they hold.
 
-What is not: SentencePiece, downloads, model weights (load.py).
+What is not: SentencePiece, downloads, model weights (load.py, weights.py).
 """
 import json
 import os
