@@ -2,8 +2,8 @@
 One decoder-only Transformer for the GPT-2, Llama and Qwen2/Qwen3 families, a static KV cache, and
 DeepSeek-V3-style MTP heads.
 
-What is here: the config, the network, the cache, the heads. What is not: loading weights (load.py, weights.py),
-losses (distill.py), generation loops (decode.py).
+What is here: the config, the network, the cache, the heads. What is not: loading weights (load.py,
+weights.py), losses (distill.py), generation loops (decode.py).
 
 Conventions used everywhere in the project:
 - `pos` holds the absolute position of every input token, shape (B, T). RoPE (or GPT-2's learned
