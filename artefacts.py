@@ -8,7 +8,8 @@ base model.
   vocabulary.
 - `save_mask_adapter` / `attach_mask_adapter`: Paper A's mask tokens and LoRA adapters.
 Every file is checked against the model it goes on before anything changes: a refused file leaves
-model and tokenizer as they were. What is not here: weights from outside the project (load.py, weights.py).
+model and tokenizer as they were. What is not here: weights from outside the project (load.py,
+weights.py).
 """
 
 import json

@@ -1,7 +1,8 @@
 """
 `CharTokenizer`: one id per printable ASCII character plus newline, for models trained from scratch
 on synthetic math and plain text (every digit its own token; a ~100-entry vocabulary keeps a tiny
-model's embedding tiny). Its API is tokenizer.Tokenizer's, so no caller needs to know which it holds.
+model's embedding tiny). Its API is tokenizer.Tokenizer's, so no caller needs to know which one it
+holds.
 """
 
 import json
