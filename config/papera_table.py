@@ -135,9 +135,10 @@ def main(argv=None):
     teacher = runs["teacher"].get("ar")
     if teacher is None:
         fail(f"{folder / 'bench_teacher.json'}: holds no ar result")
+    device = read(folder / "bench_teacher.json").get("device", "one device")
     md = [f"Teacher (ar): accuracy {fmt(teacher['accuracy'], '.3f')} (95% {interval(teacher)}), "
           f"{teacher.get('scored', 0)} problems. Speedup: tokens/s over the ar of the same bench "
-          "process; all benches ran side by side on one GPU, so speedups are under shared load "
+          f"process; the benches ran side by side on {device}, so speedups are under shared load "
           "(accuracy and tokens/forward are not affected). Drops are relative. Paper A: GSM8K "
           "accuracy @ Eff. k, Llama-3.1-8B / Qwen3-4B, k_max 16 (ours 8 unless :K); their "
           "ablations (soft, ground-truth targets) did worse than hard teacher targets.", "",
