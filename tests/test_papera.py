@@ -1,10 +1,12 @@
 """
 Paper A's measurement plumbing: the Wilson interval on accuracies, ConfAdapt's k_max override (confadapt@TAU:K) and
-bench's tau x k_max sweep on a tiny random model, and config/papera_table.py on a fake bench JSON.
+bench's tau x k_max sweep on a tiny random model, config/papera_table.py on a fake bench JSON, and
+config/papera_synthmath.sh's option.
 """
 
 import importlib.util
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -83,7 +85,7 @@ def fake_result(accuracy, n=100, **methods):
 
 
 def test_papera_table(tmp_path):
-    (tmp_path / "bench_teacher.json").write_text(json.dumps(fake_result(0.8, ar={})))
+    (tmp_path / "bench_teacher.json").write_text(json.dumps({**fake_result(0.8, ar={}), "device": "cpu"}))
     gated = fake_result(0.8, ar={}, **{
         "static@3": dict(lossy=True, tokens_per_forward=2.9, speedup=2.5, accuracy=0.6),
         "confadapt@0.9": dict(lossy=True, tokens_per_forward=3.4, speedup=3.0, accuracy=0.76, k_max=8)})
@@ -92,7 +94,7 @@ def test_papera_table(tmp_path):
     (tmp_path / "bench_gated.2.json").write_text(json.dumps(sweep))    # a second part, merged
     papera_table.main([str(tmp_path)])
     md = (tmp_path / "papera_table.md").read_text()
-    assert "Teacher (ar): accuracy 0.800" in md
+    assert "Teacher (ar): accuracy 0.800" in md and "side by side on cpu," in md    # the bench's device
     rows = {line.split(" | ")[1]: line.split(" | ") for line in md.splitlines() if line.startswith("| gated")}
     assert list(rows) == ["ar", "static@3 (LOSSY)", "confadapt@0.9 (LOSSY)", "confadapt@0.9:16 (LOSSY)"]
     assert rows["confadapt@0.9 (LOSSY)"][2:] == ["<=8", "-", "3.40", "0.760", report.interval(gated["methods"]
@@ -112,3 +114,11 @@ def test_papera_table_errors(tmp_path, capsys, files, message):
     with pytest.raises(SystemExit) as e:
         papera_table.main([str(tmp_path)])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_papera_script_refuses_an_unknown_option():
+    """Before it writes anything: the scale is the script's one option."""
+    run = subprocess.run(["bash", "config/papera_synthmath.sh", "--gpu"], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr == "error: unknown option --gpu (expected --cpu, --smoke or nothing)\n"
