@@ -76,7 +76,7 @@ def open_gguf(path):
                          f"({type(e).__name__}: {e})") from e
 
 
-REQUIRED = object()
+REQUIRED = object()    # gguf_value without a default: a missing key is an error
 
 
 def gguf_value(reader, key, path, default=REQUIRED):

@@ -17,6 +17,7 @@ decode.py and bench.py never need to know which one they hold.
 
 What is not: SentencePiece, downloads, model weights (load.py, weights.py).
 """
+
 import json
 import os
 import re
