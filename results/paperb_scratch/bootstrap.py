@@ -60,6 +60,32 @@ def ci95(samples):
     return np.percentile(samples, [2.5, 97.5], axis=0).T.tolist()
 
 
+def compare(counts_by_run, rate, labels, resamples):
+    """Each run's rate(summed per-prompt counts) with its 95% bootstrap interval over prompts, and
+    each run's paired difference from the first run (the same resampled prompts for both), printed
+    as a table. Returns {"rate": {run: ...}, "diff": {"run-first": ...}}, JSON-ready."""
+    n = len(next(iter(counts_by_run.values())))
+    pick = np.random.default_rng(0).integers(0, n, (resamples, n))
+    boot = {name: rate(v[pick].sum(1)) for name, v in counts_by_run.items()}   # (resamples, K)
+    point = {name: rate(v.sum(0)) for name, v in counts_by_run.items()}
+    result = {"rate": {}, "diff": {}}
+    print(f"{'':<14}" + "".join(f"{label:>23}" for label in labels))
+    for name in counts_by_run:
+        result["rate"][name] = {"value": point[name].tolist(), "ci95": ci95(boot[name])}
+        print(f"{name:<14}" + "".join(f"{v:>8.3f} [{lo:.3f}, {hi:.3f}]"
+                                      for v, (lo, hi) in zip(point[name], ci95(boot[name]))))
+    first = next(iter(counts_by_run))
+    for name in list(counts_by_run)[1:]:
+        diff, bounds = point[name] - point[first], ci95(boot[name] - boot[first])
+        significant = [lo > 0 or hi < 0 for lo, hi in bounds]
+        result["diff"][f"{name}-{first}"] = {"value": diff.tolist(), "ci95": bounds,
+                                             "significant": significant}
+        print(f"{name + '-' + first:<14}" + "".join(
+            f"{v:>+7.3f}{'*' if s else ' '}[{lo:+.3f},{hi:+.3f}]"
+            for v, (lo, hi), s in zip(diff, bounds, significant)))
+    return result
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,28 +105,11 @@ def main():
     depth = decode.Method.parse(args.method).k
     c = {name: counts(path, prompts, args.method, args.max_new_tokens, args.device, args.dtype,
                       args.raw) for name, path in runs.items()}
-    pick = np.random.default_rng(0).integers(0, len(prompts), (args.resamples, len(prompts)))
-    boot = {name: rates(v[pick].sum(1), depth) for name, v in c.items()}   # (resamples, D + 1)
-    point = {name: rates(v.sum(0), depth) for name, v in c.items()}
     labels = [f"AR{d}" for d in range(1, depth + 1)] + ["tok/fwd"]
     result = {"prompts": args.prompts, "n_prompts": len(prompts), "method": args.method,
               "max_new_tokens": args.max_new_tokens, "raw": args.raw, "device": args.device,
               "dtype": args.dtype, "labels": labels, "runs": runs,
-              "rate": {}, "diff": {}}
-    print(f"{'':<14}" + "".join(f"{label:>23}" for label in labels))
-    for name in c:
-        result["rate"][name] = {"value": point[name].tolist(), "ci95": ci95(boot[name])}
-        print(f"{name:<14}" + "".join(f"{v:>8.3f} [{lo:.3f}, {hi:.3f}]"
-                                      for v, (lo, hi) in zip(point[name], ci95(boot[name]))))
-    first = next(iter(c))
-    for name in list(c)[1:]:
-        diff, bounds = point[name] - point[first], ci95(boot[name] - boot[first])
-        significant = [lo > 0 or hi < 0 for lo, hi in bounds]
-        result["diff"][f"{name}-{first}"] = {"value": diff.tolist(), "ci95": bounds,
-                                             "significant": significant}
-        print(f"{name + '-' + first:<14}" + "".join(
-            f"{v:>+7.3f}{'*' if s else ' '}[{lo:+.3f},{hi:+.3f}]"
-            for v, (lo, hi), s in zip(diff, bounds, significant)))
+              **compare(c, lambda x: rates(x, depth), labels, args.resamples)}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 
