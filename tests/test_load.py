@@ -17,7 +17,8 @@ import artefacts
 import load
 from chars import CharTokenizer
 from helpers import default_init
-from model import Config, Transformer, rope_inv_freq
+from layers import rope_inv_freq
+from model import Config, Transformer
 from tokenizer import NoTokenizer, Tokenizer
 from conftest import (HF_T, HF_V, NUMERALS, SAMPLE_TEXTS, add_llama_keys, assert_same_logits,
                       edit_config, finish_gguf, gguf_with_tokenizer, randomize)

@@ -19,7 +19,7 @@ import train  # noqa: E402
 import train_options  # noqa: E402
 from data import synthmath  # noqa: E402
 from helpers import SMALL, default_init, read_log, run_cli  # noqa: E402
-from model import LoRALinear  # noqa: E402
+from layers import LoRALinear  # noqa: E402
 
 
 def tiny(vocab=40, heads=0, seed=0, **kw):
