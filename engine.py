@@ -8,9 +8,9 @@ The fixed-shape step machinery every decoding method stands on.
 - `Graph`: a step captured once into a CUDA graph and replayed; `compiled`: torch.compile, once per
   model.
 
-Every strategy keeps a static KV cache (layers.KVCache): a token's keys live in slot = its position and a
-query sees slots up to its own position, so rejected drafts, mask tokens and padding need no
-rollback: they are overwritten later. A strategy feeds its forward `query_len` tokens at a time,
+Every strategy keeps a static KV cache (layers.KVCache): a token's keys live in slot = its position
+and a query sees slots up to its own position, so rejected drafts, mask tokens and padding need
+no rollback: they are overwritten later. A strategy feeds its forward `query_len` tokens at a time,
 padding with tokens beyond the position that nothing sees, so every step has one shape; with
 graphs it pads prompts to one of PREFILL_LENGTHS, so prefills have few. On CUDA a step costs one
 graph replay instead of ~1,500 kernel launches, and its one read-back to the host (`Pending`) is a
