@@ -27,7 +27,7 @@ run() {
   if (( rc == 124 )); then echo "OUT OF TIME: $name stopped at $(elapsed) s"; return 2; fi
   if (( rc )); then tail -20 "$RESULTS/$name.log"; echo "FAILED: $name (log: $RESULTS/$name.log)"; return 1; fi
   # progress bars end their updates with carriage returns; the bench JSON line is kept apart
-  tr '\r' '\n' < "$RESULTS/$name.log" | grep -v -e '^{' -e 'it/s' | tail -3 || true
+  tr '\r' '\n' < "$RESULTS/$name.log" | grep -v -e '^{' -e 'it/s' -e 's/it' -e '^ *$' | tail -3 || true
   echo "== $name: $(( $(date +%s) - t )) s (total $(elapsed) s)"
 }
 
