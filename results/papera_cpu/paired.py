@@ -25,8 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "paperb_scratch"))
 
-import decode  # noqa: E402
-from bootstrap import compare  # noqa: E402
+from bootstrap import compare, decoded  # noqa: E402
 from data.synthmath import score  # noqa: E402
 from load import load_for  # noqa: E402
 from prompts import encode_prompt, read_prompts  # noqa: E402
@@ -36,12 +35,9 @@ def counts(path, rows, method, max_new_tokens):
     """(problems, 4) counts: 1, solved (0 or 1), generated tokens and forwards, prefill left out."""
     model, tokenizer, options = load_for(path)
     ids = [encode_prompt(tokenizer, row["prompt"]) for row in rows]
-    strategy = decode.make_strategy(model, method, max(map(len, ids)) + max_new_tokens, **options)
     out = []
-    for p, row in zip(ids, rows):
-        s = decode.Stats()
-        tokens = decode.generate(model, [p], max_new_tokens, stop_ids=tokenizer.stop_ids,
-                                 method=strategy, stats=s)[0]
+    for row, (tokens, s) in zip(rows, decoded(model, ids, method, max_new_tokens,
+                                              tokenizer.stop_ids, **options)):
         text = tokenizer.decode([t for t in tokens if t not in tokenizer.stop_ids])
         out.append([1, score(text, row["answer"]), s.tokens - s.prefill_tokens,
                     s.forwards - s.prefills])

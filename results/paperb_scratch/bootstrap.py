@@ -37,16 +37,23 @@ def counts(path, prompts, method, max_new_tokens, device, dtype, raw):
     depth = decode.Method.parse(method).k
     ids = [tokenizer.encode(row["prompt"]) if raw else encode_prompt(tokenizer, row["prompt"])
            for row in prompts]
-    # one strategy for all prompts, as bench.py: its buffers and CUDA graphs are built once
-    strategy = decode.make_strategy(model, method, max(map(len, ids)) + max_new_tokens)
     rows = []
-    for p in ids:
-        s = decode.Stats()
-        decode.generate(model, [p], max_new_tokens, stop_ids=tokenizer.stop_ids, method=strategy,
-                        stats=s)
+    for _, s in decoded(model, ids, method, max_new_tokens, tokenizer.stop_ids):
         checked, accepted = (s.proposed + [0] * depth)[:depth], (s.accepted + [0] * depth)[:depth]
         rows.append(checked + accepted + [s.tokens - s.prefill_tokens, s.forwards - s.prefills])
     return np.array(rows, dtype=np.float64)
+
+
+def decoded(model, ids, method, max_new_tokens, stop_ids, **options):
+    """Each prompt (token ids) decoded alone with `method`, as bench.py decodes: batch 1, one
+    strategy for all prompts, so its buffers and CUDA graphs are built once. options: make_strategy's
+    (mask_ids, k_max, ...). Yields (output tokens, the prompt's decode.Stats)."""
+    strategy = decode.make_strategy(model, method, max(map(len, ids)) + max_new_tokens, **options)
+    for p in ids:
+        s = decode.Stats()
+        out = decode.generate(model, [p], max_new_tokens, stop_ids=stop_ids, method=strategy,
+                              stats=s)[0]
+        yield out, s
 
 
 def rates(c, depth):
